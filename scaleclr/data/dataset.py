@@ -1,0 +1,132 @@
+"""Map-style datasets: a source plus per-sample-seeded transforms.
+
+``SSLDataset`` returns the views of one image for SimCLR pre-training. The augmentation generator of
+sample ``idx`` is seeded from ``(seed, epoch, idx)`` (``scaleclr.data.transforms.sample_generator``), so
+the views depend neither on which worker decodes the sample nor on the world size or the resume point.
+The epoch lives in a shared-memory tensor: ``set_epoch`` in the main process reaches persistent data
+workers (which hold their own copy of the dataset) as long as it is called before ``iter(loader)``.
+
+Unreadable images are skipped instead of crashing a long run (VISSL substitutes a gray image, spec 7.1):
+the next readable index (``idx + 1``, ``idx + 2``, ... modulo the length) is used instead, a warning names
+each bad file once per process, and ``skipped`` counts the bad files hit so the trainer can report them.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from PIL import Image
+
+from scaleclr.data.sources import ImageSource
+from scaleclr.data.transforms import SSLTransforms, sample_generator
+
+logger = logging.getLogger(__name__)
+
+# What PIL and the file system raise for missing, truncated or corrupt images.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+class _SkippingLoader:
+    """Loads ``source[idx]``, falling forward to the next readable index on a decode error."""
+
+    def __init__(self, source: ImageSource, max_attempts: int):
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts={max_attempts} must be >= 1")
+        self.source = source
+        self.max_attempts = max_attempts
+        self._bad: set[int] = set()  # per process; a bad file is decoded (and warned about) once
+
+    def load(self, idx: int) -> tuple[Image.Image, int, int]:
+        """Returns ``(image, index actually loaded, number of bad files hit)``.
+
+        Raises:
+            RuntimeError: ``max_attempts`` consecutive images starting at ``idx`` are unreadable.
+        """
+        n = len(self.source)
+        skipped = 0
+        for attempt in range(min(self.max_attempts, n)):
+            j = (idx + attempt) % n
+            if j not in self._bad:
+                try:
+                    return self.source.load(j), j, skipped
+                except DECODE_ERRORS as e:
+                    self._bad.add(j)
+                    logger.warning("skipping unreadable image %s (index %d): %s: %s",
+                                   self.source.path(j), j, type(e).__name__, e)
+            skipped += 1
+        raise RuntimeError(f"{skipped} consecutive images from index {idx} ({self.source.path(idx)}) are "
+                           f"unreadable; check the dataset files")
+
+
+class SSLDataset(torch.utils.data.Dataset):
+    """Views of one image per index for self-supervised training.
+
+    Args:
+        source: where the images come from (``scaleclr.data.sources.build_source``).
+        transforms: the view pipeline (``scaleclr.data.transforms.build_transforms``).
+        seed: ``config.SEED_VALUE``.
+        max_attempts: how many consecutive indices are tried when images are unreadable.
+
+    Shapes:
+        ``__getitem__`` returns ``{"data": [V tensors [3, H_v, W_v]], "label": int, "data_idx": int,
+        "skipped": int}``. ``data_idx`` is the requested index (the sampler's), even when a following
+        image was substituted for an unreadable one; ``label`` is the loaded image's label (-1 if unknown).
+    """
+
+    def __init__(self, source: ImageSource, transforms: SSLTransforms, seed: int = 0, max_attempts: int = 16):
+        self.source = source
+        self.transforms = transforms
+        self.seed = int(seed)
+        self._loader = _SkippingLoader(source, max_attempts)
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Sets the epoch that seeds the augmentations; call it before ``iter(loader)``."""
+        if epoch < 0:
+            raise ValueError(f"epoch={epoch} must be >= 0")
+        self._epoch.fill_(int(epoch))
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        idx = int(idx)
+        img, loaded, skipped = self._loader.load(idx)
+        views = self.transforms(img, sample_generator(self.seed, self.epoch, idx))
+        return {"data": views, "label": self.source.labels[loaded], "data_idx": idx, "skipped": skipped}
+
+
+class EvalDataset(torch.utils.data.Dataset):
+    """``(image tensor, label)`` pairs under a deterministic pipeline, for kNN / linear evaluation.
+
+    Unreadable images are replaced like in :class:`SSLDataset` (with the substitute's label). The pipeline
+    must produce one output per image; random transforms, if any, are seeded by the index only.
+
+    Args:
+        source: image source (labels must be known for accuracy metrics).
+        transforms: e.g. ``build_transforms(eval_transform_specs(32))``.
+
+    Shapes:
+        ``__getitem__`` returns ``(tensor [3, H, W], label int)``.
+    """
+
+    def __init__(self, source: ImageSource, transforms: SSLTransforms, max_attempts: int = 16):
+        if transforms.num_views != 1:
+            raise ValueError(f"evaluation transforms must give one output per image, got {transforms.num_views} "
+                             f"({transforms})")
+        self.source = source
+        self.transforms = transforms
+        self._loader = _SkippingLoader(source, max_attempts)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, idx: int) -> tuple[torch.Tensor, int]:
+        img, loaded, _ = self._loader.load(int(idx))
+        (out,) = self.transforms(img, sample_generator(0, 0, int(idx)))
+        return out, self.source.labels[loaded]

@@ -1,0 +1,109 @@
+"""Builders from the `config` node to components: model, loss, data, optimizer, schedule.
+
+Each builder reads only its part of the config and passes plain arguments down, so models, losses and
+data code never see the config tree.
+"""
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from scaleclr.data import (EvalDataset, ShardedSampler, SSLDataset, build_dataloader, build_source,
+                           build_transforms, eval_transform_specs, get_collator)
+from scaleclr.data.catalog import DEMO, resolve_path, train_path
+from scaleclr.losses import MulticropSimclrInfoNCELoss, SimclrInfoNCELoss
+from scaleclr.models import ResNet, SimCLRModel, build_heads
+from scaleclr.optim import build_optimizer
+from scaleclr.optim.param_groups import build_param_groups
+from scaleclr.optim.schedulers import build_scheduler
+
+
+def plain(node) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def build_model(c) -> SimCLRModel:
+    """ResNet trunk + VISSL heads, initialised from `SEED_VALUE` (identical on every rank)."""
+    r = c.MODEL.TRUNK.RESNETS
+    torch.manual_seed(c.SEED_VALUE)
+    trunk = ResNet(depth=r.DEPTH, width_multiplier=r.WIDTH_MULTIPLIER, groups=r.GROUPS,
+                   width_per_group=r.WIDTH_PER_GROUP, zero_init_residual=r.ZERO_INIT_RESIDUAL,
+                   layer4_stride=r.LAYER4_STRIDE)
+    h = c.MODEL.HEAD
+    heads = build_heads(plain(h.PARAMS), batchnorm_eps=h.BATCHNORM_EPS, batchnorm_momentum=h.BATCHNORM_MOMENTUM,
+                        params_multiplier=h.PARAMS_MULTIPLIER, init_seed=c.SEED_VALUE)
+    model = SimCLRModel(trunk, heads)
+    for name, p in model.named_parameters():
+        if any(s in name for s in c.MODEL.NON_TRAINABLE_PARAMS):
+            p.requires_grad_(False)
+    return model
+
+
+def build_loss(c, group=None) -> nn.Module:
+    lc = c.LOSS[c.LOSS.name]
+    if c.LOSS.name == "simclr_info_nce_loss":
+        return SimclrInfoNCELoss(temperature=lc.temperature, impl=lc.impl, group=group)
+    return MulticropSimclrInfoNCELoss(temperature=lc.temperature, num_crops=lc.num_crops,
+                                      negatives=lc.negatives, impl=lc.impl, group=group)
+
+
+def make_optimizer_factory(c) -> Callable[[nn.Module], torch.optim.Optimizer]:
+    """SGD (+ LARC) over VISSL's param groups; engines call it on the (possibly wrapped) module."""
+    o = c.OPTIMIZER
+
+    def make(module: nn.Module, norm_fn=None) -> torch.optim.Optimizer:
+        head_wd = o.head_optimizer_params.weight_decay if o.head_optimizer_params.use_different_wd else None
+        groups = build_param_groups(module, weight_decay=o.weight_decay, regularize_bn=o.regularize_bn,
+                                    regularize_bias=o.regularize_bias,
+                                    exclude_bias_and_norm=o.larc_config.exclude_bias_and_norm,
+                                    head_weight_decay=head_wd,
+                                    non_regularized_parameters=list(o.non_regularized_parameters))
+        return build_optimizer(groups, name=o.name, lr=0.0, momentum=o.momentum, nesterov=o.nesterov,
+                               use_larc=o.use_larc, larc_config=plain(o.larc_config), norm_fn=norm_fn)
+
+    return make
+
+
+def build_lr_schedule(c) -> Callable[[float], float]:
+    return build_scheduler(plain(c.OPTIMIZER.param_schedulers.lr))
+
+
+def build_train_data(c, rank: int, world_size: int, start_method: Optional[str] = None
+                     ) -> Tuple[SSLDataset, ShardedSampler, torch.utils.data.DataLoader]:
+    t = c.DATA.TRAIN
+    name = t.DATA_SOURCES[0]
+    kw: Dict[str, Any] = {}
+    if name == "synthetic":
+        kw = {"size": t.SYNTHETIC_IMAGE_SIZE, "seed": c.SEED_VALUE}
+    elif name == "disk_filelist":
+        kw = {"mmap_mode": t.MMAP_MODE}
+    path = train_path(list(t.DATA_PATHS), list(t.DATASET_NAMES), name)
+    source = build_source(name, path, data_limit=t.DATA_LIMIT, **kw)
+    dataset = SSLDataset(source, build_transforms(plain(t.TRANSFORMS)), seed=c.SEED_VALUE)
+    sampler = ShardedSampler(len(dataset), world_size, rank, shuffle=True, seed=c.SEED_VALUE,
+                             drop_last=t.DROP_LAST, batch_size=t.BATCHSIZE_PER_REPLICA)
+    loader = build_dataloader(dataset, t.BATCHSIZE_PER_REPLICA, c.DATA.NUM_DATALOADER_WORKERS,
+                              get_collator(t.COLLATE_FUNCTION), sampler,
+                              pin_memory=c.DATA.PIN_MEMORY and torch.cuda.is_available(),
+                              multiprocessing_context=start_method)
+    return dataset, sampler, loader
+
+
+def build_knn_loaders(c) -> Tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
+    """Labelled train/val loaders with deterministic eval transforms (Resize, CenterCrop, Normalize)."""
+    k = c.KNN_EVAL
+    if k.TRAIN_PATH and k.VAL_PATH:
+        paths = {"train": k.TRAIN_PATH, "val": k.VAL_PATH}
+    else:
+        name = k.DATASET_NAME or DEMO
+        paths = {s: resolve_path(name, s, "config.KNN_EVAL.DATASET_NAME") for s in ("train", "val")}
+    norm = next((tr for tr in plain(c.DATA.TRAIN.TRANSFORMS) if tr["name"] == "Normalize"), {})
+    spec_kw = {kk: norm[kk] for kk in ("mean", "std") if kk in norm}
+    tf = build_transforms(eval_transform_specs(k.IMAGE_SIZE, **spec_kw), key="config.KNN_EVAL")
+    loaders = []
+    for split in ("train", "val"):
+        ds = EvalDataset(build_source("disk_folder", paths[split], path_key=f"config.KNN_EVAL.{split.upper()}_PATH"),
+                         tf)
+        loaders.append(build_dataloader(ds, k.BATCHSIZE, 0, None, None))
+    return loaders[0], loaders[1]

@@ -1,0 +1,131 @@
+"""Values VISSL infers from the rest of the config, computed once from the true world size.
+
+- ``LOSS.<loss>.buffer_params.world_size`` and ``effective_batch_size`` (spec 2.2): the 2-crop loss counts
+  rows (2 x BATCHSIZE_PER_REPLICA x world), the multicrop loss counts images; ``num_crops`` comes from
+  ImgPilToMultiCrop's ``total_num_crops``; the multicrop loss forces ``multicrop_collator``.
+- The LR schedule: auto-scaling by the global batch (linear or sqrt rule), warmup start at one node's LR,
+  single-node warmup removal (spec 6.1), written back into ``OPTIMIZER.param_schedulers.lr``.
+- Head dimensions: the first head's input follows the trunk (2048 x width, 512 x width for depths 18/34),
+  hidden dims that equal the old input dim follow it too, the last output follows ``embedding_dim``.
+  A head spelled out on the command line is taken as written and must agree with both, else an error
+  names both keys.
+"""
+import copy
+import logging
+from typing import Any, Dict, List, Mapping, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from scaleclr.config.errors import ConfigError
+from scaleclr.config.validate import transforms_num_views
+
+logger = logging.getLogger(__name__)
+
+
+def trunk_dim(depth: int, width_multiplier: int) -> int:
+    return (512 if depth in (18, 34) else 2048) * width_multiplier
+
+
+def loss_cfg(c: DictConfig) -> DictConfig:
+    return c.LOSS[c.LOSS.name]
+
+
+def _head_dims(params: List[Any]) -> List[List[int]]:
+    """dims of every mlp module, in execution order (composite heads flattened)."""
+    out = []
+    for i, p in enumerate(params):
+        mods = p if (isinstance(p, list) and p and isinstance(p[0], list)) else [p]
+        for m in mods:
+            if not (isinstance(m, list) and len(m) == 2 and isinstance(m[1], dict) and "dims" in m[1]):
+                raise ConfigError(f"config.MODEL.HEAD.PARAMS[{i}]",
+                                  f"each head is [\"mlp\", {{\"dims\": [...], ...}}], got {m!r}.")
+            out.append(m[1]["dims"])
+    return out
+
+
+def _rewrite_head(params: List[Any], old_in: int, new_in: int, out_dim: int) -> List[Any]:
+    params = copy.deepcopy(params)
+    mods = []
+    for p in params:
+        mods.extend(p if (isinstance(p, list) and p and isinstance(p[0], list)) else [p])
+    for m in mods:
+        m[1]["dims"] = [new_in if d == old_in else d for d in m[1]["dims"]]
+    mods[-1][1]["dims"][-1] = out_dim
+    return params
+
+
+def infer_head(c: DictConfig, explicit: Mapping[str, str], info: Dict[str, Any]) -> None:
+    params = OmegaConf.to_container(c.MODEL.HEAD.PARAMS, resolve=True)
+    if not params:
+        raise ConfigError("config.MODEL.HEAD.PARAMS", "is empty; SimCLR needs a projection head.")
+    dims = _head_dims(params)
+    for a, b in zip(dims, dims[1:]):
+        if a[-1] != b[0]:
+            raise ConfigError("config.MODEL.HEAD.PARAMS", f"consecutive heads do not chain: {a} -> {b}.")
+    r = c.MODEL.TRUNK.RESNETS
+    t_dim = trunk_dim(r.DEPTH, r.WIDTH_MULTIPLIER)
+    emb_key = f"config.LOSS.{c.LOSS.name}.buffer_params.embedding_dim"
+    emb = loss_cfg(c).buffer_params.embedding_dim
+    if any(k.startswith("config.MODEL.HEAD.PARAMS") for k in explicit):
+        if dims[0][0] != t_dim:
+            raise ConfigError("config.MODEL.HEAD.PARAMS", f"the head's input dim {dims[0][0]} contradicts the "
+                              f"trunk: config.MODEL.TRUNK.RESNETS.DEPTH={r.DEPTH} WIDTH_MULTIPLIER="
+                              f"{r.WIDTH_MULTIPLIER} outputs {t_dim} features.")
+        if dims[-1][-1] != emb:
+            raise ConfigError("config.MODEL.HEAD.PARAMS", f"the head's output dim {dims[-1][-1]} contradicts "
+                              f"{emb_key}={emb}.")
+        return
+    if dims[0][0] != t_dim or dims[-1][-1] != emb:
+        new = _rewrite_head(params, dims[0][0], t_dim, emb)
+        c.MODEL.HEAD.PARAMS = new
+        info["head_dims"] = _head_dims(new)
+        logger.info("head dims inferred from the trunk (%d) and embedding_dim (%d): %s", t_dim, emb,
+                    info["head_dims"])
+
+
+def infer(root: DictConfig, world_size: Optional[int] = None,
+          explicit: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:
+    """Fill inferred values into `root` in place; return what was inferred (for the log)."""
+    from scaleclr.optim.schedulers import auto_scale_lr, build_scheduler
+
+    explicit = explicit or {}
+    c = root.config
+    d = c.DISTRIBUTED
+    config_world = d.NUM_NODES * d.NUM_PROC_PER_NODE
+    world = world_size or config_world
+    info: Dict[str, Any] = {"world_size": world}
+    bs = c.DATA.TRAIN.BATCHSIZE_PER_REPLICA
+    info["global_batch_size"] = bs * world
+
+    lc = loss_cfg(c)
+    lc.buffer_params.world_size = world
+    if c.LOSS.name == "multicrop_simclr_info_nce_loss":
+        lc.num_crops = transforms_num_views(c.DATA.TRAIN.TRANSFORMS)
+        lc.buffer_params.effective_batch_size = bs * world
+        if c.DATA.TRAIN.COLLATE_FUNCTION != "multicrop_collator":
+            c.DATA.TRAIN.COLLATE_FUNCTION = "multicrop_collator"
+            info["collate_function"] = "multicrop_collator"
+        info["num_crops"] = lc.num_crops
+    else:
+        lc.buffer_params.effective_batch_size = 2 * bs * world
+    info["effective_batch_size"] = lc.buffer_params.effective_batch_size
+
+    sg = c.MODEL.SYNC_BN_CONFIG
+    if sg.CONVERT_BN_TO_SYNC_BN and sg.GROUP_SIZE > 0 and world % min(sg.GROUP_SIZE, world) != 0:
+        raise ConfigError("config.MODEL.SYNC_BN_CONFIG.GROUP_SIZE", f"= {sg.GROUP_SIZE} does not divide the "
+                          f"world size {world}; use a divisor of {world}, 0 (whole world) or -1 (one node).")
+
+    lr = OmegaConf.to_container(c.OPTIMIZER.param_schedulers.lr, resolve=True)
+    auto = lr.get("auto_lr_scaling", {})
+    if auto.get("auto_scale", False):
+        nodes = max(1, world // d.NUM_PROC_PER_NODE) if world_size else d.NUM_NODES
+        procs = min(d.NUM_PROC_PER_NODE, world)
+        new_lr, lr_info = auto_scale_lr(lr, bs, procs, nodes)
+        c.OPTIMIZER.param_schedulers.lr = new_lr
+        info["lr"] = lr_info
+    try:
+        build_scheduler(OmegaConf.to_container(c.OPTIMIZER.param_schedulers.lr, resolve=True))
+    except ValueError as e:
+        raise ConfigError("config.OPTIMIZER.param_schedulers.lr", str(e)) from e
+    infer_head(c, explicit, info)
+    return info

@@ -1,0 +1,341 @@
+"""Typed schema of every configuration key, with VISSL's key names and defaults.
+
+This module is the single source of defaults. The YAML files under ``configs/`` only supply values; Hydra
+merges them over this schema in struct mode, so an unknown key or a value of the wrong type is an error
+(``scaleclr.config.compose`` turns it into a :class:`~scaleclr.config.errors.ConfigError` that names the key
+and the closest valid keys). Semantic checks (ranges, cross-key consistency) live in ``validate.py``;
+values VISSL infers (world size, batch sizes, num_crops, scaled LR, head dims) are filled in ``infer.py``.
+
+Key names follow VISSL (``config.MODEL.TRUNK.RESNETS.DEPTH``, ``config.LOSS.simclr_info_nce_loss.temperature``,
+``config.OPTIMIZER.larc_config.clip``); keys scaleclr adds use the same style (``config.DISTRIBUTED.ENGINE``,
+``config.LOSS.<loss>.impl``, ``config.OPTIMIZER.larc_config.exclude_bias_and_norm``,
+``config.MODEL.FSDP_CONFIG.*``, ``config.KNN_EVAL.*``).
+"""
+from dataclasses import dataclass, field
+from typing import Any, Dict, List
+
+from hydra.core.config_store import ConfigStore
+
+
+def _default_transforms() -> List[Dict[str, Any]]:
+    return [
+        {"name": "ImgReplicatePil", "num_times": 2},
+        {"name": "RandomResizedCrop", "size": 224},
+        {"name": "RandomHorizontalFlip", "p": 0.5},
+        {"name": "ImgPilColorDistortion", "strength": 1.0},
+        {"name": "ImgPilGaussianBlur", "p": 0.5, "radius_min": 0.1, "radius_max": 2.0},
+        {"name": "ToTensor"},
+        {"name": "Normalize", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+    ]
+
+
+# ----------------------------------------------------------------------------------------------- DATA
+@dataclass
+class DataSplitConfig:
+    DATA_SOURCES: List[str] = field(default_factory=list)  # disk_folder | disk_filelist | synthetic
+    DATASET_NAMES: List[str] = field(default_factory=list)  # looked up in the dataset catalog
+    DATA_PATHS: List[str] = field(default_factory=list)  # explicit paths win over DATASET_NAMES
+    LABEL_SOURCES: List[str] = field(default_factory=list)
+    LABEL_PATHS: List[str] = field(default_factory=list)
+    LABEL_TYPE: str = "sample_index"
+    BATCHSIZE_PER_REPLICA: int = 64  # images per process, before view duplication
+    TRANSFORMS: List[Dict[str, Any]] = field(default_factory=_default_transforms)
+    COLLATE_FUNCTION: str = "simclr_collator"
+    MMAP_MODE: bool = True
+    COPY_TO_LOCAL_DISK: bool = False
+    COPY_DESTINATION_DIR: str = ""
+    DROP_LAST: bool = True
+    DATA_LIMIT: int = -1  # > 0: keep the first N images (synthetic: number of images)
+    SYNTHETIC_IMAGE_SIZE: int = 64  # side of the images the synthetic source draws
+
+
+@dataclass
+class DataConfig:
+    NUM_DATALOADER_WORKERS: int = 5  # per process
+    PIN_MEMORY: bool = True
+    ENABLE_ASYNC_GPU_COPY: bool = True
+    DDP_BUCKET_CAP_MB: int = 25
+    TRAIN: DataSplitConfig = field(default_factory=DataSplitConfig)
+
+
+# ---------------------------------------------------------------------------------------------- MODEL
+@dataclass
+class ResNetsConfig:
+    DEPTH: int = 50
+    WIDTH_MULTIPLIER: int = 1
+    NORM: str = "BatchNorm"
+    GROUPS: int = 1
+    WIDTH_PER_GROUP: int = 64
+    ZERO_INIT_RESIDUAL: bool = False
+    LAYER4_STRIDE: int = 2
+
+
+@dataclass
+class TrunkConfig:
+    NAME: str = "resnet"
+    RESNETS: ResNetsConfig = field(default_factory=ResNetsConfig)
+
+
+def _default_head() -> List[Any]:
+    return [["mlp", {"dims": [2048, 2048], "use_relu": True, "skip_last_layer_relu_bn": False}],
+            ["mlp", {"dims": [2048, 128]}]]
+
+
+@dataclass
+class HeadConfig:
+    PARAMS: List[Any] = field(default_factory=_default_head)
+    BATCHNORM_EPS: float = 1e-5
+    BATCHNORM_MOMENTUM: float = 0.1
+    PARAMS_MULTIPLIER: float = 1.0
+
+
+@dataclass
+class SyncBNConfig:
+    CONVERT_BN_TO_SYNC_BN: bool = False
+    SYNC_BN_TYPE: str = "pytorch"  # pytorch | apex | native (scaleclr's own, works on gloo)
+    GROUP_SIZE: int = -1  # -1: processes of one node; 0: whole world; k > 0: groups of k contiguous ranks
+
+
+@dataclass
+class AmpConfig:
+    USE_AMP: bool = False
+    AMP_TYPE: str = "apex"  # apex | pytorch (VISSL's default is apex)
+    AMP_ARGS: Dict[str, Any] = field(default_factory=lambda: {"opt_level": "O1"})
+    AMP_DTYPE: str = "float16"  # float16 (with a grad scaler) | bfloat16; used by AMP_TYPE=pytorch
+
+
+@dataclass
+class ActivationCheckpointingConfig:
+    USE_ACTIVATION_CHECKPOINTING: bool = False
+
+
+@dataclass
+class FSDPConfig:
+    SHARD_UNIT: str = "block"  # block | stage
+    RESHARD_AFTER_FORWARD: bool = True
+    MIXED_PRECISION: str = "none"  # none | bfloat16 | float16 (params); reduction stays fp32
+    HSDP_REPLICATE: int = 1  # > 1: 2-D mesh (replicate x shard), shard inside a node
+
+
+@dataclass
+class WeightsInitConfig:
+    PARAMS_FILE: str = ""
+
+
+@dataclass
+class ModelConfig:
+    TRUNK: TrunkConfig = field(default_factory=TrunkConfig)
+    HEAD: HeadConfig = field(default_factory=HeadConfig)
+    SYNC_BN_CONFIG: SyncBNConfig = field(default_factory=SyncBNConfig)
+    AMP_PARAMS: AmpConfig = field(default_factory=AmpConfig)
+    ACTIVATION_CHECKPOINTING: ActivationCheckpointingConfig = field(
+        default_factory=ActivationCheckpointingConfig)
+    FSDP_CONFIG: FSDPConfig = field(default_factory=FSDPConfig)
+    WEIGHTS_INIT: WeightsInitConfig = field(default_factory=WeightsInitConfig)
+    NON_TRAINABLE_PARAMS: List[str] = field(default_factory=list)
+    INPUT_TYPE: str = "rgb"
+
+
+# ----------------------------------------------------------------------------------------------- LOSS
+@dataclass
+class BufferParamsConfig:
+    embedding_dim: int = 128
+    effective_batch_size: int = 0  # inferred: rows of the gathered batch
+    world_size: int = 0  # inferred from the true world
+
+
+@dataclass
+class SimclrLossConfig:
+    temperature: float = 0.1
+    buffer_params: BufferParamsConfig = field(default_factory=BufferParamsConfig)
+    impl: str = "reference"  # reference | streaming | triton | auto
+
+
+@dataclass
+class MulticropSimclrLossConfig:
+    temperature: float = 0.1
+    num_crops: int = 2  # inferred from ImgPilToMultiCrop.total_num_crops
+    buffer_params: BufferParamsConfig = field(default_factory=BufferParamsConfig)
+    negatives: str = "global"  # global (every rank's other images) | local (VISSL: this rank's only)
+    impl: str = "reference"
+
+
+@dataclass
+class LossConfig:
+    name: str = "simclr_info_nce_loss"
+    simclr_info_nce_loss: SimclrLossConfig = field(default_factory=SimclrLossConfig)
+    multicrop_simclr_info_nce_loss: MulticropSimclrLossConfig = field(
+        default_factory=MulticropSimclrLossConfig)
+
+
+# ------------------------------------------------------------------------------------------ OPTIMIZER
+@dataclass
+class LarcConfig:
+    clip: bool = False
+    trust_coefficient: float = 0.001
+    eps: float = 1e-8
+    exclude_bias_and_norm: bool = False  # SimCLR/BYOL: 1-d params skip adaptation and weight decay
+
+
+@dataclass
+class HeadOptimizerConfig:
+    use_different_lr: bool = False
+    use_different_wd: bool = False
+    weight_decay: float = 1e-6
+
+
+def _default_lr_schedule() -> Dict[str, Any]:
+    return {
+        "auto_lr_scaling": {"auto_scale": True, "base_value": 0.3, "base_lr_batch_size": 256,
+                            "scaling_type": "linear"},
+        "name": "composite",
+        "schedulers": [{"name": "linear", "start_value": 0.6, "end_value": 4.8},
+                       {"name": "cosine", "start_value": 4.8, "end_value": 0.0}],
+        "update_interval": "step",
+        "interval_scaling": ["rescaled", "fixed"],
+        "lengths": [0.1, 0.9],
+    }
+
+
+@dataclass
+class ParamSchedulersConfig:
+    lr: Dict[str, Any] = field(default_factory=_default_lr_schedule)
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "sgd"
+    use_larc: bool = False
+    larc_config: LarcConfig = field(default_factory=LarcConfig)
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    nesterov: bool = False
+    num_epochs: int = 90
+    regularize_bn: bool = True
+    regularize_bias: bool = True
+    head_optimizer_params: HeadOptimizerConfig = field(default_factory=HeadOptimizerConfig)
+    non_regularized_parameters: List[str] = field(default_factory=list)
+    param_schedulers: ParamSchedulersConfig = field(default_factory=ParamSchedulersConfig)
+    gradient_clipping: float = 0.0  # max global grad norm; 0 = off (DeepSpeed's JSON "auto" takes it)
+
+
+# ---------------------------------------------------------------------------------------- DISTRIBUTED
+@dataclass
+class DistributedConfig:
+    BACKEND: str = "nccl"  # nccl | gloo (nccl falls back to gloo without CUDA)
+    NUM_NODES: int = 1
+    NUM_PROC_PER_NODE: int = 1
+    RUN_ID: str = "auto"  # host:port for tcp multi-node; "auto" picks a free local port
+    INIT_METHOD: str = "tcp"  # tcp | env | file
+    NCCL_DEBUG: bool = False
+    BROADCAST_BUFFERS: bool = True
+    ENGINE: str = "ddp"  # ddp | deepspeed | fsdp
+    DEEPSPEED_CONFIG: str = ""  # path to a ds_configs/*.json (or --deepspeed_config)
+    TIMEOUT_SECONDS: int = 1800  # collective timeout: a dead rank ends the job instead of hanging
+
+
+@dataclass
+class MachineConfig:
+    DEVICE: str = "gpu"  # gpu | cpu (gpu falls back to cpu, with a warning, when CUDA is absent)
+
+
+@dataclass
+class CheckpointConfig:
+    DIR: str = "."
+    AUTO_RESUME: bool = True
+    CHECKPOINT_FREQUENCY: int = 1  # epochs
+    CHECKPOINT_ITER_FREQUENCY: int = -1  # > 0: also every N iterations (mid-epoch, exact resume)
+    OVERWRITE_EXISTING: bool = False
+    LATEST_CHECKPOINT_RESUME_FILE_NUM: int = 1
+    APPEND_DISTR_RUN_ID: bool = False
+
+
+@dataclass
+class TensorboardConfig:
+    USE_TENSORBOARD: bool = True
+
+
+@dataclass
+class PerfStatsConfig:
+    MONITOR_PERF_STATS: bool = False
+    ROLLING_BTIME_FREQ: int = -1
+    PERF_STAT_FREQUENCY: int = -1
+
+
+@dataclass
+class HooksConfig:
+    PERF_STATS: PerfStatsConfig = field(default_factory=PerfStatsConfig)
+    TENSORBOARD_SETUP: TensorboardConfig = field(default_factory=TensorboardConfig)
+    CHECK_NAN: bool = True
+
+
+@dataclass
+class TrainerConfig:
+    TRAIN_STEP_NAME: str = "standard_train_step"
+    MAX_ITERATIONS: int = -1  # > 0: stop after this many iterations (smoke runs); schedule unchanged
+
+
+@dataclass
+class MetersConfig:
+    name: str = ""
+
+
+@dataclass
+class KnnEvalConfig:
+    """kNN top-1 of the trunk on a labelled split (Wu et al. 2018 weighted votes), at the start and end."""
+    ENABLED: bool = False
+    DATASET_NAME: str = ""  # catalog entry with train/val splits, e.g. scaleclr_demo_digits
+    TRAIN_PATH: str = ""  # or explicit ImageFolder roots
+    VAL_PATH: str = ""
+    TOPK: int = 20
+    TEMPERATURE: float = 0.07
+    IMAGE_SIZE: int = 224  # eval transform: resize to IMAGE_SIZE*8/7, center-crop IMAGE_SIZE
+    BATCHSIZE: int = 256
+
+
+@dataclass
+class SlurmConfig:
+    USE_SLURM: bool = False
+    PARTITION: str = ""
+    TIME_HOURS: int = 72
+    MEM_GB: int = 250
+    NUM_CPU_PER_PROC: int = 8
+    PORT_ID: int = 40050
+
+
+@dataclass
+class Config:
+    VERBOSE: bool = False
+    LOG_FREQUENCY: int = 10
+    TEST_ONLY: bool = False
+    TEST_MODEL: bool = False
+    SEED_VALUE: int = 0
+    MULTI_PROCESSING_METHOD: str = "forkserver"
+    HOOKS: HooksConfig = field(default_factory=HooksConfig)
+    DATA: DataConfig = field(default_factory=DataConfig)
+    TRAINER: TrainerConfig = field(default_factory=TrainerConfig)
+    METERS: MetersConfig = field(default_factory=MetersConfig)
+    MODEL: ModelConfig = field(default_factory=ModelConfig)
+    LOSS: LossConfig = field(default_factory=LossConfig)
+    OPTIMIZER: OptimizerConfig = field(default_factory=OptimizerConfig)
+    DISTRIBUTED: DistributedConfig = field(default_factory=DistributedConfig)
+    MACHINE: MachineConfig = field(default_factory=MachineConfig)
+    CHECKPOINT: CheckpointConfig = field(default_factory=CheckpointConfig)
+    KNN_EVAL: KnnEvalConfig = field(default_factory=KnnEvalConfig)
+    SLURM: SlurmConfig = field(default_factory=SlurmConfig)
+
+
+@dataclass
+class Root:
+    """Top level of the composed tree: ``config`` plus VISSL's two top-level keys."""
+    config: Config = field(default_factory=Config)
+    node_id: int = 0
+    engine_name: str = "train"
+
+
+SCHEMA_NAME = "scaleclr_schema"
+
+
+def register() -> None:
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=Root)
+

@@ -1,0 +1,110 @@
+"""Start the training workers: in this process, spawned locally (VISSL's launcher), or under torchrun /
+the deepspeed launcher / srun (the worker reads its place from the environment and never spawns).
+
+Rank layout of a spawned node: global rank = node_id x NUM_PROC_PER_NODE + local_rank. Rendezvous from
+``DISTRIBUTED.INIT_METHOD`` and ``RUN_ID`` as in VISSL: ``tcp`` + ``host:port`` (``auto``: a free local
+port, one node only), ``env`` (MASTER_ADDR / MASTER_PORT), ``file`` (a shared file path). If any worker
+fails, the others are terminated and the launcher exits non-zero; collectives carry
+``DISTRIBUTED.TIMEOUT_SECONDS`` so a rank that dies under another launcher cannot hang the rest forever.
+"""
+import logging
+import os
+import socket
+import sys
+import tempfile
+from typing import Callable, Optional
+
+import torch
+import torch.multiprocessing as mp
+from omegaconf import OmegaConf
+
+from scaleclr.config.errors import ConfigError
+from scaleclr.distributed.env import DistEnv, init_process_group
+
+logger = logging.getLogger(__name__)
+
+Worker = Callable[[object, DistEnv, str], int]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def init_method_for(dcfg, num_nodes: int) -> Optional[str]:
+    """The init_process_group URL for a spawned node, from INIT_METHOD and RUN_ID."""
+    method, run_id = dcfg.INIT_METHOD, str(dcfg.RUN_ID)
+    if method == "tcp":
+        if run_id == "auto":
+            if num_nodes > 1:
+                raise ConfigError("config.DISTRIBUTED.RUN_ID", "is 'auto', which only works on one node; for "
+                                  f"{num_nodes} nodes set it to <master_host>:<port> (the same on every node).")
+            return f"tcp://127.0.0.1:{free_port()}"
+        host, _, port = run_id.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError("config.DISTRIBUTED.RUN_ID", f"= {run_id!r} is not <host>:<port> (e.g. "
+                              "10.0.0.1:29500), which INIT_METHOD=tcp needs.")
+        return f"tcp://{run_id}"
+    if method == "file":
+        if run_id in ("", "auto"):
+            if num_nodes > 1:
+                raise ConfigError("config.DISTRIBUTED.RUN_ID", "INIT_METHOD=file on several nodes needs a path "
+                                  "on a shared file system.")
+            run_id = os.path.join(tempfile.mkdtemp(prefix="scaleclr_rdzv_"), "rendezvous")
+        return f"file://{os.path.abspath(run_id)}"
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    return "env://"
+
+
+def threads_per_worker(local_world_size: int) -> int:
+    return max(1, (os.cpu_count() or 1) // local_world_size)
+
+
+def run_in_process(worker: Worker, root, env: DistEnv, backend: str, init_method: Optional[str]) -> int:
+    """Run one worker here (world of 1, or a launcher-started process)."""
+    if env.world_size > 1:
+        init_process_group(env, backend, init_method, root.config.DISTRIBUTED.TIMEOUT_SECONDS)
+    try:
+        return worker(root, env, backend)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _spawn_entry(local_rank: int, worker: Worker, yaml_cfg: str, node_id: int, nproc: int, world: int,
+                 backend: str, init_method: str) -> None:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    torch.set_num_threads(threads_per_worker(nproc))
+    root = OmegaConf.create(yaml_cfg)
+    rank = node_id * nproc + local_rank
+    env = DistEnv(rank=rank, local_rank=local_rank, world_size=world, local_world_size=nproc,
+                  node_rank=node_id, master_addr="127.0.0.1", master_port=29500, launcher="spawn")
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world))
+    rc = run_in_process(worker, root, env, backend, init_method)
+    if rc:
+        sys.exit(rc)
+
+
+def spawn(worker: Worker, root, backend: str) -> int:
+    """Start NUM_PROC_PER_NODE workers on this node (node_id from the config) and wait for them."""
+    d = root.config.DISTRIBUTED
+    nproc, world = d.NUM_PROC_PER_NODE, d.NUM_NODES * d.NUM_PROC_PER_NODE
+    init_method = init_method_for(d, d.NUM_NODES)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    logger.info("spawning %d workers (node %d of %d, world %d, backend %s, %s)", nproc, root.node_id,
+                d.NUM_NODES, world, backend, init_method)
+    yaml_cfg = OmegaConf.to_yaml(root, resolve=True)
+    method = root.config.MULTI_PROCESSING_METHOD
+    try:
+        mp.start_processes(_spawn_entry, args=(worker, yaml_cfg, root.node_id, nproc, world, backend,
+                                               init_method),
+                           nprocs=nproc, join=True, start_method=method)
+    except mp.ProcessRaisedException as e:
+        logger.error("a worker failed; all workers were stopped:\n%s", e)
+        return 1
+    except mp.ProcessExitedException as e:
+        logger.error("a worker exited with code %s; all workers were stopped", e.exit_code)
+        return e.exit_code or 1
+    return 0

@@ -1,0 +1,159 @@
+"""Command line of ``train.py``: compose the config, check it, then launch the workers.
+
+    python train.py config=pretrain/simclr/simclr_8node_resnet [config.X.Y=v ...] [+config/group=file]
+    python train.py config=quickstart --dry-run          # resolved config as YAML on stdout, logs on stderr
+    torchrun --nproc_per_node 4 train.py config=...      # the worker reads its place from the environment
+    deepspeed --num_gpus 2 train.py --deepspeed_config ds_configs/zero2.json config=...
+    srun python train.py config=...
+
+Everything that can be checked before a worker starts is checked here: the config (schema, values,
+inferred values), the launcher's world against NUM_NODES x NUM_PROC_PER_NODE, optional dependencies the
+config asks for (apex), data paths, the rendezvous address.
+"""
+import argparse
+import logging
+import os
+import sys
+from typing import List, Optional
+
+import torch
+
+from scaleclr.checkpoint import CheckpointManager
+from scaleclr.config import ConfigError, load_config, to_yaml
+from scaleclr.distributed.env import DistEnv, detect_launcher_env
+from scaleclr.distributed.launch import init_method_for, run_in_process, spawn, threads_per_worker
+
+logger = logging.getLogger("scaleclr")
+
+EPILOG = """examples:
+  python train.py config=quickstart
+  python train.py config=pretrain/simclr/simclr_8node_resnet config.DISTRIBUTED.NUM_NODES=1 \\
+      config.DISTRIBUTED.NUM_PROC_PER_NODE=8 config.DATA.TRAIN.DATA_PATHS=[/data/imagenet/train]
+  python train.py config=pretrain/simclr/simclr_8node_resnet +config/pretrain/simclr/transforms=multicrop_2x160_4x96
+  python train.py config=test/integration_test/quick_simclr_synthetic config.DISTRIBUTED.NUM_PROC_PER_NODE=2
+  torchrun --nproc_per_node 2 train.py config=test/integration_test/quick_simclr_synthetic \\
+      config.DISTRIBUTED.NUM_PROC_PER_NODE=2
+"""
+
+
+def setup_logging(rank: int = 0, verbose: bool = False) -> None:
+    level = logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING)
+    logging.basicConfig(level=level, stream=sys.stderr, force=True,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def parse_args(argv: Optional[List[str]]):
+    p = argparse.ArgumentParser(prog="train.py", description="scaleclr: SimCLR pretraining with VISSL configs. "
+                                "Positional arguments are Hydra overrides (config=..., config.X.Y=v, "
+                                "+config/group=option).", epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                   help="set by the deepspeed / torch.distributed.launch launchers")
+    p.add_argument("--deepspeed_config", default=None, help="DeepSpeed JSON; selects the deepspeed engine")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config as YAML and exit")
+    args, overrides = p.parse_known_args(argv)
+    flags = [o for o in overrides if o.startswith("-")]
+    if flags:
+        p.error(f"unrecognized arguments: {' '.join(flags)} (Hydra overrides have no leading dashes)")
+    if args.deepspeed_config:
+        overrides += ["config.DISTRIBUTED.ENGINE=deepspeed",
+                      f"config.DISTRIBUTED.DEEPSPEED_CONFIG={args.deepspeed_config}"]
+    return args, overrides
+
+
+def apex_available() -> bool:
+    try:
+        import apex  # noqa: F401  (optional; the only other import is in distributed/sync_bn.py)
+        return True
+    except ImportError:
+        return False
+
+
+def choose_device(root, env: Optional[DistEnv]) -> tuple:
+    """(device, backend) for this process; `gpu` falls back to CPU + gloo when CUDA is absent."""
+    c = root.config
+    local_rank = env.local_rank if env else 0
+    if c.MACHINE.DEVICE == "gpu" and torch.cuda.is_available():
+        backend = c.DISTRIBUTED.BACKEND
+        return torch.device("cuda", local_rank % torch.cuda.device_count()), backend
+    if c.MACHINE.DEVICE == "gpu":
+        logger.warning("config.MACHINE.DEVICE=gpu but CUDA is not available: running on CPU with gloo")
+    return torch.device("cpu"), "gloo"
+
+
+def preflight(root, env: Optional[DistEnv]) -> None:
+    """Checks that need the machine, run before any worker starts. Raises ConfigError."""
+    c = root.config
+    d = c.DISTRIBUTED
+    config_world = d.NUM_NODES * d.NUM_PROC_PER_NODE
+    if env is not None and env.world_size != config_world:
+        raise ConfigError("config.DISTRIBUTED", f"the {env.launcher} launcher started {env.world_size} processes "
+                          f"but config.DISTRIBUTED.NUM_NODES x NUM_PROC_PER_NODE = {d.NUM_NODES} x "
+                          f"{d.NUM_PROC_PER_NODE} = {config_world}; make them agree.")
+    sbn = c.MODEL.SYNC_BN_CONFIG
+    if sbn.CONVERT_BN_TO_SYNC_BN and sbn.SYNC_BN_TYPE == "apex" and config_world > 1 and not apex_available():
+        raise ConfigError("config.MODEL.SYNC_BN_CONFIG.SYNC_BN_TYPE", "= apex but apex is not installed (it is "
+                          "not on PyPI; build it from NVIDIA/apex). Use SYNC_BN_TYPE=pytorch (torch's SyncBN on "
+                          "CUDA, scaleclr's on CPU) or native (scaleclr's everywhere).")
+    amp = c.MODEL.AMP_PARAMS
+    if amp.USE_AMP and amp.AMP_TYPE == "apex" and not apex_available():
+        raise ConfigError("config.MODEL.AMP_PARAMS.AMP_TYPE", "= apex but apex is not installed (not on PyPI). "
+                          "Use config.MODEL.AMP_PARAMS.AMP_TYPE=pytorch (AMP_DTYPE float16 or bfloat16).")
+    if c.MACHINE.DEVICE == "gpu" and torch.cuda.is_available() and env is None and \
+            d.NUM_PROC_PER_NODE > torch.cuda.device_count():
+        raise ConfigError("config.DISTRIBUTED.NUM_PROC_PER_NODE", f"= {d.NUM_PROC_PER_NODE} but this node has "
+                          f"{torch.cuda.device_count()} GPUs.")
+    if d.ENGINE == "deepspeed":
+        from scaleclr.engines.deepspeed_config import check_deepspeed_config
+        check_deepspeed_config(root)
+    from scaleclr.builders import build_train_data
+    build_train_data(c, 0, config_world)  # resolves paths (prepares the demo cache once, here)
+
+
+def worker(root, env: DistEnv, backend: str) -> int:
+    """One training process."""
+    from scaleclr.trainer import NonFiniteLossError, Trainer
+
+    setup_logging(env.rank, root.config.VERBOSE)
+    device = torch.device("cuda", env.local_rank) if backend == "nccl" else torch.device("cpu")
+    try:
+        Trainer(root, rank=env.rank, world_size=env.world_size, local_rank=env.local_rank,
+                local_world_size=env.local_world_size, device=device).train()
+    except NonFiniteLossError as e:
+        logger.error("%s", e)
+        return 1
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args, overrides = parse_args(argv)
+    env = detect_launcher_env(os.environ, args.local_rank)
+    setup_logging(env.rank if env else 0)
+    try:
+        root, info = load_config(overrides, world_size=env.world_size if env else None)
+        if args.dry_run:
+            logger.info("inferred: %s", info)
+            sys.stdout.write(to_yaml(root))
+            return 0
+        logger.info("inferred: %s", info)
+        final = CheckpointManager(root.config.CHECKPOINT.DIR).final()
+        if final and root.config.CHECKPOINT.AUTO_RESUME and not root.config.CHECKPOINT.OVERWRITE_EXISTING:
+            logger.info("training already finished in %s (%s); set config.CHECKPOINT.OVERWRITE_EXISTING=True "
+                        "or another config.CHECKPOINT.DIR to train again", root.config.CHECKPOINT.DIR,
+                        final["path"])
+            return 0
+        preflight(root, env)
+        device, backend = choose_device(root, env)
+        if env is not None:
+            torch.set_num_threads(threads_per_worker(env.local_world_size))
+            return run_in_process(worker, root, env, backend, None)
+        d = root.config.DISTRIBUTED
+        if d.NUM_NODES * d.NUM_PROC_PER_NODE == 1:
+            single = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, node_rank=0,
+                             master_addr="127.0.0.1", master_port=29500, launcher="none")
+            return run_in_process(worker, root, single, backend, None)
+        init_method_for(d, d.NUM_NODES)  # validates RUN_ID before spawning
+        return spawn(worker, root, backend)
+    except ConfigError as e:
+        logger.error("configuration error: %s", e)
+        return 2

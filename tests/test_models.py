@@ -253,3 +253,9 @@ def test_model_code_never_imports_torch_distributed():
             else:
                 continue
             assert not any(m.startswith("torch.distributed") for m in mods), path
+
+
+def test_build_heads_accepts_omegaconf():
+    omegaconf = pytest.importorskip("omegaconf")
+    heads = build_heads(omegaconf.OmegaConf.create(SIMCLR_HEAD))
+    assert [type(m) for m in heads[0].clf] == [nn.Linear, nn.ReLU] and heads[1].clf[0].out_features == 128

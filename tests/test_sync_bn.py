@@ -23,6 +23,7 @@ from scaleclr.distributed.sync_bn import (
     convert_sync_batchnorm,
     create_sync_bn_process_group,
     describe_sync_bn,
+    is_apex_available,
 )
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2}
@@ -362,6 +363,7 @@ def test_pytorch_type_falls_back_on_cpu_and_uses_torch_on_cuda(caplog):
 def test_apex_missing_raises_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "apex", None)  # import apex -> ImportError, even where apex is installed
     monkeypatch.setitem(sys.modules, "apex.parallel", None)
+    assert not is_apex_available()
     with pytest.raises(ApexNotAvailableError) as info:
         convert_sync_batchnorm(_model_with_head(), "apex")
     assert isinstance(info.value, ImportError) and isinstance(info.value, ValueError)
@@ -383,6 +385,7 @@ def test_apex_type_uses_apex_class_when_importable(monkeypatch):
     apex.parallel.SyncBatchNorm = FakeApexSyncBatchNorm
     monkeypatch.setitem(sys.modules, "apex", apex)
     monkeypatch.setitem(sys.modules, "apex.parallel", apex.parallel)
+    assert is_apex_available()
     model = _model_with_head()
     keys = list(model.state_dict())
     model = convert_sync_batchnorm(model, "apex")

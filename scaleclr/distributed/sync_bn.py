@@ -45,6 +45,7 @@ __all__ = [
     "create_sync_bn_process_group",
     "convert_sync_batchnorm",
     "describe_sync_bn",
+    "is_apex_available",
 ]
 
 SYNC_BN_TYPES = ("native", "pytorch", "apex")
@@ -317,6 +318,15 @@ def create_sync_bn_process_group(group_size: int, num_proc_per_node: int | None 
 # --------------------------------------------------------------------------------------------------------------
 # Conversion (MODEL.SYNC_BN_CONFIG.SYNC_BN_TYPE)
 # --------------------------------------------------------------------------------------------------------------
+
+def is_apex_available() -> bool:
+    """Whether ``apex.parallel.SyncBatchNorm`` can be imported (imports apex lazily; for config preflight)."""
+    try:
+        _import_apex_sync_bn()
+    except ApexNotAvailableError:
+        return False
+    return True
+
 
 def _import_apex_sync_bn():
     """The only apex import in scaleclr (lazy)."""

@@ -29,7 +29,7 @@ def build_model(c) -> SimCLRModel:
     torch.manual_seed(c.SEED_VALUE)
     trunk = ResNet(depth=r.DEPTH, width_multiplier=r.WIDTH_MULTIPLIER, groups=r.GROUPS,
                    width_per_group=r.WIDTH_PER_GROUP, zero_init_residual=r.ZERO_INIT_RESIDUAL,
-                   layer4_stride=r.LAYER4_STRIDE)
+                   layer4_stride=r.LAYER4_STRIDE, norm_layer=r.NORM)
     h = c.MODEL.HEAD
     heads = build_heads(plain(h.PARAMS), batchnorm_eps=h.BATCHNORM_EPS, batchnorm_momentum=h.BATCHNORM_MOMENTUM,
                         params_multiplier=h.PARAMS_MULTIPLIER, init_seed=c.SEED_VALUE)
@@ -66,7 +66,7 @@ def make_optimizer_factory(c) -> Callable[[nn.Module], torch.optim.Optimizer]:
 
 
 def build_lr_schedule(c) -> Callable[[float], float]:
-    return build_scheduler(plain(c.OPTIMIZER.param_schedulers.lr))
+    return build_scheduler(plain(c.OPTIMIZER.param_schedulers.lr), num_epochs=c.OPTIMIZER.num_epochs)
 
 
 def build_train_data(c, rank: int, world_size: int, start_method: Optional[str] = None

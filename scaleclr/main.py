@@ -21,6 +21,7 @@ import torch
 from scaleclr.checkpoint import CheckpointManager
 from scaleclr.config import ConfigError, load_config, to_yaml
 from scaleclr.distributed.env import DistEnv, detect_launcher_env
+from scaleclr.distributed.sync_bn import is_apex_available as apex_available
 from scaleclr.distributed.launch import init_method_for, run_in_process, spawn, threads_per_worker
 
 logger = logging.getLogger("scaleclr")
@@ -59,14 +60,6 @@ def parse_args(argv: Optional[List[str]]):
         overrides += ["config.DISTRIBUTED.ENGINE=deepspeed",
                       f"config.DISTRIBUTED.DEEPSPEED_CONFIG={args.deepspeed_config}"]
     return args, overrides
-
-
-def apex_available() -> bool:
-    try:
-        import apex  # noqa: F401  (optional; the only other import is in distributed/sync_bn.py)
-        return True
-    except ImportError:
-        return False
 
 
 def choose_device(root, env: Optional[DistEnv]) -> tuple:

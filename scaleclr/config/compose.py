@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+import yaml
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -30,12 +31,37 @@ def config_dir() -> Path:
     return (Path(__file__).resolve().parents[2] / "configs").resolve()
 
 
+def _hydra_literal(v) -> str:
+    """Python value -> Hydra override grammar (dict keys unquoted, strings single-quoted)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return "null"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ",".join(_hydra_literal(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ",".join(f"{k}:{_hydra_literal(x)}" for k, x in v.items()) + "}"
+    return "'" + str(v).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def _normalise(overrides: Sequence[str]) -> List[str]:
     out = []
     for o in overrides:
         # VISSL's guide sometimes writes config=pretrain/simclr/simclr_8node_resnet.yaml
         m = re.match(r"^(\+?config(?:/[\w/]+)?)=(.+)\.yaml$", o)
-        out.append(f"{m.group(1)}={m.group(2)}" if m else o)
+        if m:
+            o = f"{m.group(1)}={m.group(2)}"
+        # JSON/YAML-style values with quoted keys, as VISSL's docs write MODEL.HEAD.PARAMS:
+        # [["mlp", {"dims": [2048, 128], "use_relu": True}]] -> Hydra's grammar
+        key, sep, value = o.partition("=")
+        if sep and value[:1] in "[{" and '"' in value:
+            try:
+                o = f"{key}={_hydra_literal(yaml.safe_load(value))}"
+            except yaml.YAMLError:
+                pass
+        out.append(o)
     return out
 
 

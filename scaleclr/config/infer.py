@@ -124,7 +124,8 @@ def infer(root: DictConfig, world_size: Optional[int] = None,
         c.OPTIMIZER.param_schedulers.lr = new_lr
         info["lr"] = lr_info
     try:
-        build_scheduler(OmegaConf.to_container(c.OPTIMIZER.param_schedulers.lr, resolve=True))
+        build_scheduler(OmegaConf.to_container(c.OPTIMIZER.param_schedulers.lr, resolve=True),
+                        num_epochs=c.OPTIMIZER.num_epochs)
     except ValueError as e:
         raise ConfigError("config.OPTIMIZER.param_schedulers.lr", str(e)) from e
     infer_head(c, explicit, info)

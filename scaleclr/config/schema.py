@@ -185,16 +185,10 @@ class HeadOptimizerConfig:
 
 
 def _default_lr_schedule() -> Dict[str, Any]:
-    return {
-        "auto_lr_scaling": {"auto_scale": True, "base_value": 0.3, "base_lr_batch_size": 256,
-                            "scaling_type": "linear"},
-        "name": "composite",
-        "schedulers": [{"name": "linear", "start_value": 0.6, "end_value": 4.8},
-                       {"name": "cosine", "start_value": 4.8, "end_value": 0.0}],
-        "update_interval": "step",
-        "interval_scaling": ["rescaled", "fixed"],
-        "lengths": [0.1, 0.9],
-    }
+    # Free-form (VISSL/fvcore scheduler dicts); config files merge into it key by key.
+    return {"auto_lr_scaling": {"auto_scale": False, "base_value": 0.1, "base_lr_batch_size": 256,
+                                "scaling_type": "linear"},
+            "name": "constant", "value": 0.1, "update_interval": "step"}
 
 
 @dataclass

@@ -16,7 +16,7 @@ ALLOWED = {
     "config.LOSS.name": ("simclr_info_nce_loss", "multicrop_simclr_info_nce_loss"),
     "config.MODEL.TRUNK.NAME": ("resnet",),
     "config.MODEL.TRUNK.RESNETS.DEPTH": (18, 34, 50, 101, 152, 200),
-    "config.MODEL.TRUNK.RESNETS.NORM": ("BatchNorm",),
+    "config.MODEL.TRUNK.RESNETS.NORM": ("BatchNorm", "LayerNorm", "GroupNorm"),
     "config.MODEL.SYNC_BN_CONFIG.SYNC_BN_TYPE": ("pytorch", "apex", "native"),
     "config.MODEL.AMP_PARAMS.AMP_TYPE": ("apex", "pytorch"),
     "config.MODEL.AMP_PARAMS.AMP_DTYPE": ("float16", "bfloat16"),

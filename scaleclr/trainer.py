@@ -29,6 +29,13 @@ from scaleclr.metrics import MetricLogger, reduce_mean
 logger = logging.getLogger(__name__)
 
 
+def _maybe_inject_failure(rank: int, iteration: int) -> None:
+    """Fault injection for launcher tests: SCALECLR_FAIL_AT="<rank>:<iteration>" raises there."""
+    spec = os.environ.get("SCALECLR_FAIL_AT")
+    if spec and spec == f"{rank}:{iteration}":
+        raise RuntimeError(f"injected failure (SCALECLR_FAIL_AT={spec})")
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/Inf; the run stops and the last good checkpoint is left untouched."""
 
@@ -110,11 +117,13 @@ class Trainer:
                 if 0 < max_iters <= self.state.iteration:
                     break
             epoch_loss = self.metrics.end_epoch()
+            if self.state.iteration_in_epoch < self.iters_per_epoch:  # stopped by MAX_ITERATIONS
+                self.save_checkpoint(end_of_epoch=False)
+                break
             results["epoch_loss"] = epoch_loss
             self.state.epoch, self.state.iteration_in_epoch = epoch + 1, 0
             last = epoch + 1 == c.OPTIMIZER.num_epochs
-            if last or (epoch + 1) % c.CHECKPOINT.CHECKPOINT_FREQUENCY == 0 or \
-                    (0 < max_iters <= self.state.iteration):
+            if last or (epoch + 1) % c.CHECKPOINT.CHECKPOINT_FREQUENCY == 0 or 0 < max_iters <= self.state.iteration:
                 self.save_checkpoint(end_of_epoch=True, final=last)
             if 0 < max_iters <= self.state.iteration:
                 break
@@ -133,6 +142,7 @@ class Trainer:
 
     def train_step(self, batch: Dict[str, Any], data_time: float) -> float:
         start = time.perf_counter()
+        _maybe_inject_failure(self.rank, self.state.iteration)
         views = batch["data"]
         views = [v.to(self.device, non_blocking=True) for v in views] if isinstance(views, list) \
             else views.to(self.device, non_blocking=True)

@@ -6,6 +6,7 @@ the update equals one process on the concatenated batch. Mixed precision: torch 
 with a GradScaler) with every BatchNorm in fp32; LARC sees unscaled gradients (the scaler unscales first).
 Checkpoints are one file written by rank 0 (temp file + rename).
 """
+import inspect
 import os
 from typing import Any, Dict, Optional
 
@@ -32,8 +33,11 @@ class DDPEngine(Engine):
         model.to(self.device)
         self.module = model
         if self.world_size > 1:
-            kw = dict(broadcast_buffers=bool(self.cfg.DISTRIBUTED.BROADCAST_BUFFERS),
-                      bucket_cap_mb=self.cfg.DATA.DDP_BUCKET_CAP_MB)
+            kw = dict(bucket_cap_mb=self.cfg.DATA.DDP_BUCKET_CAP_MB)
+            # BROADCAST_BUFFERS (VISSL): rank 0's buffers are sent before every forward. torch 2.14 renamed it.
+            sync_key = "forward_sync_buffers" if "forward_sync_buffers" in \
+                inspect.signature(DistributedDataParallel.__init__).parameters else "broadcast_buffers"
+            kw[sync_key] = bool(self.cfg.DISTRIBUTED.BROADCAST_BUFFERS)
             if self.device.type == "cuda":
                 kw["device_ids"] = [self.device.index]
             self.model = DistributedDataParallel(model, **kw)

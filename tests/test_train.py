@@ -1,0 +1,190 @@
+"""End-to-end training through train.py: single process, resume, NaN stop, checkpoint safety, and
+N processes == 1 process (spawn and torchrun), failure propagation. CPU, gloo, synthetic data."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = "config=test/integration_test/quick_simclr_synthetic"
+
+
+def run(out_dir, *overrides, launcher=(), env_extra=None, timeout=600, check=True):
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", CUDA_VISIBLE_DEVICES="", **(env_extra or {}))
+    cmd = [*launcher] if launcher else [sys.executable]
+    cmd += [str(ROOT / "train.py"), QUICK, f"config.CHECKPOINT.DIR={out_dir}", *overrides]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+    if check:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    return r
+
+
+def step_losses(out_dir):
+    recs = [json.loads(line) for line in open(Path(out_dir) / "metrics.jsonl")]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}
+
+
+def final_state(out_dir):
+    latest = json.load(open(Path(out_dir) / "checkpoint.json"))["latest"]["path"]
+    return torch.load(Path(out_dir) / latest, map_location="cpu", weights_only=True)
+
+
+def assert_states_close(a, b, rtol=1e-4, atol=1e-6):
+    assert a.keys() == b.keys()
+    for k in a:
+        if a[k].is_floating_point():
+            torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
+        else:
+            assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
+    """Reference: 1 process x 8 images, 2 epochs x 4 steps, SyncBN config + LARC."""
+    out = tmp_path_factory.mktemp("single")
+    run(out)
+    return out
+
+
+def test_single_process_run_outputs(single_run):
+    files = set(os.listdir(single_run))
+    assert {"train_config.yaml", "metrics.jsonl", "checkpoint.json", "model_phase0.torch",
+            "model_final_checkpoint_phase1.torch", "tb"} <= files
+    recs = [json.loads(line) for line in open(single_run / "metrics.jsonl")]
+    steps = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    for r in steps:
+        assert {"epoch", "lr", "images_per_sec", "data_time", "step_time", "skipped_images"} <= r.keys()
+    assert sum("epoch_loss" in r for r in recs) == 2
+    state = final_state(single_run)
+    assert state["client_state"]["train_state"] == {"epoch": 2, "iteration": 8, "iteration_in_epoch": 0}
+    assert "larc" in state["optimizer"]
+
+
+def test_resume_mid_epoch_equals_uninterrupted(single_run, tmp_path):
+    run(tmp_path, "config.TRAINER.MAX_ITERATIONS=3")  # stops mid-epoch 0, saves model_iteration3
+    assert (tmp_path / "model_iteration3.torch").exists()
+    run(tmp_path)  # AUTO_RESUME continues from iteration 3
+    ref, got = step_losses(single_run), step_losses(tmp_path)
+    assert got.keys() == ref.keys()
+    for s in ref:
+        assert got[s] == pytest.approx(ref[s], rel=1e-6, abs=1e-7), s
+    assert_states_close(final_state(tmp_path)["model"], final_state(single_run)["model"], rtol=1e-5, atol=1e-7)
+
+
+def test_finished_run_is_not_repeated(single_run):
+    before = (single_run / "metrics.jsonl").read_text()
+    r = run(single_run)
+    assert "already finished" in r.stderr and (single_run / "metrics.jsonl").read_text() == before
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
+    run(tmp_path, "config.TRAINER.MAX_ITERATIONS=4")  # model_phase0 written at the epoch end
+    ckpt = tmp_path / "model_phase0.torch"
+    before = ckpt.read_bytes(), (tmp_path / "checkpoint.json").read_text()
+    r = run(tmp_path, "config.OPTIMIZER.param_schedulers.lr.start_value=1e30",
+            "config.OPTIMIZER.use_larc=False", check=False)
+    assert r.returncode != 0
+    assert "at iteration" in r.stderr and "last good checkpoint" in r.stderr
+    assert (ckpt.read_bytes(), (tmp_path / "checkpoint.json").read_text()) == before
+
+
+def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    from scaleclr import checkpoint
+    from scaleclr.checkpoint import CheckpointManager, atomic_torch_save
+
+    target = tmp_path / "model_phase0.torch"
+    atomic_torch_save({"w": torch.ones(3)}, str(target))
+    CheckpointManager(str(tmp_path)).record(str(target), "ddp", 1, 4, False)
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.torch, "save", broken_save)
+    with pytest.raises(OSError):
+        atomic_torch_save({"w": torch.zeros(3)}, str(target))
+    monkeypatch.undo()
+    assert torch.equal(torch.load(target, weights_only=True)["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
+    assert CheckpointManager(str(tmp_path)).latest()["path"] == "model_phase0.torch"
+
+
+@pytest.mark.dist
+def test_two_processes_equal_one_process_spawn(single_run, tmp_path):
+    """2 processes x 4 images == 1 process x 8 images: SyncBN global, LARC on, gathered InfoNCE."""
+    run(tmp_path, "config.DISTRIBUTED.NUM_PROC_PER_NODE=2", "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=4",
+        "config.TRAINER.MAX_ITERATIONS=3")
+    ref, got = step_losses(single_run), step_losses(tmp_path)
+    for s in (1, 2, 3):
+        assert got[s] == pytest.approx(ref[s], rel=1e-5), s
+    ref_state = _state_at(single_run, tmp_path_ref=None)
+    got_state = final_state(tmp_path)
+    assert got_state["client_state"]["world_size"] == 2
+    assert_states_close(got_state["model"], ref_state, rtol=1e-4, atol=1e-6)
+
+
+def _state_at(single_run, tmp_path_ref):
+    """Model state of the 1-process run after 3 steps (re-run, it is cheap)."""
+    out = Path(str(single_run) + "_3steps")
+    if not (out / "checkpoint.json").exists():
+        run(out, "config.TRAINER.MAX_ITERATIONS=3")
+    return final_state(out)["model"]
+
+
+@pytest.mark.dist
+def test_two_processes_equal_one_process_torchrun(single_run, tmp_path):
+    run(tmp_path, "config.DISTRIBUTED.NUM_PROC_PER_NODE=2", "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=4",
+        "config.TRAINER.MAX_ITERATIONS=3",
+        launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                  "--master_port", str(_free_port())))
+    ref = step_losses(single_run)
+    got = step_losses(tmp_path)
+    for s in (1, 2, 3):
+        assert got[s] == pytest.approx(ref[s], rel=1e-5), s
+    assert_states_close(final_state(tmp_path)["model"], _state_at(single_run, None), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.dist
+def test_launcher_world_must_match_config(tmp_path):
+    r = run(tmp_path, "config.DISTRIBUTED.NUM_PROC_PER_NODE=1", check=False,
+            launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                      "--master_port", str(_free_port())))
+    assert r.returncode != 0
+    assert "started 2 processes but config.DISTRIBUTED.NUM_NODES x NUM_PROC_PER_NODE = 1 x 1 = 1" in r.stderr
+
+
+@pytest.mark.dist
+def test_failing_rank_stops_every_process(tmp_path):
+    start = time.time()
+    r = run(tmp_path, "config.DISTRIBUTED.NUM_PROC_PER_NODE=2", "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=4",
+            "config.DISTRIBUTED.TIMEOUT_SECONDS=60", env_extra={"SCALECLR_FAIL_AT": "1:1"}, check=False)
+    assert r.returncode != 0 and "injected failure" in r.stderr
+    assert time.time() - start < 120
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_demo_data_run_reports_knn(tmp_path):
+    """The quickstart path on the bundled digit scans: kNN at init and after training, in metrics.jsonl."""
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "config=test/integration_test/quick_simclr",
+                        f"config.CHECKPOINT.DIR={tmp_path}", "config.TRAINER.MAX_ITERATIONS=2",
+                        "config.KNN_EVAL.ENABLED=True", "config.KNN_EVAL.DATASET_NAME=scaleclr_demo_digits",
+                        "config.KNN_EVAL.IMAGE_SIZE=32"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600,
+                       env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "kNN top-1 (k=20)" in r.stdout
+    recs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    final = [x for x in recs if "knn_top1" in x][-1]
+    assert 10.0 < final["knn_top1_init"] <= 100.0 and 10.0 < final["knn_top1"] <= 100.0

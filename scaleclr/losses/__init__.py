@@ -1,0 +1,16 @@
+"""SimCLR InfoNCE losses (Chen et al. 2020, arXiv 2002.05709) with VISSL semantics.
+
+Public API: :class:`SimclrInfoNCELoss`, :class:`MulticropSimclrInfoNCELoss` and their functional forms.
+Implementations (``impl=``): ``reference`` (dense autograd), ``streaming`` (tiled custom autograd, never builds
+the N x N logits), ``triton`` (fused kernels, ``scaleclr.kernels``, imported lazily), ``auto``.
+"""
+from .functional import multicrop_simclr_info_nce_loss, resolve_impl, simclr_info_nce_loss, triton_available
+from .indices import pair_columns
+from .multicrop_simclr_info_nce import MulticropSimclrInfoNCELoss
+from .reference import info_nce_dense
+from .simclr_info_nce import SimclrInfoNCELoss
+from .streaming import info_nce_streaming
+
+__all__ = ["SimclrInfoNCELoss", "MulticropSimclrInfoNCELoss", "simclr_info_nce_loss",
+           "multicrop_simclr_info_nce_loss", "info_nce_dense", "info_nce_streaming", "pair_columns",
+           "resolve_impl", "triton_available"]

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
 QUICK = "config=test/integration_test/quick_simclr_synthetic"
 
 
@@ -188,3 +189,65 @@ def test_demo_data_run_reports_knn(tmp_path):
     recs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     final = [x for x in recs if "knn_top1" in x][-1]
     assert 10.0 < final["knn_top1_init"] <= 100.0 and 10.0 < final["knn_top1"] <= 100.0
+
+
+def _bn_buffers_after_save(rank, world_size, tmp):
+    """Body for run_distributed: 2 DDP steps without SyncBN (per-rank BN stats), then save."""
+    from scaleclr import builders
+    from scaleclr.config import load_config
+    from scaleclr.engines.ddp import DDPEngine
+
+    root, _ = load_config([QUICK, "config.MODEL.SYNC_BN_CONFIG.CONVERT_BN_TO_SYNC_BN=False",
+                           "config.DISTRIBUTED.NUM_PROC_PER_NODE=2", "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=4"])
+    c = root.config
+    engine = DDPEngine(c, torch.device("cpu"), rank, world_size)
+    engine.setup(builders.build_model(c), builders.make_optimizer_factory(c))
+    loss_fn = builders.build_loss(c)
+    for _ in range(2):
+        x = torch.randn(8, 3, 32, 32) * (rank + 1)  # different data per rank -> different BN stats
+        engine.backward(loss_fn(engine.model(x)))
+        engine.step()
+        engine.zero_grad()
+    engine.save(tmp, "model_phase0", {})
+    return {k: v.clone() for k, v in engine.module.state_dict().items() if "running" in k}
+
+
+@pytest.mark.dist
+def test_bn_buffers_identical_across_ranks_at_checkpoint(tmp_path):
+    from dist_helpers import run_distributed
+    r0, r1 = run_distributed(_bn_buffers_after_save, 2, str(tmp_path))
+    saved = torch.load(tmp_path / "model_phase0.torch", weights_only=True)["model"]
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]) and torch.equal(r0[k], saved[k]), k
+
+
+@pytest.mark.dist
+def test_manual_multinode_tcp_equals_one_process(single_run, tmp_path):
+    """VISSL's manual multi-node launch: the same command with node_id=0 and node_id=1 (here both on
+    localhost), RUN_ID=host:port, INIT_METHOD=tcp."""
+    port = _free_port()
+    common = [sys.executable, str(ROOT / "train.py"), QUICK, f"config.CHECKPOINT.DIR={tmp_path}",
+              "config.DISTRIBUTED.NUM_NODES=2", "config.DISTRIBUTED.NUM_PROC_PER_NODE=1",
+              f"config.DISTRIBUTED.RUN_ID=127.0.0.1:{port}", "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=4",
+              "config.TRAINER.MAX_ITERATIONS=3"]
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen(common + [f"node_id={n}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for n in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
+    ref, got = step_losses(single_run), step_losses(tmp_path)
+    for s in (1, 2, 3):
+        assert got[s] == pytest.approx(ref[s], rel=1e-5), s
+
+
+@pytest.mark.dist
+def test_file_init_method_and_amp_bf16(tmp_path):
+    """INIT_METHOD=file rendezvous, and bf16 autocast with BatchNorm kept in fp32."""
+    run(tmp_path, "config.DISTRIBUTED.NUM_PROC_PER_NODE=2", "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=4",
+        "config.DISTRIBUTED.INIT_METHOD=file", "config.TRAINER.MAX_ITERATIONS=2",
+        "config.MODEL.AMP_PARAMS.USE_AMP=True", "config.MODEL.AMP_PARAMS.AMP_TYPE=pytorch",
+        "config.MODEL.AMP_PARAMS.AMP_DTYPE=bfloat16")
+    losses = step_losses(tmp_path)
+    assert len(losses) == 2 and all(v == v and abs(v) < 100 for v in losses.values())
+    state = final_state(tmp_path)["model"]
+    assert all(v.dtype == torch.float32 for k, v in state.items() if "bn" in k and v.is_floating_point())

@@ -65,8 +65,16 @@ class DDPEngine(Engine):
     def grad_scale(self) -> float:
         return float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0
 
+    def sync_buffers(self) -> None:
+        """Broadcast rank 0's buffers (BN running statistics) so every rank holds what is saved.
+        With SyncBN they are already identical; without it each rank's statistics drift between forwards."""
+        if self.world_size > 1 and dist.is_initialized():
+            for b in self.module.buffers():
+                dist.broadcast(b.data, src=0)
+
     def save(self, directory: str, tag: str, client_state: Dict[str, Any]) -> str:
         path = os.path.join(directory, f"{tag}.torch")
+        self.sync_buffers()
         if self.rank == 0:
             state = {"engine": self.name, "model": self.module.state_dict(),
                      "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),

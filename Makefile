@@ -14,7 +14,6 @@ setup: $(STAMP)
 
 $(STAMP): setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[deepspeed,dev]"
 	@touch $(STAMP)
 

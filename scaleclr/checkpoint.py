@@ -8,7 +8,6 @@ pointer, so the last good checkpoint stays the one that resumes.
 """
 import json
 import os
-import re
 import tempfile
 from typing import Any, Dict, Optional
 
@@ -89,7 +88,3 @@ class CheckpointManager:
         latest = self.latest()
         return latest if latest and latest["final"] else None
 
-
-def parse_tag(name: str) -> Dict[str, int]:
-    m = re.match(r"model_(final_checkpoint_phase|phase|iteration)(\d+)", os.path.basename(name))
-    return {"kind": m.group(1), "n": int(m.group(2))} if m else {}

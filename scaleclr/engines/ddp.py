@@ -31,6 +31,9 @@ class DDPEngine(Engine):
         if self.use_amp:
             keep_batchnorm_fp32(model)
         model.to(self.device)
+        if self.cfg.MODEL.ACTIVATION_CHECKPOINTING.USE_ACTIVATION_CHECKPOINTING:
+            from scaleclr.distributed.parallelize import apply_activation_checkpointing
+            apply_activation_checkpointing(model)  # per residual block; same values, less activation memory
         self.module = model
         if self.world_size > 1:
             kw = dict(bucket_cap_mb=self.cfg.DATA.DDP_BUCKET_CAP_MB)

@@ -1,0 +1,305 @@
+"""FSDP2 engine (``config.DISTRIBUTED.ENGINE=fsdp``): torch ``fully_shard`` with the same math as DDP.
+
+Wrapping (:func:`scaleclr.distributed.parallelize.parallelize`): SyncBN (trainer) -> activation checkpointing
+(optional, per residual block) -> fp32 BatchNorm units (with mixed precision) -> ``fully_shard`` per unit
+(``config.MODEL.FSDP_CONFIG.SHARD_UNIT``: ``block`` or ``stage``) -> root. Parameters become ``DTensor`` shards
+over a 1-D mesh, or a 2-D ``(replicate, shard)`` mesh for HSDP (``HSDP_REPLICATE`` > 1). Gradients are
+reduce-scattered (averaged over ranks, in fp32), so with the loss contract (own-anchor mean loss, gather sums
+gradients back) the update equals DDP's.
+
+Exact LARC on shards: the optimizer is the same SGD(+LARC) over the same VISSL param groups as DDP, built on the
+sharded module; LARC gets :func:`dtensor_norms` as its ``norm_fn``, which computes every parameter's and gradient's
+*full* L2 norm from the local shards with one all-reduce of squared norms over the shard mesh dimension (never
+the norm of a local shard, which would change every trust ratio; fairscale#696). Gradient clipping uses the same
+full norms.
+
+Precision: ``FSDP_CONFIG.MIXED_PRECISION`` (``none`` | ``bfloat16`` | ``float16``; with ``none``,
+``AMP_PARAMS.USE_AMP`` + ``AMP_DTYPE`` select it) is FSDP2's ``MixedPrecisionPolicy`` (low-precision all-gathered
+parameters, fp32 gradient reduction, fp32 sharded master weights and optimizer state) plus ``torch.autocast`` in the
+same dtype, i.e. the DDP engine's AMP policy: convs/linears in low precision, BatchNorm (its own fp32 FSDP unit)
+with fp32 parameters, buffers, inputs and computation. float16 adds a sharded gradient scaler.
+
+Checkpoints are directories written with ``torch.distributed.checkpoint`` (DCP): sharded model and optimizer
+state (``get_state_dict``/``set_state_dict``: parameters by name, resharded on load, so a checkpoint written by N
+processes resumes on M), plus ``client_state.torch`` written by rank 0 (train state, sampler position, RNG,
+LARC hyperparameters, grad scaler). The directory is written under a temporary name and renamed when complete.
+:func:`load_full_state_dict` / :func:`export_checkpoint` read the model from such a directory without a process
+group (unsharded fp32 ``trunk.*``/``heads.*``, loadable into :class:`scaleclr.models.ResNet` / ``SimCLRModel``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import warnings
+from collections import defaultdict
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from scaleclr.checkpoint import atomic_torch_save
+from scaleclr.distributed.parallelize import build_mesh, parallelize
+from scaleclr.engines.base import Engine, OptimizerFactory
+from scaleclr.engines.precision import DTYPES, autocast
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FSDPEngine", "dtensor_norms", "shard_local_norms", "load_full_state_dict", "export_checkpoint",
+           "CLIENT_FILE"]
+
+CLIENT_FILE = "client_state.torch"
+
+
+def _dtensor_cls():
+    from torch.distributed.tensor import DTensor
+    return DTensor
+
+
+def _reduce_groups(t) -> Tuple[Any, Tuple[int, ...]]:
+    """(mesh, mesh dims over which `t` is sharded or partial) for a DTensor."""
+    from torch.distributed.tensor import Partial, Shard
+
+    dims = tuple(i for i, p in enumerate(t.placements) if isinstance(p, (Shard, Partial)))
+    return t.device_mesh, dims
+
+
+def dtensor_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Full L2 norm of every tensor; ``DTensor`` shards are reduced over their mesh (LARC's ``norm_fn``).
+
+    For each sharded tensor the squared norm of the local shard is computed, the squared norms of all tensors
+    that share a mesh and shard dimensions are summed over those mesh dimensions with ONE all-reduce (in
+    float64), and the square root is taken. Replicated mesh dimensions (HSDP's replicate dim) are not summed.
+    Plain tensors are taken as whole tensors.
+
+    Args:
+        tensors: ``n`` tensors (plain or ``DTensor``), e.g. LARC's ``params + grads``.
+
+    Returns:
+        float32 tensor of shape ``[n]`` on the first tensor's local device. Collective when any input is a
+        sharded ``DTensor``: every rank must call it with the same list structure.
+    """
+    if len(tensors) == 0:
+        return torch.zeros(0)
+    DTensor = _dtensor_cls()
+    locals_: List[torch.Tensor] = []
+    keys: List[Any] = []
+    for t in tensors:
+        t = t.detach()
+        if isinstance(t, DTensor):
+            mesh, dims = _reduce_groups(t)
+            locals_.append(t.to_local())
+            keys.append((mesh, dims) if dims else None)
+        else:
+            locals_.append(t)
+            keys.append(None)
+    device = locals_[0].device
+    sq = torch.stack([(x.float().norm() if x.numel() else x.new_zeros((), dtype=torch.float32)).double() ** 2
+                      for x in locals_]).to(device)
+    by_key: Dict[Any, List[int]] = defaultdict(list)
+    for i, k in enumerate(keys):
+        if k is not None:
+            by_key[(id(k[0]), k[1])].append(i)
+    for (_, dims), idx in by_key.items():
+        mesh = keys[idx[0]][0]
+        part = sq[idx].clone()
+        for d in dims:
+            dist.all_reduce(part, op=dist.ReduceOp.SUM, group=mesh.get_group(d))
+        sq[idx] = part
+    return sq.sqrt().float()
+
+
+def shard_local_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The WRONG norm for sharded LARC: the norm of each local shard. Only for negative-control tests."""
+    from scaleclr.optim.larc import local_norms
+
+    DTensor = _dtensor_cls()
+    return local_norms([t.to_local() if isinstance(t, DTensor) else t for t in tensors])
+
+
+def _ensure_process_group(device: torch.device) -> bool:
+    """FSDP2 needs a process group even for one process; create a private 1-rank group if none exists."""
+    if dist.is_initialized():
+        return False
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return True
+
+
+def _precision(cfg) -> Optional[torch.dtype]:
+    mp = cfg.MODEL.FSDP_CONFIG.MIXED_PRECISION
+    if mp != "none":
+        return DTYPES[mp]
+    amp = cfg.MODEL.AMP_PARAMS
+    if amp.USE_AMP:
+        return DTYPES[amp.AMP_DTYPE]
+    return None
+
+
+class FSDPEngine(Engine):
+    """FSDP2 engine; see the module docstring. ``larc_norm_fn`` is the LARC norm (tests may replace it)."""
+
+    name = "fsdp"
+    checkpoint_is_file = False
+    larc_norm_fn = staticmethod(dtensor_norms)
+
+    def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
+        fc = self.cfg.MODEL.FSDP_CONFIG
+        self._owns_pg = _ensure_process_group(self.device)
+        world = dist.get_world_size()
+        if world != self.world_size:
+            raise ValueError(f"the FSDP engine was built for world size {self.world_size} but torch.distributed "
+                             f"has {world} ranks")
+        self.param_dtype = _precision(self.cfg)
+        self.mesh = build_mesh(self.device.type, world, int(fc.HSDP_REPLICATE))
+        model.to(self.device)
+        parallelize(model, self.mesh, shard_unit=fc.SHARD_UNIT,
+                    reshard_after_forward=bool(fc.RESHARD_AFTER_FORWARD), param_dtype=self.param_dtype,
+                    activation_checkpointing=bool(
+                        self.cfg.MODEL.ACTIVATION_CHECKPOINTING.USE_ACTIVATION_CHECKPOINTING))
+        self.module = model
+        self.model = model
+        self.optimizer = make_optimizer(model, norm_fn=type(self).larc_norm_fn)
+        self.scaler = None
+        if self.param_dtype == torch.float16:
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+            self.scaler = ShardedGradScaler(device=self.device.type)
+        self.clip = float(self.cfg.OPTIMIZER.gradient_clipping)
+        logger.info("FSDP2: mesh %s, unit=%s, reshard_after_forward=%s, params %s, activation checkpointing %s",
+                    tuple(self.mesh.shape), fc.SHARD_UNIT, fc.RESHARD_AFTER_FORWARD, self.param_dtype or "fp32",
+                    self.cfg.MODEL.ACTIVATION_CHECKPOINTING.USE_ACTIVATION_CHECKPOINTING)
+
+    def autocast(self):
+        """torch.autocast in the mixed-precision dtype (none in fp32): convs/linears run on the low-precision
+        all-gathered parameters, BatchNorm and residual additions stay fp32 (see ``parallelize``)."""
+        return autocast(self.device, self.param_dtype is not None, self.param_dtype or torch.float32)
+
+    # ------------------------------------------------------------------------------------------ step
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def _params_with_grad(self) -> List[torch.Tensor]:
+        return [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """``torch.nn.utils.clip_grad_norm_`` semantics with the full (all-reduced) gradient norm."""
+        params = self._params_with_grad()
+        if not params:
+            return 0.0
+        norms = type(self).larc_norm_fn([p.grad for p in params])
+        total = float(norms.double().pow(2).sum().sqrt())
+        coef = min(max_norm / (total + 1e-6), 1.0)
+        if coef < 1.0:
+            with torch.no_grad():
+                for p in params:
+                    p.grad.mul_(coef)
+        return total
+
+    def step(self) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.clip > 0:
+            self.clip_grad_norm(self.clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
+    def grad_scale(self) -> float:
+        return float(self.scaler.get_scale()) if self.scaler is not None else 1.0
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    def _larc_hparams(self) -> Dict[str, Any]:
+        return {k: getattr(self.optimizer, k) for k in ("trust_coefficient", "clip", "eps")
+                if hasattr(self.optimizer, "trust_coefficient")}
+
+    def save(self, directory: str, tag: str, client_state: Dict[str, Any]) -> str:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        path = os.path.join(directory, tag)
+        tmp = os.path.join(directory, f".tmp_{tag}")
+        if self.rank == 0:
+            os.makedirs(directory, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+        if self.rank == 0:
+            atomic_torch_save({"engine": self.name, "world_size": self.world_size,
+                               "mesh_shape": tuple(self.mesh.shape), "larc": self._larc_hparams(),
+                               "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                               "client_state": client_state}, os.path.join(tmp, CLIENT_FILE))
+        dist.barrier()
+        if self.rank == 0:
+            old = os.path.join(directory, f".old_{tag}")
+            if os.path.exists(path):
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+        return path
+
+    def load(self, path: str) -> Dict[str, Any]:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        meta_path = os.path.join(path, CLIENT_FILE)
+        if not os.path.isdir(path) or not os.path.exists(meta_path):
+            raise ValueError(f"{path} is not an FSDP (torch.distributed.checkpoint) checkpoint directory with "
+                             f"{CLIENT_FILE}; resume it with the engine that wrote it")
+        meta = torch.load(meta_path, map_location="cpu", weights_only=False)
+        if meta.get("engine") != self.name:
+            raise ValueError(f"{path} was written by the {meta.get('engine')!r} engine; resume it with "
+                             f"config.DISTRIBUTED.ENGINE={meta.get('engine')}")
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+        for k, v in (meta.get("larc") or {}).items():
+            if hasattr(self.optimizer, k):
+                setattr(self.optimizer, k, v)
+        if self.scaler is not None and meta.get("scaler"):
+            self.scaler.load_state_dict(meta["scaler"])
+        if meta.get("world_size") != self.world_size:
+            logger.info("resharded %s: written by %s processes, loaded on %s", path, meta.get("world_size"),
+                        self.world_size)
+        return meta["client_state"]
+
+    def full_state_dict(self) -> Optional[Dict[str, torch.Tensor]]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank != 0:
+            return None
+        return {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in sd.items()}
+
+
+def load_full_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """The unsharded fp32 model state (``trunk.*``, ``heads.*``) of an FSDP checkpoint directory, on CPU.
+
+    Needs no process group (reads every shard in this process). ``{k[len("trunk."):]: v}`` of the result loads
+    into :class:`scaleclr.models.ResNet`; the whole dict loads into :class:`scaleclr.models.SimCLRModel`.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    if not os.path.exists(os.path.join(path, ".metadata")):
+        raise ValueError(f"{path} is not a torch.distributed.checkpoint directory (no .metadata)")
+    meta = FileSystemReader(path).read_metadata()
+    keys = {k for k in meta.state_dict_metadata if k.startswith("model.")}
+    with warnings.catch_warnings():  # "no process group: loading in a single process" is the intent here
+        warnings.simplefilter("ignore", UserWarning)
+        loaded = _load_state_dict_from_keys(keys=keys, checkpoint_id=path)
+    model = loaded["model"] if "model" in loaded else {k[len("model."):]: v for k, v in loaded.items()}
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in model.items()}
+
+
+def export_checkpoint(path: str, out_file: str) -> str:
+    """Write the unsharded model of FSDP checkpoint ``path`` as one ``torch.save`` file ``{"model": state}``."""
+    atomic_torch_save({"engine": "fsdp-export", "model": load_full_state_dict(path)}, out_file)
+    return out_file

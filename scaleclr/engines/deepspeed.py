@@ -1,0 +1,554 @@
+"""DeepSpeed engine: ZeRO stages 0-3 with exact LARC, SyncBN, bf16/fp16 and resumable checkpoints.
+
+The only module in scaleclr that imports ``deepspeed`` (lazily, inside functions), so ``import scaleclr``
+and every other engine work without it.
+
+Launch::
+
+    deepspeed --num_gpus 2 train.py --deepspeed_config ds_configs/zero2.json config=... \\
+        config.DISTRIBUTED.NUM_PROC_PER_NODE=2
+    python train.py config=... config.DISTRIBUTED.ENGINE=deepspeed \\
+        config.DISTRIBUTED.DEEPSPEED_CONFIG=ds_configs/zero3.json          # spawn launcher, torchrun, srun
+
+The JSON is filled from the Hydra config (:mod:`scaleclr.engines.deepspeed_config`): batch sizes, gradient
+clipping and bf16/fp16 are "auto" there.
+
+**LARC under ZeRO** (the hard part). LARC's trust ratio ``tc * ||p|| / (||g|| + wd * ||p||)`` (You et al.
+2017, used by SimCLR, arXiv 2002.05709 Sec. 2.2) needs the norms of every *original* parameter. ZeRO-1/2
+hand the client optimizer one flat fp32 partition per param group (a contiguous slice of the concatenation
+of the group's parameters, cut at arbitrary element boundaries); ZeRO-3 hands it the concatenation of each
+parameter's own 1/N slice; bf16/fp16 at stage 0 hand it one unpartitioned flat fp32 copy per group. Plain
+LARC would then compute one trust ratio per flat partition, which is wrong. :class:`ZeroLARC` instead:
+
+1. after ``deepspeed.initialize`` reads DeepSpeed's own bookkeeping (``_hp_mapping`` of ZeRO-1/2 and the
+   bf16 optimizer, ``ds_tensor`` partitions of ZeRO-3, the flat groups of the fp16 optimizer) into a
+   :class:`FlatLayout` per flat tensor: for every original parameter of the group, the ``(start, numel)``
+   of its local fragment (``numel`` 0 when this rank holds none of it; ZeRO-3's alignment padding is
+   excluded);
+2. at each step views every fragment of the flat parameter and of its gradient as a "parameter" and runs
+   the unmodified single-process :class:`scaleclr.optim.LARC` math on them (weight decay folding, clip
+   mode, zero-norm handling), with a ``norm_fn`` that computes the squared norms of the local fragments
+   and sums them over the data-parallel group with ONE all-reduce (per flat group), so each fragment is
+   scaled by the trust ratio of its full parameter;
+3. then runs the inner SGD on the flat partition (element-wise, identical to per-parameter SGD).
+
+DeepSpeed unscales (fp16) and clips gradients before calling the client optimizer, so LARC sees unscaled,
+clipped gradients, as in the DDP engine. The LR reaches the groups DeepSpeed steps (``set_lr`` writes the
+client optimizer's groups, which ZeRO steps).
+
+**BatchNorm.** SyncBN is converted by the trainer before ``deepspeed.initialize``. BN buffers are module
+buffers, which ZeRO never partitions; as DDP does (``BROADCAST_BUFFERS``) they are broadcast from rank 0
+before every forward, so they stay identical on all ranks even without SyncBN. Under bf16/fp16 DeepSpeed
+stores parameters in low precision (with fp32 masters in the optimizer) and keeps buffers in fp32; every
+BN layer computes in fp32 (its input and its parameters are cast up for the layer; gradients flow back to
+the low-precision copies), and its running statistics stay fp32.
+
+**Checkpoints** are DeepSpeed checkpoint directories ``<CHECKPOINT.DIR>/<tag>/`` written by
+``engine.save_checkpoint`` with scaleclr's client state, plus ``scaleclr_meta.json`` (world size, ZeRO
+stage, precision). Resuming with another number of processes or another ZeRO stage stops with an error
+saying how to continue (the consolidated export, below). The final checkpoint also writes
+``<tag>_consolidated_fp32.torch``, a plain ``torch.save`` of ``{"model": SimCLRModel state dict, "trunk":
+ResNet state dict, ...}`` that loads without DeepSpeed; ``python -m scaleclr.engines.deepspeed export
+<checkpoint dir> <out.torch>`` writes it for any checkpoint, offline.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from scaleclr.checkpoint import atomic_torch_save, atomic_write_text
+from scaleclr.engines.base import Engine, OptimizerFactory
+from scaleclr.engines.deepspeed_config import build_deepspeed_config, zero_stage
+from scaleclr.optim.larc import LARC
+
+logger = logging.getLogger(__name__)
+
+META_FILE = "scaleclr_meta.json"
+CONSOLIDATED_SUFFIX = "_consolidated_fp32.torch"
+#: test/debug switch: "partition" runs plain LARC on DeepSpeed's flat partitions (wrong on purpose; the
+#: negative control of the parity tests)
+LARC_NORMS_ENV = "SCALECLR_DEEPSPEED_LARC_NORMS"
+
+
+# ------------------------------------------------------------------------------------------ LARC under ZeRO
+@dataclass
+class FlatLayout:
+    """Where the original parameters of one param group live in one flat fp32 tensor on this rank.
+
+    Attributes:
+        flat: the flat fp32 tensor DeepSpeed gives the client optimizer (1-D).
+        fragments: per original parameter of the group (same order on every rank), ``(start, numel)`` of
+            its local fragment in ``flat``; ``numel == 0`` when this rank holds none of it.
+        partitioned: the fragments are 1/N slices (ZeRO 1-3): norms are summed over ``group``.
+        group: the data-parallel process group the partitions are spread over.
+    """
+
+    flat: torch.Tensor
+    fragments: List[Tuple[int, int]]
+    partitioned: bool
+    group: Any = None
+
+
+def _dp_rank(group) -> int:
+    return dist.get_rank(group=group) if dist.is_initialized() else 0
+
+
+def build_flat_layouts(ds_optimizer) -> Dict[int, FlatLayout]:
+    """Reads DeepSpeed's partition bookkeeping into ``{id(flat tensor): FlatLayout}``.
+
+    Handles ``DeepSpeedZeroOptimizer`` (ZeRO-1/2), ``BF16_Optimizer`` (bf16 + ZeRO-1), ``FP16_Optimizer``
+    (bf16/fp16 at ZeRO-0) and ``DeepSpeedZeroOptimizer_Stage3``. Returns ``{}`` when DeepSpeed steps the
+    client optimizer on the original parameters (fp32 ZeRO-0).
+    """
+    layouts: Dict[int, FlatLayout] = {}
+    cls = type(ds_optimizer).__name__
+    if hasattr(ds_optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        for sub, params in enumerate(ds_optimizer.fp16_groups):
+            flat = ds_optimizer.fp32_partitioned_groups_flat[sub]
+            frags, offset = [], 0
+            for p in params:
+                part = p.partition_numel()
+                rank = _dp_rank(getattr(p, "ds_process_group", None))
+                valid = max(0, min(part, p.ds_numel - rank * part))  # the last partition is padded
+                frags.append((offset, valid))
+                offset += part
+            assert offset == flat.numel(), (cls, sub, offset, flat.numel())
+            layouts[id(flat)] = FlatLayout(flat, frags, True, ds_optimizer.dp_process_group)
+        return layouts
+    if hasattr(ds_optimizer, "single_partition_of_fp32_groups") or hasattr(ds_optimizer,
+                                                                           "fp32_groups_flat_partition"):
+        # ZeRO-1/2 (DeepSpeedZeroOptimizer) or BF16_Optimizer: link_hp_params gave every lp param with a
+        # fragment in this rank's partition an _hp_mapping (None otherwise).
+        if hasattr(ds_optimizer, "single_partition_of_fp32_groups"):
+            lp_groups, flats = ds_optimizer.bit16_groups, ds_optimizer.single_partition_of_fp32_groups
+        else:
+            lp_groups, flats = ds_optimizer.bf16_groups, ds_optimizer.fp32_groups_flat_partition
+        for i, (params, flat) in enumerate(zip(lp_groups, flats)):
+            frags = []
+            for p in params:
+                m = getattr(p, "_hp_mapping", None)
+                if m is None:
+                    frags.append((0, 0))
+                else:
+                    a = m.get_hp_fragment_address()
+                    frags.append((int(a.start), int(a.numel)))
+            group = ds_optimizer.real_dp_process_group[i]
+            layouts[id(flat)] = FlatLayout(flat, frags, True, group)
+        return layouts
+    if hasattr(ds_optimizer, "fp32_groups_flat"):  # FP16_Optimizer: unpartitioned flat copies
+        for params, flat in zip(ds_optimizer.fp16_groups, ds_optimizer.fp32_groups_flat):
+            frags, offset = [], 0
+            for p in params:
+                frags.append((offset, p.numel()))
+                offset += p.numel()
+            layouts[id(flat)] = FlatLayout(flat, frags, False, None)
+        return layouts
+    return layouts
+
+
+class ZeroLARC(LARC):
+    """LARC whose trust ratios come from the full norms of the original parameters under ZeRO.
+
+    Same constructor and semantics as :class:`scaleclr.optim.LARC`; call :meth:`bind` with DeepSpeed's
+    optimizer after ``deepspeed.initialize`` (and after loading a checkpoint). Param groups DeepSpeed steps
+    on flat tensors are split into per-parameter fragments (:class:`FlatLayout`); groups holding the
+    original parameters (fp32 ZeRO-0) are handled exactly like plain LARC.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, trust_coefficient: float = 0.001, clip: bool = False,
+                 eps: float = 1e-8) -> None:
+        super().__init__(optimizer, trust_coefficient=trust_coefficient, clip=clip, eps=eps,
+                         norm_fn=self._full_norms)
+        self.layouts: Dict[int, FlatLayout] = {}
+        self._bound = False
+        self._entry_layouts: List[Optional[FlatLayout]] = []
+
+    def bind(self, ds_optimizer) -> None:
+        self.layouts = build_flat_layouts(ds_optimizer)
+        self._bound = True
+
+    def _full_norms(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Full L2 norms of the original parameters/gradients whose local fragments are ``tensors``.
+
+        ``tensors`` is ``params + grads`` (LARC's call); fragments of partitioned layouts are reduced with
+        one all-reduce of their squared norms per process group.
+        """
+        n = len(tensors)
+        if n == 0:
+            return torch.zeros(0)
+        sq = torch.stack([t.to(torch.float64) for t in torch._foreach_norm(
+            [t.detach().float() if t.dtype not in (torch.float32, torch.float64) else t.detach()
+             for t in tensors])]) ** 2
+        layouts = self._entry_layouts * 2  # params then grads
+        by_group: Dict[int, Tuple[Any, List[int]]] = {}
+        for i, lay in enumerate(layouts):
+            if lay is not None and lay.partitioned:
+                by_group.setdefault(id(lay.group), (lay.group, []))[1].append(i)
+        for group, idx in by_group.values():
+            part = sq[idx].clone()
+            if dist.is_initialized() and dist.get_world_size(group) > 1:
+                dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)
+            sq[idx] = part
+        return sq.sqrt()
+
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        saved: List[Tuple[Dict[str, Any], Any]] = []
+        entries: List[Tuple[torch.Tensor, float, Any]] = []
+        self._entry_layouts = []
+        try:
+            for group in self.optim.param_groups:
+                if group.get("larc_exclude", False):
+                    continue
+                weight_decay = group.get("weight_decay", 0.0)
+                saved.append((group, weight_decay))
+                group["weight_decay"] = 0.0
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    lay = self.layouts.get(id(p))
+                    if lay is None or lay.flat is not p:
+                        if self._bound and self.layouts:
+                            raise RuntimeError("ZeroLARC: DeepSpeed stepped a tensor it has no partition layout "
+                                               f"for (shape {tuple(p.shape)}); call bind() after initialize/load")
+                        entries.append((p, weight_decay, group["lr"]))
+                        self._entry_layouts.append(None)
+                        continue
+                    flat_p, flat_g = p.detach().view(-1), p.grad.view(-1)
+                    for start, numel in lay.fragments:
+                        view = flat_p.narrow(0, start, numel)
+                        view.grad = flat_g.narrow(0, start, numel)
+                        entries.append((view, weight_decay, group["lr"]))
+                        self._entry_layouts.append(lay)
+            self._adapt_gradients(entries)
+            self.optim.step()
+        finally:
+            for group, weight_decay in saved:
+                group["weight_decay"] = weight_decay
+            self._entry_layouts = []
+        return loss
+
+
+# -------------------------------------------------------------------------------------------- BN helpers
+def _is_bn(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.batchnorm._NormBase)
+
+
+def _bn_fp32_pre_hook(module, args):
+    """Cast the BN input and (for the layer only) its low-precision parameters to fp32."""
+    stash = {}
+    for name in ("weight", "bias"):
+        p = module._parameters.get(name)
+        if p is not None and p.dtype != torch.float32:
+            stash[name] = p
+            module._parameters[name] = p.float()  # differentiable cast; grads reach the bf16/fp16 param
+    module._scaleclr_bn_stash = stash
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def _bn_fp32_post_hook(module, args, output):
+    for name, p in getattr(module, "_scaleclr_bn_stash", {}).items():
+        module._parameters[name] = p
+    module._scaleclr_bn_stash = {}
+    return output
+
+
+def _install_bn_fp32(model: nn.Module) -> int:
+    """BN layers compute in fp32 under DeepSpeed's bf16/fp16 (buffers stay fp32). Registered after
+    ``deepspeed.initialize`` so that ZeRO-3's gather hook runs before the pre-hook; the post-hook is
+    prepended so the parameters are restored before ZeRO-3 releases them."""
+    n = 0
+    for m in model.modules():
+        if _is_bn(m):
+            for name, b in m.named_buffers(recurse=False):
+                if b is not None and b.is_floating_point() and b.dtype != torch.float32:
+                    setattr(m, name, b.float())
+            m.register_forward_pre_hook(_bn_fp32_pre_hook)
+            m.register_forward_hook(_bn_fp32_post_hook, prepend=True)
+            n += 1
+    return n
+
+
+class _BufferBroadcaster:
+    """Broadcast all module buffers from rank 0 before each forward (DDP's ``broadcast_buffers``), coalesced
+    into one message per dtype."""
+
+    def __init__(self, module: nn.Module, group=None):
+        self.module, self.group = module, group
+
+    def __call__(self, module, args):
+        if not (dist.is_initialized() and dist.get_world_size(self.group) > 1):
+            return None
+        bufs = [b for b in self.module.buffers() if b is not None and b.numel() > 0]
+        by_dtype: Dict[torch.dtype, List[torch.Tensor]] = {}
+        for b in bufs:
+            by_dtype.setdefault(b.dtype, []).append(b)
+        with torch.no_grad():
+            for tensors in by_dtype.values():
+                flat = torch.cat([t.reshape(-1) for t in tensors])
+                dist.broadcast(flat, src=dist.get_global_rank(self.group, 0) if self.group else 0,
+                               group=self.group)
+                offset = 0
+                for t in tensors:
+                    t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                    offset += t.numel()
+        return None
+
+
+def _skip_cpu_shm_comm_build() -> None:
+    """On the CPU accelerator DeepSpeed JIT-compiles a shared-memory all-reduce op when its comm backend starts
+    (minutes on a cold cache). That op only serves inference all-reduces; training collectives go through
+    torch.distributed (gloo) either way, so its build is skipped there."""
+    from deepspeed.accelerator import get_accelerator
+    import deepspeed.ops
+
+    if get_accelerator().device_name() == "cpu":
+        compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+        if isinstance(compatible, dict) and "deepspeed_shm_comm" in compatible:
+            compatible["deepspeed_shm_comm"] = False
+
+
+def check_resumable(path: str, meta: Dict[str, Any], now: Dict[str, Any]) -> None:
+    """Raise ValueError (saying how to continue) when checkpoint ``path`` (``meta``) cannot be resumed by this run
+    (``now``): ZeRO 1-3 optimizer state is partitioned by process, so the world size and the stage must match.
+    ZeRO-0 checkpoints hold the whole optimizer state and resume with any number of processes."""
+    partitioned = max(int(meta["zero_stage"]), int(now["zero_stage"])) >= 1
+    if partitioned and (meta["world_size"] != now["world_size"] or meta["zero_stage"] != now["zero_stage"]):
+        raise ValueError(
+            f"{path} was written by {meta['world_size']} processes with ZeRO-{meta['zero_stage']}; this run "
+            f"has {now['world_size']} processes with ZeRO-{now['zero_stage']}. ZeRO partitions the optimizer "
+            "state by process, so the checkpoint cannot be resumed as is (DeepSpeed's universal checkpoints do "
+            "not cover SGD momentum). Either resume with the same number of processes and the same ds_config, "
+            f"or export the weights and restart: `python -m scaleclr.engines.deepspeed export {path} "
+            "model_fp32.torch` writes the consolidated fp32 trunk + heads (loadable without DeepSpeed); start "
+            "a new config.CHECKPOINT.DIR from them (the SGD momentum restarts at zero).")
+
+
+# ------------------------------------------------------------------------------------------------ engine
+class DeepSpeedEngine(Engine):
+    name = "deepspeed"
+    checkpoint_is_file = False
+
+    def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
+        import deepspeed
+
+        self.ds_config = build_deepspeed_config(self.cfg, self.world_size)
+        self.stage = zero_stage(self.ds_config)
+        self.bf16 = bool(self.ds_config["bf16"]["enabled"])
+        self.fp16 = bool(self.ds_config["fp16"]["enabled"])
+        self._ensure_process_group()
+        model.to(self.device)
+        if bool(self.cfg.DISTRIBUTED.BROADCAST_BUFFERS) and self.world_size > 1:
+            model.register_forward_pre_hook(_BufferBroadcaster(model))
+
+        _skip_cpu_shm_comm_build()
+        optimizer = make_optimizer(model)
+        client = optimizer
+        if isinstance(optimizer, LARC) and os.environ.get(LARC_NORMS_ENV, "full") != "partition":
+            client = ZeroLARC(optimizer.optim, optimizer.trust_coefficient, optimizer.clip, optimizer.eps)
+        elif isinstance(optimizer, LARC):
+            logger.warning("%s=partition: LARC trust ratios from DeepSpeed's flat partitions (WRONG; a test "
+                           "control only)", LARC_NORMS_ENV)
+        self.ds, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=client, config=self.ds_config,
+                                                           dist_init_required=False)
+        self.ds_optimizer = ds_optimizer
+        if isinstance(client, ZeroLARC):
+            client.bind(ds_optimizer)
+        self.client = client
+        self.optimizer = client  # param_groups / set_lr reach the groups DeepSpeed steps
+        self.model = self.ds
+        self.module = self.ds.module
+        if self.bf16 or self.fp16:
+            _install_bn_fp32(self.module)
+        logger.info("DeepSpeed ZeRO-%d (%s), %s, optimizer %s", self.stage,
+                    "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32", type(ds_optimizer).__name__,
+                    type(client).__name__)
+
+    def sync_buffers(self) -> None:
+        """Broadcast rank 0's buffers (BN running statistics) so every rank holds what is saved/exported."""
+        if self.world_size > 1 and dist.is_initialized():
+            _BufferBroadcaster(self.module)(self.module, ())
+
+    def _ensure_process_group(self) -> None:
+        """DeepSpeed needs torch.distributed even for one process: start a 1-rank gloo group if none."""
+        if dist.is_initialized():
+            return
+        from scaleclr.distributed.launch import free_port
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=0, world_size=1)
+
+    def autocast(self):
+        import contextlib
+        if self.bf16 or self.fp16:
+            dtype = torch.bfloat16 if self.bf16 else torch.float16
+            return torch.autocast(device_type=self.device.type, dtype=dtype)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)
+
+    def step(self) -> None:
+        self.ds.step()
+
+    def zero_grad(self) -> None:
+        pass  # DeepSpeed's step() already cleared the gradients (ZeRO owns the gradient buffers)
+
+    def grad_scale(self) -> float:
+        if self.fp16:
+            return float(getattr(self.ds_optimizer, "cur_scale", getattr(self.ds_optimizer, "loss_scale", 1.0)))
+        return 1.0
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def _meta(self) -> Dict[str, Any]:
+        return {"engine": self.name, "world_size": self.world_size, "zero_stage": self.stage,
+                "precision": "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"}
+
+    def save(self, directory: str, tag: str, client_state: Dict[str, Any]) -> str:
+        path = os.path.join(directory, tag)
+        self.sync_buffers()
+        self.ds.save_checkpoint(directory, tag=tag, client_state={"scaleclr": client_state,
+                                                                  "scaleclr_meta": self._meta()},
+                                save_latest=False)
+        if self.rank == 0:
+            atomic_write_text(json.dumps(self._meta(), indent=1), os.path.join(path, META_FILE))
+        if tag.startswith("model_final"):
+            state = self.full_state_dict()  # collective
+            if self.rank == 0:
+                atomic_torch_save(consolidated_payload(state, self._meta(), tag), path + CONSOLIDATED_SUFFIX)
+        dist.barrier()
+        return path
+
+    def load(self, path: str) -> Dict[str, Any]:
+        directory, tag = os.path.split(os.path.normpath(path))
+        meta_path = os.path.join(path, META_FILE)
+        if not os.path.exists(meta_path):
+            raise ValueError(f"{path} is not a scaleclr DeepSpeed checkpoint (no {META_FILE}); the last save "
+                             "may have been interrupted: delete it, or point config.CHECKPOINT.DIR elsewhere.")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        now = self._meta()
+        check_resumable(path, meta, now)
+        if meta["precision"] != now["precision"]:
+            logger.warning("%s was written with %s; resuming with %s (fp32 masters are loaded)", path,
+                           meta["precision"], now["precision"])
+        load_path, client = self.ds.load_checkpoint(directory, tag=tag, load_module_strict=True,
+                                                    load_optimizer_states=True, load_lr_scheduler_states=False)
+        if load_path is None:
+            raise ValueError(f"DeepSpeed could not load {path}")
+        if isinstance(self.client, ZeroLARC):
+            self.client.bind(self.ds_optimizer)
+        return client["scaleclr"]
+
+    # ------------------------------------------------------------------------------------------- export
+    def full_state_dict(self) -> Optional[Dict[str, torch.Tensor]]:
+        """Unsharded fp32 state dict (trunk.*, heads.*) on rank 0: parameters from DeepSpeed's fp32 masters
+        (gathered from the ZeRO partitions, one parameter at a time), buffers from the module. Collective."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        module = self.module
+        self.sync_buffers()
+        names = list(module.state_dict(keep_vars=True).keys())  # ZeRO-3: keys with empty placeholders
+        params = dict(module.named_parameters())
+        buffers = dict(module.named_buffers())
+        layouts = build_flat_layouts(self.ds_optimizer) if self.stage == 0 else {}
+        fp16_master = self._stage0_masters(layouts) if layouts else {}
+        out: Dict[str, torch.Tensor] = {}
+        for name in names:
+            if name in params:
+                p = params[name]
+                full = None
+                if id(p) in fp16_master:
+                    full = fp16_master[id(p)]
+                elif self.stage >= 1 and p.requires_grad:
+                    full = safe_get_full_fp32_param(p)
+                if full is None:
+                    full = self._gathered(p)
+                out[name] = full.detach().float().cpu().view(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
+            else:
+                b = buffers[name]
+                out[name] = b.detach().float().cpu() if b.is_floating_point() else b.detach().cpu()
+        return out if self.rank == 0 else None
+
+    def _gathered(self, p: nn.Parameter) -> torch.Tensor:
+        if hasattr(p, "ds_id"):
+            import deepspeed
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                return p.detach().clone()
+        return p.detach()
+
+    def _stage0_masters(self, layouts: Dict[int, FlatLayout]) -> Dict[int, torch.Tensor]:
+        """bf16/fp16 at ZeRO-0 (FP16_Optimizer): the fp32 masters are flat per group, unpartitioned."""
+        out = {}
+        opt = self.ds_optimizer
+        for params, flat in zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups_flat", [])):
+            lay = layouts.get(id(flat))
+            if lay is None:
+                continue
+            for p, (start, numel) in zip(params, lay.fragments):
+                out[id(p)] = flat.detach().narrow(0, start, numel).view(p.shape)
+        return out
+
+
+# ------------------------------------------------------------------------------------- consolidated export
+def consolidated_payload(state: Dict[str, torch.Tensor], meta: Dict[str, Any], tag: str) -> Dict[str, Any]:
+    """``{"model": SimCLRModel state dict, "trunk": ResNet state dict, "heads": heads state dict, ...}``."""
+    return {"engine": "deepspeed", "tag": tag, "meta": meta, "model": state,
+            "trunk": {k[len("trunk."):]: v for k, v in state.items() if k.startswith("trunk.")},
+            "heads": {k[len("heads."):]: v for k, v in state.items() if k.startswith("heads.")}}
+
+
+def export_checkpoint(path: str, out: str) -> str:
+    """Offline export of a scaleclr DeepSpeed checkpoint directory (any ZeRO stage, any number of ranks) to a
+    consolidated fp32 file (see :func:`consolidated_payload`). Runs in one process, no GPU."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    path = os.path.normpath(path)
+    directory, tag = os.path.split(path)
+    meta_path = os.path.join(path, META_FILE)
+    meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
+    if meta.get("zero_stage", 1) == 0:
+        model_file = os.path.join(path, "mp_rank_00_model_states.pt")
+        sd = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
+        state = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+        if meta.get("precision", "fp32") != "fp32":
+            logger.warning("ZeRO-0 %s checkpoint: exporting the module weights (the fp32 masters are in the "
+                           "optimizer state)", meta.get("precision"))
+    else:
+        state = get_fp32_state_dict_from_zero_checkpoint(directory, tag=tag)
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    atomic_torch_save(consolidated_payload(state, meta, tag), out)
+    return out
+
+
+def _main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m scaleclr.engines.deepspeed",
+                                description="Tools for scaleclr's DeepSpeed checkpoints.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("export", help="consolidated fp32 trunk + heads from a DeepSpeed checkpoint directory")
+    e.add_argument("checkpoint", help="<CHECKPOINT.DIR>/<tag>, e.g. runs/x/model_phase1")
+    e.add_argument("out", help="output .torch file")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    print(export_checkpoint(args.checkpoint, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

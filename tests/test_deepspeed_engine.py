@@ -1,0 +1,277 @@
+"""DeepSpeed engine (ZeRO 0-3) against the DDP reference engine: CPU, gloo, 2 processes, synthetic data.
+
+Every run is the quick synthetic config (ResNet-18, SyncBN, 32 px) at 4 images per process, one epoch of 3
+steps (DATA_LIMIT 24), so each run ends with a *final* checkpoint. Compared with DDP on the same data:
+per-step losses (``metrics.jsonl``, 1e-4 relative) and the final parameters (the consolidated fp32 export,
+allclose). A negative control runs LARC on DeepSpeed's flat partitions (``SCALECLR_DEEPSPEED_LARC_NORMS=
+partition``) and must fail the same comparison. Save/stop/resume must equal the uninterrupted run, BN
+buffers must be equal on both ranks.
+
+Cost: the ZeRO x LARC matrix runs as one 2-process gloo job (``tests/dist_helpers.run_distributed``) that
+builds one ``Trainer`` per case, exactly as ``train.py``'s worker does; the save/resume case also goes through
+the real ``deepspeed --num_gpus 2 train.py --deepspeed_config ...`` launcher.
+"""
+import gc
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from dist_helpers import run_distributed  # noqa: E402
+
+COMMON = ["config=test/integration_test/quick_simclr_synthetic", "config.DISTRIBUTED.NUM_PROC_PER_NODE=2",
+          "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=4", "config.DATA.TRAIN.DATA_LIMIT=24",
+          "config.OPTIMIZER.num_epochs=1", "config.HOOKS.TENSORBOARD_SETUP.USE_TENSORBOARD=False"]
+STEPS = 3
+LOSS_RTOL = 1e-4
+# Parameters (|p| <~ 0.3): gradients agree to rounding (ZeRO-3 without LARC is bitwise equal to DDP); with LARC,
+# torch's fp32 norm of a 2.4M-element tensor is itself only accurate to ~3e-5 relative on CPU, and DDP (norm of
+# the whole tensor) and ZeRO (norms of 1/N fragments, summed) round differently, so trust ratios agree to
+# ~2e-5 and 3 steps later single elements to ~1e-6 absolute. Two checks: allclose, and every tensor's distance
+# to DDP below UPDATE_RTOL of the size of its own update (the negative control is O(1) there).
+PARAM_RTOL, PARAM_ATOL = 1e-4, 1e-5
+UPDATE_RTOL = 2e-2
+STAGES = (0, 1, 2, 3)
+
+
+def ds(stage, json_name=None):
+    return ["config.DISTRIBUTED.ENGINE=deepspeed",
+            f"config.DISTRIBUTED.DEEPSPEED_CONFIG=ds_configs/{json_name or f'zero{stage}'}.json"]
+
+
+def larc(on):
+    return [f"config.OPTIMIZER.use_larc={on}"]
+
+
+# (name, overrides, extra environment); one process group runs them in this order (ZeRO-3 last: it
+# installs hooks on its model, nothing global, but that keeps the other cases independent of it).
+RUNS = [("ddp_larc_True", larc(True), {}), ("ddp_larc_False", larc(False), {})]
+RUNS += [(f"z{s}_larc_{on}", ds(s) + larc(on), {}) for s in (0, 1, 2) for on in (True, False)]
+RUNS += [("negative_z2_partition_norms", ds(2) + larc(True), {"SCALECLR_DEEPSPEED_LARC_NORMS": "partition"})]
+RUNS += [(f"z3_larc_{on}", ds(3) + larc(on), {}) for on in (True, False)]
+RUNS += [("z3offload_larc_True", ds(3, "zero3_offload") + larc(True), {})]
+# save after 2 steps, stop (the trainer and engine are discarded), resume in a fresh Trainer, finish
+RUNS += [("z3_resume", ds(3) + larc(True) + ["config.TRAINER.MAX_ITERATIONS=2"], {}),
+         ("z3_resume", ds(3) + larc(True), {})]
+
+
+def _train_cases(rank, world_size, base, runs):
+    """One Trainer per case in this process group (what train.py's worker does); returns per case the
+    rank's BN buffers and (rank 0) the consolidated fp32 state."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from scaleclr.config import load_config
+    from scaleclr.trainer import Trainer
+
+    out = {}
+    for i, (name, overrides, env) in enumerate(runs):
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            root, _ = load_config(COMMON + overrides + [f"config.CHECKPOINT.DIR={base}/{name}"],
+                                  world_size=world_size)
+            trainer = Trainer(root, rank=rank, world_size=world_size, local_rank=rank, local_world_size=world_size)
+            trainer.train()
+            state = trainer.engine.full_state_dict()
+            buffers = {n: b.detach().clone() for n, b in trainer.engine.module.named_buffers()}
+            out[f"{i}:{name}"] = {"state": state, "buffers": buffers, "engine": trainer.engine.name,
+                                  "optimizer": type(trainer.engine.optimizer).__name__}
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        del trainer
+        gc.collect()
+    return out
+
+
+def step_losses(out_dir):
+    recs = [json.loads(line) for line in open(Path(out_dir) / "metrics.jsonl")]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}
+
+
+def result(matrix, name, rank=0, last=True):
+    keys = [k for k in matrix[rank] if k.split(":", 1)[1] == name]
+    return matrix[rank][keys[-1] if last else keys[0]]
+
+
+def losses_close(a, b, rtol=LOSS_RTOL):
+    return a.keys() == b.keys() and all(abs(a[s] - b[s]) <= rtol * abs(b[s]) for s in b)
+
+
+def states_close(a, b, rtol=PARAM_RTOL, atol=PARAM_ATOL):
+    assert a.keys() == b.keys()
+    return all(torch.allclose(a[k].float(), b[k].float(), rtol=rtol, atol=atol) if a[k].is_floating_point()
+               else torch.equal(a[k], b[k]) for k in a)
+
+
+def update_rel_diffs(got, ref, init):
+    """{name: max |got - ref| / max |ref - init|} over the trained floating tensors: how far two runs' final
+    values are apart, relative to the size of the reference run's update of that tensor."""
+    out = {}
+    for k in init:
+        if init[k].is_floating_point() and "running" not in k:
+            upd = (ref[k].float() - init[k].float()).abs().max().item()
+            if upd > 0:
+                out[k] = (got[k].float() - ref[k].float()).abs().max().item() / upd
+    return out
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory):
+    base = tmp_path_factory.mktemp("ds_matrix")
+    results = run_distributed(_train_cases, 2, str(base), RUNS)
+    return base, results
+
+
+@pytest.fixture(scope="module")
+def init_state():
+    from scaleclr import builders
+    from scaleclr.config import load_config
+    root, _ = load_config(COMMON, world_size=2)
+    return {k: v.detach().clone() for k, v in builders.build_model(root.config).state_dict().items()}
+
+
+@pytest.mark.parametrize("use_larc", [True, False])
+@pytest.mark.parametrize("stage", STAGES)
+def test_zero_matches_ddp(matrix, init_state, stage, use_larc):
+    base, results = matrix
+    name, ref_name = f"z{stage}_larc_{use_larc}", f"ddp_larc_{use_larc}"
+    ref, got = step_losses(base / ref_name), step_losses(base / name)
+    assert sorted(ref) == list(range(1, STEPS + 1))
+    assert losses_close(got, ref), (got, ref)
+    r = result(results, name)
+    assert r["engine"] == "deepspeed"
+    assert r["optimizer"] == ("ZeroLARC" if use_larc else "SGD")
+    ref_state = result(results, ref_name)["state"]
+    assert states_close(r["state"], ref_state)
+    worst = max(update_rel_diffs(r["state"], ref_state, init_state).items(), key=lambda kv: kv[1])
+    assert worst[1] < UPDATE_RTOL, worst
+    # the consolidated fp32 export written with the final checkpoint holds the same weights
+    exported = torch.load(base / name / "model_final_checkpoint_phase0_consolidated_fp32.torch", weights_only=True)
+    assert all(torch.equal(exported["model"][k], r["state"][k]) for k in r["state"])
+
+
+def test_zero3_optimizer_state_offload_matches_ddp(matrix):
+    base, results = matrix
+    assert losses_close(step_losses(base / "z3offload_larc_True"), step_losses(base / "ddp_larc_True"))
+    assert states_close(result(results, "z3offload_larc_True")["state"], result(results, "ddp_larc_True")["state"])
+
+
+def test_negative_control_partition_trust_ratios_are_caught(matrix, init_state):
+    """Plain LARC on DeepSpeed's flat partitions (one trust ratio per partition) must fail the comparison
+    that the exact engine passes, by a wide margin."""
+    base, results = matrix
+    ref = result(results, "ddp_larc_True")["state"]
+    bad = result(results, "negative_z2_partition_norms")
+    good = result(results, "z2_larc_True")["state"]
+    assert bad["optimizer"] == "LARC"
+    assert not losses_close(step_losses(base / "negative_z2_partition_norms"), step_losses(base / "ddp_larc_True"))
+    assert not states_close(bad["state"], ref)
+    good_diff = max(update_rel_diffs(good, ref, init_state).values())
+    bad_diff = max(update_rel_diffs(bad["state"], ref, init_state).values())
+    assert good_diff < UPDATE_RTOL < 0.1 < bad_diff, (good_diff, bad_diff)
+
+
+def test_save_stop_resume_equals_uninterrupted_zero3(matrix):
+    base, results = matrix
+    got, ref = step_losses(base / "z3_resume"), step_losses(base / "z3_larc_True")
+    assert got.keys() == ref.keys() and all(got[s] == pytest.approx(ref[s], rel=1e-6) for s in ref), (got, ref)
+    assert states_close(result(results, "z3_resume")["state"], result(results, "z3_larc_True")["state"],
+                        rtol=1e-5, atol=1e-7)
+    pointer = json.load(open(base / "z3_resume" / "checkpoint.json"))
+    assert [h["path"] for h in pointer["history"]] == ["model_iteration2", "model_final_checkpoint_phase0"]
+
+
+def test_bn_buffers_equal_on_both_ranks(matrix):
+    _, results = matrix
+    for key, r0 in results[0].items():
+        r1 = results[1][key]
+        assert r0["buffers"].keys() == r1["buffers"].keys()
+        for n, b in r0["buffers"].items():
+            assert b.dtype == r1["buffers"][n].dtype and torch.equal(b, r1["buffers"][n]), (key, n)
+            if "running" in n:
+                assert b.dtype == torch.float32
+        # and the exported BN statistics are the trained ones
+        if r0["state"] is not None:
+            for n, b in r0["buffers"].items():
+                assert torch.equal(r0["state"][n].to(b.dtype), b.cpu()), (key, n)
+
+
+# ----------------------------------------------------------------------------------- deepspeed launcher
+def _launch(out_dir, *overrides, json_name="zero2.json"):
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=str(ROOT))
+    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+    cmd = [launcher, "--num_gpus", "2", "--master_port", str(_free_port()), str(ROOT / "train.py"),
+           "--deepspeed_config", f"ds_configs/{json_name}", *COMMON, f"config.CHECKPOINT.DIR={out_dir}",
+           *overrides]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-6000:]
+    return r
+
+
+def _free_port():
+    from dist_helpers import free_port
+    return free_port()
+
+
+def test_deepspeed_launcher_zero2_stop_resume_export(matrix, tmp_path):
+    """`deepspeed --num_gpus 2 train.py --deepspeed_config ds_configs/zero2.json`: stop after 2 steps, resume
+    (AUTO_RESUME) in a new launch, and the continued run equals the uninterrupted ZeRO-2 / DDP runs; the offline
+    export of the mid-run checkpoint loads into scaleclr.models.ResNet without deepspeed."""
+    base, results = matrix
+    _launch(tmp_path, "config.TRAINER.MAX_ITERATIONS=2", "config.OPTIMIZER.use_larc=True")
+    assert (tmp_path / "model_iteration2" / "scaleclr_meta.json").exists()
+    _launch(tmp_path, "config.OPTIMIZER.use_larc=True")
+    got = step_losses(tmp_path)
+    ref = step_losses(base / "z2_larc_True")
+    assert got.keys() == ref.keys() and all(got[s] == pytest.approx(ref[s], rel=1e-6) for s in ref), (got, ref)
+    assert losses_close(got, step_losses(base / "ddp_larc_True"))
+    final = torch.load(tmp_path / "model_final_checkpoint_phase0_consolidated_fp32.torch", weights_only=True)
+    assert states_close(final["model"], result(results, "z2_larc_True")["state"], rtol=1e-5, atol=1e-7)
+    assert states_close(final["model"], result(results, "ddp_larc_True")["state"])
+
+    # offline export (python -m scaleclr.engines.deepspeed export) of the stopped run's checkpoint
+    out = tmp_path / "export_it2.torch"
+    r = subprocess.run([sys.executable, "-m", "scaleclr.engines.deepspeed", "export",
+                        str(tmp_path / "model_iteration2"), str(out)], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    code = (
+        "import sys, torch\n"
+        "sys.modules['deepspeed'] = None  # as if not installed\n"
+        "from scaleclr.models import ResNet\n"
+        f"p = torch.load({str(out)!r}, weights_only=True)\n"
+        "m = ResNet(depth=18, width_multiplier=1, groups=1, width_per_group=64, zero_init_residual=False)\n"
+        "m.load_state_dict(p['trunk'])\n"
+        "assert m(torch.randn(2, 3, 32, 32)).shape == (2, 512)\n"
+        "assert sorted(p['model']) == sorted(['trunk.' + k for k in p['trunk']] + ['heads.' + k for k in p['heads']])\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr[-4000:]
+
+
+# ---------------------------------------------------------------------------------- resume compatibility
+def test_resume_with_other_world_size_or_stage_stops_with_instructions(tmp_path):
+    from scaleclr.engines.deepspeed import check_resumable
+
+    check_resumable(str(tmp_path), {"world_size": 2, "zero_stage": 2, "precision": "fp32"},
+                    {"world_size": 2, "zero_stage": 2, "precision": "fp32"})
+    check_resumable(str(tmp_path), {"world_size": 2, "zero_stage": 0, "precision": "fp32"},
+                    {"world_size": 4, "zero_stage": 0, "precision": "fp32"})  # ZeRO-0: nothing partitioned
+    for now in ({"world_size": 4, "zero_stage": 2}, {"world_size": 2, "zero_stage": 3}):
+        with pytest.raises(ValueError) as e:
+            check_resumable(str(tmp_path), {"world_size": 2, "zero_stage": 2, "precision": "fp32"},
+                            dict(now, precision="fp32"))
+        msg = str(e.value)
+        assert "2 processes with ZeRO-2" in msg and "python -m scaleclr.engines.deepspeed export" in msg

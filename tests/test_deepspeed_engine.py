@@ -59,6 +59,10 @@ RUNS += [(f"z{s}_larc_{on}", ds(s) + larc(on), {}) for s in (0, 1, 2) for on in 
 RUNS += [("negative_z2_partition_norms", ds(2) + larc(True), {"SCALECLR_DEEPSPEED_LARC_NORMS": "partition"})]
 RUNS += [(f"z3_larc_{on}", ds(3) + larc(on), {}) for on in (True, False)]
 RUNS += [("z3offload_larc_True", ds(3, "zero3_offload") + larc(True), {})]
+BF16 = ["config.MODEL.AMP_PARAMS.USE_AMP=True", "config.MODEL.AMP_PARAMS.AMP_TYPE=pytorch",
+        "config.MODEL.AMP_PARAMS.AMP_DTYPE=bfloat16"]
+# bf16: ZeRO-0 keeps one fp32 master per parameter (plain LARC math); ZeRO-3 partitions them
+RUNS += [(f"z{s}_bf16_larc_True", ds(s) + larc(True) + BF16, {}) for s in (0, 3)]
 # save after 2 steps, stop (the trainer and engine are discarded), resume in a fresh Trainer, finish
 RUNS += [("z3_resume", ds(3) + larc(True) + ["config.TRAINER.MAX_ITERATIONS=2"], {}),
          ("z3_resume", ds(3) + larc(True), {})]
@@ -166,6 +170,23 @@ def test_zero3_optimizer_state_offload_matches_ddp(matrix):
     base, results = matrix
     assert losses_close(step_losses(base / "z3offload_larc_True"), step_losses(base / "ddp_larc_True"))
     assert states_close(result(results, "z3offload_larc_True")["state"], result(results, "ddp_larc_True")["state"])
+
+
+def test_bf16_zero3_matches_bf16_zero0(matrix, init_state):
+    """DeepSpeed bf16 (bf16 weights, fp32 masters, BN in fp32): ZeRO-3's partitioned LARC equals ZeRO-0's
+    per-parameter LARC; the export holds the fp32 masters; BN statistics stay fp32 (checked for every run in
+    test_bn_buffers_equal_on_both_ranks)."""
+    base, results = matrix
+    ref, got = step_losses(base / "z0_bf16_larc_True"), step_losses(base / "z3_bf16_larc_True")
+    assert losses_close(got, ref), (got, ref)
+    assert not losses_close(ref, step_losses(base / "z0_larc_True"), rtol=1e-6)  # bf16 really ran
+    a, b = result(results, "z3_bf16_larc_True")["state"], result(results, "z0_bf16_larc_True")["state"]
+    assert states_close(a, b)
+    assert max(update_rel_diffs(a, b, init_state).values()) < UPDATE_RTOL
+    for k, v in a.items():  # fp32 masters, not bf16-rounded weights
+        if v.is_floating_point() and "running" not in k and v.numel() > 1000:
+            assert not torch.equal(v, v.bfloat16().float()), k
+            break
 
 
 def test_negative_control_partition_trust_ratios_are_caught(matrix, init_state):

@@ -467,8 +467,7 @@ class DeepSpeedEngine(Engine):
         names = list(module.state_dict(keep_vars=True).keys())  # ZeRO-3: keys with empty placeholders
         params = dict(module.named_parameters())
         buffers = dict(module.named_buffers())
-        layouts = build_flat_layouts(self.ds_optimizer) if self.stage == 0 else {}
-        fp16_master = self._stage0_masters(layouts) if layouts else {}
+        fp16_master = self._stage0_masters() if self.stage == 0 else {}
         out: Dict[str, torch.Tensor] = {}
         for name in names:
             if name in params:
@@ -493,16 +492,23 @@ class DeepSpeedEngine(Engine):
                 return p.detach().clone()
         return p.detach()
 
-    def _stage0_masters(self, layouts: Dict[int, FlatLayout]) -> Dict[int, torch.Tensor]:
-        """bf16/fp16 at ZeRO-0 (FP16_Optimizer): the fp32 masters are flat per group, unpartitioned."""
-        out = {}
+    def _stage0_masters(self) -> Dict[int, torch.Tensor]:
+        """bf16/fp16 at ZeRO-0: DeepSpeed's FP16_Optimizer keeps one unpartitioned flat fp32 master per group,
+        FP16_UnfusedOptimizer one fp32 master per parameter. ``{id(low-precision param): fp32 master}``."""
+        out: Dict[int, torch.Tensor] = {}
         opt = self.ds_optimizer
-        for params, flat in zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups_flat", [])):
-            lay = layouts.get(id(flat))
-            if lay is None:
-                continue
-            for p, (start, numel) in zip(params, lay.fragments):
-                out[id(p)] = flat.detach().narrow(0, start, numel).view(p.shape)
+        lp_groups = getattr(opt, "fp16_groups", None)
+        if lp_groups is None:
+            return out
+        if hasattr(opt, "fp32_groups_flat"):
+            layouts = build_flat_layouts(opt)
+            for params, flat in zip(lp_groups, opt.fp32_groups_flat):
+                for p, (start, numel) in zip(params, layouts[id(flat)].fragments):
+                    out[id(p)] = flat.detach().narrow(0, start, numel).view(p.shape)
+        elif hasattr(opt, "fp32_groups"):
+            for params, masters in zip(lp_groups, opt.fp32_groups):
+                for p, m in zip(params, masters):
+                    out[id(p)] = m.detach()
         return out
 
 

@@ -5,7 +5,10 @@ materialised: the forward pass walks ``tile_rows x tile_cols`` tiles and keeps o
 the log-sum-exp over its negatives ``lse_neg`` (accumulated with a running max, or with the exact fixed shift
 ``1/T`` when that cannot underflow); the backward pass recomputes every tile once and feeds it to one gradient
 GEMM. Saved for backward: this rank's normalised rows, the gathered rows, ``lse_neg`` and the ``C-1`` positive
-weights per row -- O((N + L*C) * D) memory.
+weights per row -- O((N + L*C) * D) memory. On the own-rank block of columns (this rank's rows against
+themselves) the logits are symmetric: with the fixed shift (``T >= 0.025``) only the tiles on and above its
+diagonal are computed and each off-diagonal tile also serves its transpose (column sums in forward, ``K^T`` GEMM
+in backward), which halves the exps and recompute GEMMs of that block (all of it in one process).
 
 Gradient (per-positive multicrop form, brief 6.5 variant (a); SimCLR arXiv 2002.05709 for ``C = 2``). With
 ``x = z_k.z_j / T``, ``M = C*(C-1)*B`` pairs per rank, ``w_kp = sigmoid(lse_neg_k - x_kp)`` and
@@ -47,25 +50,39 @@ def _gather_row_stats(stats: torch.Tensor, group) -> torch.Tensor:
     return all_gather_rows(stats, group)
 
 
-class _Tiling:
-    """Tile plan over ``[L, N]`` with the flat in-tile indices of the same-image (masked) entries."""
+Tile = Tuple[int, int, int, int, Optional[torch.Tensor], bool]
 
-    def __init__(self, same: torch.Tensor, n_cols: int, tile_rows: int, tile_cols: int):
+
+class _Tiling:
+    """Tile plans over the ``[L, N]`` logits, with the flat in-tile indices of the same-image (masked) entries.
+
+    ``tiles`` covers every ``(row tile, column tile)``. ``sym_tiles`` covers the same entries but uses the
+    symmetry of the own-rank block (columns ``[off, off + L)`` hold this rank's own rows, so ``S`` is symmetric
+    there): only square tiles on or above its diagonal, each flagged ``mirror`` when its transpose also has to be
+    accumulated. Each tile is ``(r0, r1, c0, c1, flat_mask_idx or None, mirror)``.
+    """
+
+    def __init__(self, same: torch.Tensor, n_cols: int, off: int, tile_rows: int, tile_cols: int):
         L = same.shape[0]
-        self.tiles: List[Tuple[int, int, int, int, Optional[torch.Tensor]]] = []
-        for r0 in range(0, L, tile_rows):
-            r1 = min(L, r0 + tile_rows)
+        self.tiles: List[Tile] = []
+        self.sym_tiles: List[Tile] = []
+        row_tiles = [(r0, min(L, r0 + tile_rows)) for r0 in range(0, L, tile_rows)]
+        other_cols = [(c0, min(c0 + tile_cols, end)) for start, end in ((0, off), (off + L, n_cols))
+                      for c0 in range(start, end, tile_cols)]
+        for i, (r0, r1) in enumerate(row_tiles):
             sc = same[r0:r1]
-            lo, hi = int(sc.min()), int(sc.max())
             rows = torch.arange(r1 - r0, device=same.device)[:, None].expand_as(sc)
-            for c0 in range(0, n_cols, tile_cols):
-                c1 = min(n_cols, c0 + tile_cols)
-                flat = None
-                if hi >= c0 and lo < c1:
-                    sel = (sc >= c0) & (sc < c1)
-                    flat = (rows[sel] * (c1 - c0) + (sc[sel] - c0)).contiguous()
-                self.tiles.append((r0, r1, c0, c1, flat))
-        self.max_elems = min(tile_rows, L) * min(tile_cols, n_cols)
+
+            def tile(c0, c1, mirror=False):
+                sel = (sc >= c0) & (sc < c1)
+                flat = (rows[sel] * (c1 - c0) + (sc[sel] - c0)).contiguous() if bool(sel.any()) else None
+                return (r0, r1, c0, c1, flat, mirror)
+
+            self.tiles += [tile(c0, min(n_cols, c0 + tile_cols)) for c0 in range(0, n_cols, tile_cols)]
+            self.sym_tiles += [tile(off + q0, off + q1, j > i) for j, (q0, q1) in enumerate(row_tiles) if j >= i]
+            self.sym_tiles += [tile(c0, c1) for c0, c1 in other_cols]
+        self.off = off
+        self.max_elems = max((r1 - r0) * (c1 - c0) for r0, r1, c0, c1, _, _ in self.tiles + self.sym_tiles)
 
 
 def _tile_buffer(buf: torch.Tensor, r: int, c: int) -> torch.Tensor:
@@ -81,18 +98,20 @@ def _neg_lse(zl: torch.Tensor, z_all: torch.Tensor, tiling: _Tiling, inv_t: floa
         # Fixed shift 1/T: |s| <= 1 for rows of norm <= 1, so exp((s-1)/T) is in [e^{-2/T}, 1]: no max pass.
         l = torch.zeros(L, dtype=zl.dtype, device=zl.device)
         shift = torch.full((1, 1), -inv_t, dtype=zl.dtype, device=zl.device)
-        for r0, r1, c0, c1, flat in tiling.tiles:
+        for r0, r1, c0, c1, flat, mirror in tiling.sym_tiles:
             s = _tile_buffer(buf, r1 - r0, c1 - c0)
             torch.addmm(shift, zl[r0:r1], z_t[:, c0:c1], alpha=inv_t, out=s)  # (s-1)/T
             if flat is not None:
                 s.view(-1).index_fill_(0, flat, float("-inf"))
             s.exp_()
             l[r0:r1] += s.sum(1)
+            if mirror:  # the transposed tile's row sums: same shift, so they are this tile's column sums
+                l[c0 - tiling.off:c1 - tiling.off] += s.sum(0)
         return l.log_().add_(inv_t)
     # Low temperature: running max m (in units of s; starts at the lower bound -1, so it is never -inf).
     m = torch.full((L,), -1.0, dtype=zl.dtype, device=zl.device)
     l = torch.zeros(L, dtype=zl.dtype, device=zl.device)
-    for r0, r1, c0, c1, flat in tiling.tiles:
+    for r0, r1, c0, c1, flat, _ in tiling.tiles:
         s = _tile_buffer(buf, r1 - r0, c1 - c0)
         torch.mm(zl[r0:r1], z_t[:, c0:c1], out=s)
         if flat is not None:
@@ -124,7 +143,7 @@ def _neg_grad(zl: torch.Tensor, z_all: torch.Tensor, tiling: _Tiling, inv_t: flo
             shift = torch.full((1, 1), -inv_t, dtype=zl.dtype, device=zl.device)
             buf2 = torch.empty_like(buf)
             acc = torch.zeros(L, D, dtype=zl.dtype, device=zl.device)
-            for r0, r1, c0, c1, flat in tiling.tiles:
+            for r0, r1, c0, c1, flat, mirror in tiling.sym_tiles:
                 s = _tile_buffer(buf, r1 - r0, c1 - c0)
                 k = _tile_buffer(buf2, r1 - r0, c1 - c0)
                 torch.addmm(shift, zl[r0:r1], z_t[:, c0:c1], alpha=inv_t, out=s)
@@ -133,13 +152,15 @@ def _neg_grad(zl: torch.Tensor, z_all: torch.Tensor, tiling: _Tiling, inv_t: flo
                 s.exp_()
                 torch.mul(s, dc[None, c0:c1], out=k).addcmul_(s, dr[r0:r1, None])
                 acc[r0:r1].addmm_(k, z_all[c0:c1])
+                if mirror:  # own block: K_CJ = K_JC^T (dc of an own column = dr of that row)
+                    acc[c0 - tiling.off:c1 - tiling.off].addmm_(k.t(), zl[r0:r1])
             return acc
     # General path: exponents shifted by each row's own lse (<= 0 on negatives), two exps per element.
     za = a_col[:, None] * z_all
     acc = torch.zeros(L, D, dtype=zl.dtype, device=zl.device)
     acc_r = torch.zeros(L, D, dtype=zl.dtype, device=zl.device)
     buf2 = torch.empty_like(buf)
-    for r0, r1, c0, c1, flat in tiling.tiles:
+    for r0, r1, c0, c1, flat, _ in tiling.tiles:
         s = _tile_buffer(buf, r1 - r0, c1 - c0)
         e = _tile_buffer(buf2, r1 - r0, c1 - c0)
         torch.mm(zl[r0:r1], z_t[:, c0:c1], out=s)
@@ -164,7 +185,7 @@ class _StreamingInfoNCE(torch.autograd.Function):
         rank, world = world_info(group) if negatives == "global" else (0, 1)
         z_all = all_gather_rows(zl, group) if world > 1 else zl
         pos, same = pair_columns(num_crops, B, rank, zl.device)
-        tiling = _Tiling(same, z_all.shape[0], tile_rows, tile_cols)
+        tiling = _Tiling(same, z_all.shape[0], rank * L, tile_rows, tile_cols)
         inv_t = 1.0 / temperature
         x_pos = torch.einsum("kd,kpd->kp", zl, zl[pos - rank * L]) * inv_t        # [L, C-1]
         lse = _neg_lse(zl, z_all, tiling, inv_t)                                   # [L]

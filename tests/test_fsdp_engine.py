@@ -120,6 +120,26 @@ FSDP_FP16 = ["config.MODEL.FSDP_CONFIG.MIXED_PRECISION=float16"]
 AC = ["config.MODEL.ACTIVATION_CHECKPOINTING.USE_ACTIVATION_CHECKPOINTING=True"]
 
 
+CLIP = ["config.OPTIMIZER.larc_config.clip=True", "config.OPTIMIZER.larc_config.exclude_bias_and_norm=True",
+        "config.OPTIMIZER.gradient_clipping=0.05"]
+
+
+def _norms_probe(world):
+    """dtensor_norms on unevenly sharded DTensors (an empty shard on rank 1, an all-zero tensor) vs full norms."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from scaleclr.engines.fsdp import dtensor_norms, shard_local_norms
+
+    mesh = init_device_mesh("cpu", (world,))
+    gen = torch.Generator().manual_seed(0)
+    fulls = [torch.randn(1, generator=gen), torch.randn(3, 5, generator=gen), torch.zeros(4, 2),
+             torch.randn(7, generator=gen)]
+    dts = [distribute_tensor(t, mesh, [Shard(0)]) for t in fulls]
+    return {"dtensor": dtensor_norms(dts + fulls).tolist(), "full": [float(t.norm()) for t in fulls] * 2,
+            "local": shard_local_norms(dts).tolist()}
+
+
 def _parity_body(rank, world, tmp):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -147,6 +167,9 @@ def _parity_body(rank, world, tmp):
                                          for g in tr.engine.optimizer.param_groups]}
     del tr, fresh
     res["fsdp_local_norms"], _ = _run(rank, world, d("neg"), "fsdp", norm_fn=shard_local_norms)
+    res["norms"] = _norms_probe(world)
+    res["ddp_clip"], _ = _run(rank, world, d("ddp_clip"), "ddp", CLIP)
+    res["fsdp_clip"], _ = _run(rank, world, d("fsdp_clip"), "fsdp", CLIP)
     res["hsdp"], _ = _run(rank, world, d("hsdp"), "fsdp", ["config.MODEL.FSDP_CONFIG.HSDP_REPLICATE=2"])
     res["ddp_bf16"], _ = _run(rank, world, d("ddp_bf16"), "ddp", AMP_BF16, probe=True)
     res["fsdp_bf16"], _ = _run(rank, world, d("fsdp_bf16"), "fsdp", FSDP_BF16, probe=True)
@@ -223,6 +246,23 @@ def test_negative_control_shard_local_larc_norms_are_caught(parity, initial_stat
     assert err > 1e-2, (name, err)
     with pytest.raises(AssertionError):
         _assert_states_close(bad["state"], ddp["state"], rtol=1e-5, atol=1e-6)
+
+
+def test_dtensor_norms_are_full_norms(parity):
+    n = parity["norms"]
+    torch.testing.assert_close(torch.tensor(n["dtensor"]), torch.tensor(n["full"]), rtol=1e-6, atol=0)
+    assert n["dtensor"][2] == 0.0  # zero-norm parameter stays zero (LARC then skips it)
+    assert not torch.allclose(torch.tensor(n["local"]), torch.tensor(n["full"][:4]))  # what the control uses
+
+
+def test_fsdp_matches_ddp_with_larc_clip_mode_exclusions_and_grad_clipping(parity, initial_state):
+    ddp, fsdp = parity["ddp_clip"], parity["fsdp_clip"]
+    assert _loss_rel_err(fsdp["losses"], ddp["losses"]) < 1e-5
+    _assert_states_close(fsdp["state"], ddp["state"], rtol=1e-5, atol=1e-6)
+    err, name = _update_rel_err(fsdp["state"], ddp["state"], initial_state)
+    assert err < 1e-3, (name, err)
+    # the options changed the trajectory (so this case tests something the plain one does not)
+    assert _update_rel_err(ddp["state"], parity["ddp"]["state"], initial_state)[0] > 1e-2
 
 
 def test_hsdp_2d_mesh_matches_ddp(parity, initial_state):

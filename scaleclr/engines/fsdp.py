@@ -251,7 +251,7 @@ class FSDPEngine(Engine):
         if not os.path.isdir(path) or not os.path.exists(meta_path):
             raise ValueError(f"{path} is not an FSDP (torch.distributed.checkpoint) checkpoint directory with "
                              f"{CLIENT_FILE}; resume it with the engine that wrote it")
-        meta = torch.load(meta_path, map_location="cpu", weights_only=False)
+        meta = torch.load(meta_path, map_location="cpu", weights_only=True)
         if meta.get("engine") != self.name:
             raise ValueError(f"{path} was written by the {meta.get('engine')!r} engine; resume it with "
                              f"config.DISTRIBUTED.ENGINE={meta.get('engine')}")

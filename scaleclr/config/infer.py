@@ -115,6 +115,14 @@ def infer(root: DictConfig, world_size: Optional[int] = None,
         raise ConfigError("config.MODEL.SYNC_BN_CONFIG.GROUP_SIZE", f"= {sg.GROUP_SIZE} does not divide the "
                           f"world size {world}; use a divisor of {world}, 0 (whole world) or -1 (one node).")
 
+    fc = c.MODEL.FSDP_CONFIG
+    if d.ENGINE == "fsdp" and world % fc.HSDP_REPLICATE != 0:
+        raise ConfigError("config.MODEL.FSDP_CONFIG.HSDP_REPLICATE", f"= {fc.HSDP_REPLICATE} does not divide the "
+                          f"world size {world}; use NUM_NODES ({d.NUM_NODES}) or 1.")
+    if d.ENGINE != "fsdp" and (fc.MIXED_PRECISION != "none" or fc.HSDP_REPLICATE != 1):
+        logger.warning("config.MODEL.FSDP_CONFIG.* has no effect with config.DISTRIBUTED.ENGINE=%s; use "
+                       "config.MODEL.AMP_PARAMS for mixed precision", d.ENGINE)
+
     lr = OmegaConf.to_container(c.OPTIMIZER.param_schedulers.lr, resolve=True)
     auto = lr.get("auto_lr_scaling", {})
     if auto.get("auto_scale", False):

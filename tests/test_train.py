@@ -251,3 +251,14 @@ def test_file_init_method_and_amp_bf16(tmp_path):
     assert len(losses) == 2 and all(v == v and abs(v) < 100 for v in losses.values())
     state = final_state(tmp_path)["model"]
     assert all(v.dtype == torch.float32 for k, v in state.items() if "bn" in k and v.is_floating_point())
+
+
+@pytest.mark.dist
+def test_streaming_loss_trains_like_reference(single_run, tmp_path):
+    """impl=streaming through train.py, 2 processes, matches the reference-loss run step for step."""
+    run(tmp_path, "config.LOSS.simclr_info_nce_loss.impl=streaming", "config.DISTRIBUTED.NUM_PROC_PER_NODE=2",
+        "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=4", "config.TRAINER.MAX_ITERATIONS=3")
+    ref, got = step_losses(single_run), step_losses(tmp_path)
+    for s in (1, 2, 3):
+        assert got[s] == pytest.approx(ref[s], rel=1e-5), s
+    assert_states_close(final_state(tmp_path)["model"], _state_at(single_run, None), rtol=1e-4, atol=1e-6)

@@ -96,6 +96,7 @@ class FlatLayout:
     fragments: List[Tuple[int, int]]
     partitioned: bool
     group: Any = None
+    params: Optional[List[nn.Parameter]] = None  # the original (module) parameters, same order as fragments
 
 
 def _dp_rank(group) -> int:
@@ -122,7 +123,7 @@ def build_flat_layouts(ds_optimizer) -> Dict[int, FlatLayout]:
                 frags.append((offset, valid))
                 offset += part
             assert offset == flat.numel(), (cls, sub, offset, flat.numel())
-            layouts[id(flat)] = FlatLayout(flat, frags, True, ds_optimizer.dp_process_group)
+            layouts[id(flat)] = FlatLayout(flat, frags, True, ds_optimizer.dp_process_group, list(params))
         return layouts
     if hasattr(ds_optimizer, "single_partition_of_fp32_groups") or hasattr(ds_optimizer,
                                                                            "fp32_groups_flat_partition"):
@@ -142,7 +143,7 @@ def build_flat_layouts(ds_optimizer) -> Dict[int, FlatLayout]:
                     a = m.get_hp_fragment_address()
                     frags.append((int(a.start), int(a.numel)))
             group = ds_optimizer.real_dp_process_group[i]
-            layouts[id(flat)] = FlatLayout(flat, frags, True, group)
+            layouts[id(flat)] = FlatLayout(flat, frags, True, group, list(params))
         return layouts
     if hasattr(ds_optimizer, "fp32_groups_flat"):  # FP16_Optimizer: unpartitioned flat copies
         for params, flat in zip(ds_optimizer.fp16_groups, ds_optimizer.fp32_groups_flat):
@@ -150,7 +151,7 @@ def build_flat_layouts(ds_optimizer) -> Dict[int, FlatLayout]:
             for p in params:
                 frags.append((offset, p.numel()))
                 offset += p.numel()
-            layouts[id(flat)] = FlatLayout(flat, frags, False, None)
+            layouts[id(flat)] = FlatLayout(flat, frags, False, None, list(params))
         return layouts
     return layouts
 
@@ -207,6 +208,8 @@ class ZeroLARC(LARC):
                 loss = closure()
         saved: List[Tuple[Dict[str, Any], Any]] = []
         entries: List[Tuple[torch.Tensor, float, Any]] = []
+        owners: List[Any] = []  # the original parameter of every entry (trust_ratios() keys)
+        views: List[torch.Tensor] = []
         self._entry_layouts = []
         try:
             for group in self.optim.param_groups:
@@ -224,19 +227,26 @@ class ZeroLARC(LARC):
                             raise RuntimeError("ZeroLARC: DeepSpeed stepped a tensor it has no partition layout "
                                                f"for (shape {tuple(p.shape)}); call bind() after initialize/load")
                         entries.append((p, weight_decay, group["lr"]))
+                        owners.append(p)
                         self._entry_layouts.append(None)
                         continue
                     flat_p, flat_g = p.detach().view(-1), p.grad.view(-1)
-                    for start, numel in lay.fragments:
+                    for (start, numel), owner in zip(lay.fragments, lay.params):
                         view = flat_p.narrow(0, start, numel)
                         view.grad = flat_g.narrow(0, start, numel)
+                        views.append(view)
                         entries.append((view, weight_decay, group["lr"]))
+                        owners.append(owner)
                         self._entry_layouts.append(lay)
             self._adapt_gradients(entries)
+            by_view = {id(e[0]): o for e, o in zip(entries, owners)}
+            self._last_trust_ratios = {by_view[id(v)]: f for v, f in self._last_trust_ratios.items()}
             self.optim.step()
         finally:
             for group, weight_decay in saved:
                 group["weight_decay"] = weight_decay
+            for view in views:  # drop the fragment views' grads: they would keep DeepSpeed's flat grads alive
+                view.grad = None
             self._entry_layouts = []
         return loss
 

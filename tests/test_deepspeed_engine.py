@@ -56,6 +56,8 @@ def larc(on):
 # installs hooks on its model, nothing global, but that keeps the other cases independent of it).
 RUNS = [("ddp_larc_True", larc(True), {}), ("ddp_larc_False", larc(False), {})]
 RUNS += [(f"z{s}_larc_{on}", ds(s) + larc(on), {}) for s in (0, 1, 2) for on in (True, False)]
+CLIP = ["config.OPTIMIZER.gradient_clipping=0.05"]  # well below the gradient norm: clipping is active
+RUNS += [("ddp_clip", larc(False) + CLIP, {}), ("z2_clip", ds(2) + larc(False) + CLIP, {})]
 RUNS += [("negative_z2_partition_norms", ds(2) + larc(True), {"SCALECLR_DEEPSPEED_LARC_NORMS": "partition"})]
 RUNS += [(f"z3_larc_{on}", ds(3) + larc(on), {}) for on in (True, False)]
 RUNS += [("z3offload_larc_True", ds(3, "zero3_offload") + larc(True), {})]
@@ -164,6 +166,15 @@ def test_zero_matches_ddp(matrix, init_state, stage, use_larc):
     # the consolidated fp32 export written with the final checkpoint holds the same weights
     exported = torch.load(base / name / "model_final_checkpoint_phase0_consolidated_fp32.torch", weights_only=True)
     assert all(torch.equal(exported["model"][k], r["state"][k]) for k in r["state"])
+
+
+def test_gradient_clipping_from_hydra_matches_ddp(matrix):
+    """config.OPTIMIZER.gradient_clipping reaches DeepSpeed through "auto" and clips like DDP's clip_grad_norm_."""
+    base, results = matrix
+    got, ref = step_losses(base / "z2_clip"), step_losses(base / "ddp_clip")
+    assert losses_close(got, ref), (got, ref)
+    assert not losses_close(ref, step_losses(base / "ddp_larc_False"), rtol=1e-3)  # clipping changed the run
+    assert states_close(result(results, "z2_clip")["state"], result(results, "ddp_clip")["state"])
 
 
 def test_zero3_optimizer_state_offload_matches_ddp(matrix):

@@ -17,8 +17,10 @@ clipping and bf16/fp16 are "auto" there.
 2017, used by SimCLR, arXiv 2002.05709 Sec. 2.2) needs the norms of every *original* parameter. ZeRO-1/2
 hand the client optimizer one flat fp32 partition per param group (a contiguous slice of the concatenation
 of the group's parameters, cut at arbitrary element boundaries); ZeRO-3 hands it the concatenation of each
-parameter's own 1/N slice; bf16/fp16 at stage 0 hand it one unpartitioned flat fp32 copy per group. Plain
-LARC would then compute one trust ratio per flat partition, which is wrong. :class:`ZeroLARC` instead:
+parameter's own 1/N slice (plus alignment padding); bf16/fp16 at stage 0 hand it fp32 masters (one per
+parameter with DeepSpeed's unfused fp16 optimizer, one flat copy per group with the fused one). Plain LARC
+would then compute one trust ratio per flat partition, which is wrong (the negative control of
+tests/test_deepspeed_engine.py shows it). :class:`ZeroLARC` instead:
 
 1. after ``deepspeed.initialize`` reads DeepSpeed's own bookkeeping (``_hp_mapping`` of ZeRO-1/2 and the
    bf16 optimizer, ``ds_tensor`` partitions of ZeRO-3, the flat groups of the fp16 optimizer) into a

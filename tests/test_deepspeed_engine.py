@@ -56,11 +56,21 @@ def larc(on):
 # installs hooks on its model, nothing global, but that keeps the other cases independent of it).
 RUNS = [("ddp_larc_True", larc(True), {}), ("ddp_larc_False", larc(False), {})]
 RUNS += [(f"z{s}_larc_{on}", ds(s) + larc(on), {}) for s in (0, 1, 2) for on in (True, False)]
+# LARC options: clip mode, zero-norm parameters (zero-initialised last BN of every block: no adaptation and no
+# weight decay at step 1), BN/bias regularisation groups; and SimCLR's exclude_bias_and_norm groups
+# (larc_exclude: plain SGD with their own weight decay).
+VARIANT = larc(True) + ["config.OPTIMIZER.larc_config.clip=True", "config.MODEL.TRUNK.RESNETS.ZERO_INIT_RESIDUAL=True",
+                        "config.OPTIMIZER.regularize_bn=True", "config.OPTIMIZER.regularize_bias=False",
+                        "config.OPTIMIZER.weight_decay=0.0001"]
+EXCLUDE = larc(True) + ["config.OPTIMIZER.larc_config.exclude_bias_and_norm=True",
+                        "config.OPTIMIZER.regularize_bn=True", "config.OPTIMIZER.weight_decay=0.0001"]
+RUNS += [("ddp_variant", VARIANT, {}), ("z2_variant", ds(2) + VARIANT, {}), ("ddp_exclude", EXCLUDE, {})]
 CLIP = ["config.OPTIMIZER.gradient_clipping=0.05"]  # well below the gradient norm: clipping is active
 RUNS += [("ddp_clip", larc(False) + CLIP, {}), ("z2_clip", ds(2) + larc(False) + CLIP, {})]
 RUNS += [("negative_z2_partition_norms", ds(2) + larc(True), {"SCALECLR_DEEPSPEED_LARC_NORMS": "partition"})]
 RUNS += [(f"z3_larc_{on}", ds(3) + larc(on), {}) for on in (True, False)]
 RUNS += [("z3offload_larc_True", ds(3, "zero3_offload") + larc(True), {})]
+RUNS += [("z3_variant", ds(3) + VARIANT, {}), ("z3_exclude", ds(3) + EXCLUDE, {})]
 BF16 = ["config.MODEL.AMP_PARAMS.USE_AMP=True", "config.MODEL.AMP_PARAMS.AMP_TYPE=pytorch",
         "config.MODEL.AMP_PARAMS.AMP_DTYPE=bfloat16"]
 # bf16: ZeRO-0 keeps one fp32 master per parameter (plain LARC math); ZeRO-3 partitions them
@@ -140,12 +150,17 @@ def matrix(tmp_path_factory):
     return base, results
 
 
-@pytest.fixture(scope="module")
-def init_state():
+def initial_state(overrides=()):
+    """The model every rank starts from (seeded by SEED_VALUE)."""
     from scaleclr import builders
     from scaleclr.config import load_config
-    root, _ = load_config(COMMON, world_size=2)
+    root, _ = load_config(COMMON + list(overrides), world_size=2)
     return {k: v.detach().clone() for k, v in builders.build_model(root.config).state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def init_state():
+    return initial_state()
 
 
 @pytest.mark.parametrize("use_larc", [True, False])
@@ -166,6 +181,22 @@ def test_zero_matches_ddp(matrix, init_state, stage, use_larc):
     # the consolidated fp32 export written with the final checkpoint holds the same weights
     exported = torch.load(base / name / "model_final_checkpoint_phase0_consolidated_fp32.torch", weights_only=True)
     assert all(torch.equal(exported["model"][k], r["state"][k]) for k in r["state"])
+
+
+@pytest.mark.parametrize("name", ["z2_variant", "z3_variant", "z3_exclude"])
+def test_larc_options_and_param_groups_match_ddp(matrix, name):
+    """LARC clip mode, zero-norm handling, regularize_bn / regularize_bias and exclude_bias_and_norm groups under
+    ZeRO equal DDP's single-process LARC."""
+    base, results = matrix
+    ref_name = "ddp_" + name.split("_", 1)[1]
+    assert losses_close(step_losses(base / name), step_losses(base / ref_name))
+    got, ref = result(results, name)["state"], result(results, ref_name)["state"]
+    assert states_close(got, ref)
+    init = initial_state(VARIANT if "variant" in name else EXCLUDE)
+    assert max(update_rel_diffs(got, ref, init).values()) < UPDATE_RTOL
+    if "variant" in name:  # the zero-initialised BN weights moved (plain SGD step at step 1, then LARC)
+        k = next(k for k in ref if k.endswith("bn2.weight") and "layer1.0" in k)
+        assert init[k].abs().max() == 0 and ref[k].abs().max() > 0 and torch.allclose(got[k], ref[k], rtol=PARAM_RTOL, atol=PARAM_ATOL)
 
 
 def test_gradient_clipping_from_hydra_matches_ddp(matrix):

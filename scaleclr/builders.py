@@ -34,10 +34,24 @@ def build_model(c) -> SimCLRModel:
     heads = build_heads(plain(h.PARAMS), batchnorm_eps=h.BATCHNORM_EPS, batchnorm_momentum=h.BATCHNORM_MOMENTUM,
                         params_multiplier=h.PARAMS_MULTIPLIER, init_seed=c.SEED_VALUE)
     model = SimCLRModel(trunk, heads)
+    if c.MODEL.WEIGHTS_INIT.PARAMS_FILE:
+        load_init_weights(model, c.MODEL.WEIGHTS_INIT.PARAMS_FILE)
     for name, p in model.named_parameters():
         if any(s in name for s in c.MODEL.NON_TRAINABLE_PARAMS):
             p.requires_grad_(False)
     return model
+
+
+def load_init_weights(model: nn.Module, path: str) -> None:
+    """Initialise from ``config.MODEL.WEIGHTS_INIT.PARAMS_FILE``: a scaleclr checkpoint file or consolidated
+    export (``{"model": state dict, ...}``, e.g. ``python -m scaleclr.engines.deepspeed export``) or a plain
+    SimCLRModel state dict. Strict: every key must match."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={path}: no such file") from None
+    state = state.get("model", state) if isinstance(state, dict) else state
+    model.load_state_dict(state)
 
 
 def build_loss(c, group=None) -> nn.Module:

@@ -322,6 +322,11 @@ def test_deepspeed_launcher_zero2_stop_resume_export(matrix, tmp_path):
         "assert sorted(p['model']) == sorted(['trunk.' + k for k in p['trunk']] + ['heads.' + k for k in p['heads']])\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr[-4000:]
+    # ... and restarts a run: config.MODEL.WEIGHTS_INIT.PARAMS_FILE (what the world-size error tells users)
+    exported = torch.load(out, weights_only=True)["model"]
+    started = initial_state([f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={out}"])
+    assert started.keys() == exported.keys() and all(torch.equal(started[k], exported[k].to(started[k].dtype))
+                                                      for k in started)
 
 
 # ---------------------------------------------------------------------------------- resume compatibility
@@ -338,3 +343,4 @@ def test_resume_with_other_world_size_or_stage_stops_with_instructions(tmp_path)
                             dict(now, precision="fp32"))
         msg = str(e.value)
         assert "2 processes with ZeRO-2" in msg and "python -m scaleclr.engines.deepspeed export" in msg
+        assert "config.MODEL.WEIGHTS_INIT.PARAMS_FILE" in msg

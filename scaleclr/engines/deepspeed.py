@@ -343,9 +343,10 @@ def check_resumable(path: str, meta: Dict[str, Any], now: Dict[str, Any]) -> Non
             f"has {now['world_size']} processes with ZeRO-{now['zero_stage']}. ZeRO partitions the optimizer "
             "state by process, so the checkpoint cannot be resumed as is (DeepSpeed's universal checkpoints do "
             "not cover SGD momentum). Either resume with the same number of processes and the same ds_config, "
-            f"or export the weights and restart: `python -m scaleclr.engines.deepspeed export {path} "
-            "model_fp32.torch` writes the consolidated fp32 trunk + heads (loadable without DeepSpeed); start "
-            "a new config.CHECKPOINT.DIR from them (the SGD momentum restarts at zero).")
+            f"or export the weights and restart from them: `python -m scaleclr.engines.deepspeed export {path} "
+            "model_fp32.torch` writes the consolidated fp32 trunk + heads (loadable without DeepSpeed), then "
+            "train with config.MODEL.WEIGHTS_INIT.PARAMS_FILE=model_fp32.torch and a new config.CHECKPOINT.DIR "
+            "(the SGD momentum and the LR schedule restart).")
 
 
 # ------------------------------------------------------------------------------------------------ engine

@@ -69,6 +69,11 @@ class CheckpointManager:
         history = [h for h in history if h["path"] != entry["path"]] + [entry]
         atomic_write_text(json.dumps({"latest": entry, "history": history}, indent=1), self.pointer_path())
 
+    def forget(self) -> None:
+        """Drop the pointer (OVERWRITE_EXISTING): the next run starts fresh; checkpoint files are kept."""
+        if os.path.exists(self.pointer_path()):
+            os.replace(self.pointer_path(), self.pointer_path() + ".old")
+
     def read(self) -> Dict[str, Any]:
         with open(self.pointer_path()) as f:
             return json.load(f)

@@ -69,7 +69,7 @@ def choose_device(root, env: Optional[DistEnv]) -> tuple:
     if c.MACHINE.DEVICE == "gpu" and torch.cuda.is_available():
         backend = c.DISTRIBUTED.BACKEND
         return torch.device("cuda", local_rank % torch.cuda.device_count()), backend
-    if c.MACHINE.DEVICE == "gpu":
+    if c.MACHINE.DEVICE == "gpu" and (env is None or env.rank == 0):
         logger.warning("config.MACHINE.DEVICE=gpu but CUDA is not available: running on CPU with gloo")
     return torch.device("cpu"), "gloo"
 
@@ -108,7 +108,7 @@ def worker(root, env: DistEnv, backend: str) -> int:
     from scaleclr.trainer import NonFiniteLossError, Trainer
 
     setup_logging(env.rank, root.config.VERBOSE)
-    device = torch.device("cuda", env.local_rank) if backend == "nccl" else torch.device("cpu")
+    device, _ = choose_device(root, env)
     try:
         Trainer(root, rank=env.rank, world_size=env.world_size, local_rank=env.local_rank,
                 local_world_size=env.local_world_size, device=device).train()
@@ -130,12 +130,17 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
         logger.info("inferred: %s", info)
         final = CheckpointManager(root.config.CHECKPOINT.DIR).final()
-        if final and root.config.CHECKPOINT.AUTO_RESUME and not root.config.CHECKPOINT.OVERWRITE_EXISTING:
+        ck = root.config.CHECKPOINT
+        if final and ck.AUTO_RESUME and not ck.OVERWRITE_EXISTING and \
+                final["epoch"] >= root.config.OPTIMIZER.num_epochs:
             logger.info("training already finished in %s (%s); set config.CHECKPOINT.OVERWRITE_EXISTING=True "
                         "or another config.CHECKPOINT.DIR to train again", root.config.CHECKPOINT.DIR,
                         final["path"])
             return 0
-        preflight(root, env)
+        try:
+            preflight(root, env)
+        except ValueError as e:  # data / engine set-up errors name their key already
+            raise e if isinstance(e, ConfigError) else ConfigError("", str(e)) from e
         device, backend = choose_device(root, env)
         if env is not None:
             torch.set_num_threads(threads_per_worker(env.local_world_size))

@@ -15,6 +15,13 @@ import torch
 import torch.distributed as dist
 
 
+def collective_device() -> torch.device:
+    """Where small tensors for collectives must live: the current GPU under NCCL, else CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def reduce_mean(x: torch.Tensor, world_size: int) -> float:
     """Mean of a scalar tensor over ranks (a no-op in one process)."""
     if world_size > 1 and dist.is_initialized():
@@ -26,7 +33,7 @@ def reduce_mean(x: torch.Tensor, world_size: int) -> float:
 
 def reduce_sum_int(n: int, world_size: int) -> int:
     if world_size > 1 and dist.is_initialized():
-        t = torch.tensor([n], dtype=torch.int64)
+        t = torch.tensor([n], dtype=torch.int64, device=collective_device())
         dist.all_reduce(t)
         return int(t)
     return n

@@ -24,7 +24,7 @@ from scaleclr.config import to_yaml
 from scaleclr.distributed.sync_bn import convert_sync_batchnorm, create_sync_bn_process_group, describe_sync_bn
 from scaleclr.engines import build_engine
 from scaleclr.eval.knn import extract_features, knn_top1
-from scaleclr.metrics import MetricLogger, reduce_mean
+from scaleclr.metrics import MetricLogger, collective_device, reduce_mean, reduce_sum_int
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,11 @@ class Trainer:
         self.total_iters = c.OPTIMIZER.num_epochs * self.iters_per_epoch
         self.state = TrainState()
         self.checkpoints = CheckpointManager(self.out_dir)
+        if c.CHECKPOINT.OVERWRITE_EXISTING and self.is_main:
+            self.checkpoints.forget()  # old checkpoint files stay on disk; the new run no longer resumes them
+            metrics_path = os.path.join(self.out_dir, "metrics.jsonl")
+            if os.path.exists(metrics_path):
+                os.replace(metrics_path, metrics_path + ".old")
         self.metrics = MetricLogger(self.out_dir, enabled=self.is_main,
                                     tensorboard=c.HOOKS.TENSORBOARD_SETUP.USE_TENSORBOARD)
         self.images_per_step = c.DATA.TRAIN.BATCHSIZE_PER_REPLICA * world_size
@@ -99,6 +104,11 @@ class Trainer:
             results["knn_top1_init"] = self.knn_eval()
             self.metrics.write({"step": 0, "epoch": 0, "knn_top1_init": results["knn_top1_init"]})
         max_iters = c.TRAINER.MAX_ITERATIONS
+        if 0 < max_iters <= self.state.iteration:
+            logger.info("config.TRAINER.MAX_ITERATIONS=%d already reached (iteration %d): nothing to train",
+                        max_iters, self.state.iteration)
+            self.metrics.close()
+            return results
         for epoch in range(self.state.epoch, c.OPTIMIZER.num_epochs):
             self.state.epoch = epoch
             self.sampler.set_epoch(epoch)
@@ -123,7 +133,8 @@ class Trainer:
             results["epoch_loss"] = epoch_loss
             self.state.epoch, self.state.iteration_in_epoch = epoch + 1, 0
             last = epoch + 1 == c.OPTIMIZER.num_epochs
-            if last or (epoch + 1) % c.CHECKPOINT.CHECKPOINT_FREQUENCY == 0 or 0 < max_iters <= self.state.iteration:
+            # VISSL's rule: after phase `epoch` when epoch % CHECKPOINT_FREQUENCY == 0, and after the last one
+            if last or epoch % c.CHECKPOINT.CHECKPOINT_FREQUENCY == 0 or 0 < max_iters <= self.state.iteration:
                 self.save_checkpoint(end_of_epoch=True, final=last)
             if 0 < max_iters <= self.state.iteration:
                 break
@@ -180,7 +191,7 @@ class Trainer:
     def client_state(self) -> Dict[str, Any]:
         return {"train_state": asdict(self.state), "iters_per_epoch": self.iters_per_epoch,
                 "world_size": self.world_size, "rng_cpu": torch.get_rng_state(),
-                "skipped_images": self.skipped_images}
+                "skipped_images": reduce_sum_int(self.skipped_images, self.world_size)}
 
     def save_checkpoint(self, end_of_epoch: bool, final: bool = False) -> str:
         epoch = self.state.epoch - 1 if end_of_epoch else self.state.epoch
@@ -193,7 +204,7 @@ class Trainer:
 
     def maybe_resume(self) -> bool:
         c = self.c.CHECKPOINT
-        if not c.AUTO_RESUME:
+        if not c.AUTO_RESUME or c.OVERWRITE_EXISTING:
             return False
         entry = self.checkpoints.latest(c.LATEST_CHECKPOINT_RESUME_FILE_NUM)
         if entry is None:
@@ -210,7 +221,8 @@ class Trainer:
         self.state = TrainState(**client["train_state"])
         if client["iters_per_epoch"] != self.iters_per_epoch:
             self.state.iteration = self.state.epoch * self.iters_per_epoch
-        self.skipped_images = int(client.get("skipped_images", 0))
+        # the count is summed over ranks when logged: rank 0 carries the restored total
+        self.skipped_images = int(client.get("skipped_images", 0)) if self.is_main else 0
         torch.set_rng_state(client["rng_cpu"])
         logger.info("resumed from %s at epoch %d, iteration %d", entry["abspath"], self.state.epoch,
                     self.state.iteration)
@@ -220,7 +232,7 @@ class Trainer:
     def knn_eval(self) -> float:
         """kNN top-1 (%) of the trunk on the held-out split; computed on rank 0, broadcast to all."""
         state = self.engine.full_state_dict()  # collective for sharded engines
-        acc = torch.zeros(1, dtype=torch.float64)
+        acc = torch.zeros(1, dtype=torch.float64, device=collective_device())
         if self.is_main:
             model = builders.build_model(self.c)
             model.load_state_dict(state)
@@ -232,13 +244,14 @@ class Trainer:
             acc[0] = knn_top1(tr_f, tr_l, va_f, va_l, k=k.TOPK, temperature=k.TEMPERATURE)
         if dist.is_initialized() and self.world_size > 1:
             dist.broadcast(acc, src=0)
-        return float(acc[0])
+        return float(acc[0].cpu())
 
     def _logged_knn_init(self) -> float:
         path = os.path.join(self.out_dir, "metrics.jsonl")
+        found = float("nan")
         if os.path.exists(path):
             for line in open(path):
                 rec = json.loads(line)
                 if "knn_top1_init" in rec:
-                    return rec["knn_top1_init"]
-        return float("nan")
+                    found = rec["knn_top1_init"]
+        return found

@@ -194,3 +194,23 @@ def test_every_shipped_config_composes():
             load_config([BASE, f"+config/{'/'.join(rel.parts[:-1])}={rel.parts[-1]}"])
         else:
             load_config([f"config={rel.as_posix()}"])
+
+
+def test_inactive_loss_override_is_an_error():
+    with pytest.raises(ConfigError, match="config.LOSS.multicrop_simclr_info_nce_loss.temperature instead"):
+        cfg("+config/pretrain/simclr/transforms=multicrop_2x160_4x96", "config.LOSS.simclr_info_nce_loss.temperature=0.2")
+
+
+@pytest.mark.parametrize("override, match", [
+    ("config.MULTI_PROCESSING_METHOD=forksrv", "forkserver, spawn, fork"),
+    ("config.CHECKPOINT.LATEST_CHECKPOINT_RESUME_FILE_NUM=0", ">= 1"),
+    ("node_id=8", r"node_id: = 8 must be in \[0"),
+])
+def test_more_bad_values(override, match):
+    with pytest.raises(ConfigError, match=match):
+        cfg(override)
+
+
+def test_knn_eval_needs_its_data():
+    with pytest.raises(ConfigError, match="config.KNN_EVAL.VAL_PATH"):
+        cfg("config=quickstart", "config.KNN_EVAL.TRAIN_PATH=/tmp/x")

@@ -262,3 +262,13 @@ def test_streaming_loss_trains_like_reference(single_run, tmp_path):
     for s in (1, 2, 3):
         assert got[s] == pytest.approx(ref[s], rel=1e-5), s
     assert_states_close(final_state(tmp_path)["model"], _state_at(single_run, None), rtol=1e-4, atol=1e-6)
+
+
+def test_rerun_after_max_iterations_and_overwrite_existing(tmp_path):
+    run(tmp_path, "config.TRAINER.MAX_ITERATIONS=3")
+    before = step_losses(tmp_path)
+    run(tmp_path, "config.TRAINER.MAX_ITERATIONS=3")  # limit already reached: nothing more is trained
+    assert step_losses(tmp_path) == before
+    run(tmp_path, "config.TRAINER.MAX_ITERATIONS=2", "config.CHECKPOINT.OVERWRITE_EXISTING=True")
+    assert sorted(step_losses(tmp_path)) == [1, 2]  # a fresh run, not a resume
+    assert step_losses(tmp_path)[1] == pytest.approx(before[1], rel=1e-6)

@@ -97,6 +97,11 @@ def infer(root: DictConfig, world_size: Optional[int] = None,
     bs = c.DATA.TRAIN.BATCHSIZE_PER_REPLICA
     info["global_batch_size"] = bs * world
 
+    for key in explicit:
+        other = key.split(".")[2] if key.startswith("config.LOSS.") and key.count(".") >= 3 else None
+        if other and other != c.LOSS.name and other in c.LOSS:
+            raise ConfigError(key, f"sets a key of the inactive loss: config.LOSS.name is {c.LOSS.name!r}; use "
+                              f"config.LOSS.{c.LOSS.name}.{key.split('.', 3)[3]} instead.")
     lc = loss_cfg(c)
     lc.buffer_params.world_size = world
     if c.LOSS.name == "multicrop_simclr_info_nce_loss":

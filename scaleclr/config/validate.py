@@ -32,6 +32,7 @@ ALLOWED = {
     "config.LOSS.multicrop_simclr_info_nce_loss.impl": ("reference", "streaming", "triton", "auto"),
     "config.LOSS.multicrop_simclr_info_nce_loss.negatives": ("global", "local"),
     "engine_name": ("train",),
+    "config.MULTI_PROCESSING_METHOD": ("forkserver", "spawn", "fork"),
 }
 DATA_SOURCES = ("disk_folder", "disk_filelist", "synthetic")
 
@@ -121,6 +122,22 @@ def validate(root: DictConfig) -> None:
     if c.OPTIMIZER.use_larc and c.OPTIMIZER.name != "sgd":
         raise ConfigError("config.OPTIMIZER.use_larc", f"LARC wraps SGD only; config.OPTIMIZER.name is "
                           f"{c.OPTIMIZER.name!r}.")
+    if c.CHECKPOINT.LATEST_CHECKPOINT_RESUME_FILE_NUM < 1:
+        raise ConfigError("config.CHECKPOINT.LATEST_CHECKPOINT_RESUME_FILE_NUM", "must be >= 1 (1 = latest).")
+    if not 0 <= root.node_id < c.DISTRIBUTED.NUM_NODES:
+        raise ConfigError("node_id", f"= {root.node_id} must be in [0, config.DISTRIBUTED.NUM_NODES="
+                          f"{c.DISTRIBUTED.NUM_NODES}).")
+    k = c.KNN_EVAL
+    if k.ENABLED:
+        if k.TEMPERATURE <= 0:
+            raise ConfigError("config.KNN_EVAL.TEMPERATURE", f"must be > 0, got {k.TEMPERATURE}.")
+        if bool(k.TRAIN_PATH) != bool(k.VAL_PATH):
+            raise ConfigError("config.KNN_EVAL.TRAIN_PATH" if not k.TRAIN_PATH else "config.KNN_EVAL.VAL_PATH",
+                              "is empty: set both TRAIN_PATH and VAL_PATH (labelled ImageFolder roots), or "
+                              "DATASET_NAME.")
+        if not k.TRAIN_PATH and not k.DATASET_NAME:
+            raise ConfigError("config.KNN_EVAL.DATASET_NAME", "is empty and so are TRAIN_PATH/VAL_PATH: say "
+                              "which labelled data the kNN evaluation uses (e.g. scaleclr_demo_digits).")
     if c.MODEL.FSDP_CONFIG.HSDP_REPLICATE < 1:
         raise ConfigError("config.MODEL.FSDP_CONFIG.HSDP_REPLICATE", "must be >= 1.")
     if c.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY == 0 or c.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY < -1:

@@ -344,8 +344,9 @@ def init_process_group(env: DistEnv, backend: str, init_method: str | None = Non
         return
     device_id = None
     if backend == "nccl":
-        torch.cuda.set_device(env.local_rank)
-        device_id = torch.device("cuda", env.local_rank)
+        # srun may bind one GPU per task: local rank 3 then sees a single device 0
+        device_id = torch.device("cuda", env.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device_id)
     if init_method is None:
         host = f"[{env.master_addr}]" if ":" in env.master_addr else env.master_addr
         init_method = f"tcp://{host}:{env.master_port}"

@@ -53,6 +53,9 @@ def init_method_for(dcfg, num_nodes: int) -> Optional[str]:
                                   "on a shared file system.")
             run_id = os.path.join(tempfile.mkdtemp(prefix="scaleclr_rdzv_"), "rendezvous")
         return f"file://{os.path.abspath(run_id)}"
+    if num_nodes > 1 and not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
+        raise ConfigError("config.DISTRIBUTED.INIT_METHOD", "= env on several nodes needs MASTER_ADDR and "
+                          "MASTER_PORT in the environment of every node (the address of node 0).")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     return "env://"

@@ -1,0 +1,50 @@
+"""`srun python train.py` inside a real SLURM allocation (a single-node cluster started by .ci/run via
+slurm/localhost_cluster.sh): 2 tasks x 4 images train like 1 process x 8 images."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["config=test/integration_test/quick_simclr_synthetic", "config.TRAINER.MAX_ITERATIONS=3"]
+
+
+def slurm_available() -> bool:
+    conf = os.environ.get("SLURM_CONF")
+    if not (shutil.which("sbatch") and shutil.which("sinfo") and conf and os.path.exists(conf)):
+        return False
+    r = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
+    return r.returncode == 0 and "idle" in r.stdout
+
+
+def losses(out: Path):
+    return {r["step"]: r["loss"] for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r}
+
+
+@pytest.mark.dist
+@pytest.mark.skipif(not slurm_available(), reason="no local SLURM cluster (slurm/localhost_cluster.sh start)")
+def test_srun_two_tasks_equal_one_process(tmp_path):
+    ref = tmp_path / "ref"
+    subprocess.run([sys.executable, str(ROOT / "train.py"), *QUICK, f"config.CHECKPOINT.DIR={ref}"], check=True,
+                   cwd=ROOT, capture_output=True, timeout=300, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    out = tmp_path / "srun"
+    script = tmp_path / "job.sbatch"
+    script.write_text(f"""#!/bin/bash
+#SBATCH --ntasks=2
+#SBATCH --output={tmp_path}/job.out
+cd {ROOT}
+export OMP_WAIT_POLICY=PASSIVE CUDA_VISIBLE_DEVICES=
+srun --kill-on-bad-exit=1 {sys.executable} train.py {' '.join(QUICK)} config.CHECKPOINT.DIR={out} \\
+    config.DISTRIBUTED.NUM_PROC_PER_NODE=2 config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=4
+""")
+    r = subprocess.run(["sbatch", "--wait", str(script)], capture_output=True, text=True, timeout=600)
+    log = (tmp_path / "job.out").read_text() if (tmp_path / "job.out").exists() else ""
+    assert r.returncode == 0, r.stderr + log[-4000:]
+    assert "launcher=slurm" in log
+    got, want = losses(out), losses(ref)
+    for s in (1, 2, 3):
+        assert got[s] == pytest.approx(want[s], rel=1e-5), s

@@ -38,11 +38,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from procmem import reset_peak, status_kb  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES = {
@@ -55,14 +57,6 @@ ENGINES = {
 MIB = 2 ** 20
 
 
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"{key}:\s+(\d+)", f.read()).group(1))
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def model_state_bytes(engine: str, n_params: int, world: int) -> int:
@@ -101,7 +95,7 @@ def rank_main(rank: int, args, engine: str, port: int, out_dir: str, queue) -> N
         c = root.config
         import gc
         gc.collect()
-        base = _status_kb("VmRSS") * 1024
+        base = status_kb("VmRSS") * 1024
         t0 = time.perf_counter()
         model = builders.build_model(c)
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -112,13 +106,13 @@ def rank_main(rank: int, args, engine: str, port: int, out_dir: str, queue) -> N
         eng.setup(model, builders.make_optimizer_factory(c))
         del model
         gc.collect()
-        setup_peak = _status_kb("VmHWM") * 1024
-        after_setup = _status_kb("VmRSS") * 1024
+        setup_peak = status_kb("VmHWM") * 1024
+        after_setup = status_kb("VmRSS") * 1024
         loss_fn = builders.build_loss(c)
         lr_at = builders.build_lr_schedule(c)
         gen = torch.Generator().manual_seed(rank)
         views = torch.randn(2 * args.batch, 3, args.image_size, args.image_size, generator=gen)
-        _reset_peak()
+        reset_peak()
         losses = []
         for it in range(args.steps):
             eng.set_lr(lr_at(it / 100))
@@ -129,7 +123,7 @@ def rank_main(rank: int, args, engine: str, port: int, out_dir: str, queue) -> N
             eng.step()
             eng.zero_grad()
             losses.append(float(loss))
-        train_peak = _status_kb("VmHWM") * 1024
+        train_peak = status_kb("VmHWM") * 1024
         queue.put({"rank": rank, "engine": engine, "n_params": n_params, "base": base, "setup_peak": setup_peak,
                    "after_setup": after_setup, "train_peak": train_peak, "losses": losses,
                    "seconds": time.perf_counter() - t0})

@@ -22,12 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import resource
 import socket
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from procmem import reset_peak, status_kb  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -39,18 +41,6 @@ CASES = {  # name: (engine, activation checkpointing)
 }
 
 
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"{key}:\s+(\d+)", f.read()).group(1))
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _free_port() -> int:
@@ -96,8 +86,8 @@ def _worker(local_rank: int, case: str, args, world: int, port: int, out_dir: st
     from scaleclr import builders
     builders.build_train_data(root.config, local_rank, world)  # data-side imports/caches outside the window
     dist.barrier()
-    base_kb = _status_kb("VmRSS")
-    reset_ok = _reset_peak()
+    base_kb = status_kb("VmRSS")
+    reset_ok = reset_peak()
     tr = Trainer(root, rank=local_rank, world_size=world, local_rank=local_rank, local_world_size=world)
     tr.save_checkpoint = lambda *a, **k: None
     times = []
@@ -111,7 +101,7 @@ def _worker(local_rank: int, case: str, args, world: int, port: int, out_dir: st
 
     tr.train_step = timed
     tr.train()
-    peak_kb = _status_kb("VmHWM") if reset_ok else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_kb = status_kb("VmHWM") if reset_ok else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     params = tr.engine.module.parameters()
     local_numel = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in params)
     total_numel = sum(p.numel() for p in tr.engine.module.parameters())

@@ -24,24 +24,15 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from procmem import reset_peak, status_kb  # noqa: E402
+
 DIM = 128
 # Measured: the reference peaks at ~4 fp32 [2N, 2N] matrices (logits, log-sum-exp temporaries, gradient), i.e.
 # 4.1 GB at 2N = 16384 and 16.4 GB at 2N = 32768 (skipped by default: above --max-ref-gb).
 REF_BYTES_PER_LOGIT = 16.1
 
 
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"{key}:\s+(\d+)", f.read()).group(1))
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _make_loss(impl: str, temperature: float):
@@ -65,13 +56,13 @@ def child(impl: str, rows: int, reps: int, threads: int, temperature: float) -> 
     loss_fn(warm).backward()
     g = torch.Generator().manual_seed(0)
     h = torch.randn(rows, DIM, generator=g).requires_grad_()
-    reset_ok = _reset_peak()
-    base_kb = _status_kb("VmRSS")
+    reset_ok = reset_peak()
+    base_kb = status_kb("VmRSS")
     t0 = time.perf_counter()
     loss = loss_fn(h)
     loss.backward()
     first_s = time.perf_counter() - t0
-    peak_kb = _status_kb("VmHWM") if reset_ok else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_kb = status_kb("VmHWM") if reset_ok else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times = []
     for _ in range(reps):
         h.grad = None

@@ -119,5 +119,6 @@ def build_knn_loaders(c) -> Tuple[torch.utils.data.DataLoader, torch.utils.data.
     for split in ("train", "val"):
         ds = EvalDataset(build_source("disk_folder", paths[split], path_key=f"config.KNN_EVAL.{split.upper()}_PATH"),
                          tf)
-        loaders.append(build_dataloader(ds, k.BATCHSIZE, 0, None, None))
+        loaders.append(build_dataloader(ds, k.BATCHSIZE, c.DATA.NUM_DATALOADER_WORKERS, None, None,
+                                        pin_memory=c.DATA.PIN_MEMORY and torch.cuda.is_available()))
     return loaders[0], loaders[1]

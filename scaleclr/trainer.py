@@ -230,17 +230,19 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- eval
     def knn_eval(self) -> float:
-        """kNN top-1 (%) of the trunk on the held-out split; computed on rank 0, broadcast to all."""
+        """kNN top-1 (%) of the trunk on the held-out split; computed on rank 0 (on its device, with the
+        data-loader workers), broadcast to all. The other ranks wait in the broadcast, so the labelled
+        split must be extracted within config.DISTRIBUTED.TIMEOUT_SECONDS."""
         state = self.engine.full_state_dict()  # collective for sharded engines
         acc = torch.zeros(1, dtype=torch.float64, device=collective_device())
         if self.is_main:
             model = builders.build_model(self.c)
             model.load_state_dict(state)
-            model.eval()
+            model.to(self.device).eval()
             train_loader, val_loader = builders.build_knn_loaders(self.c)
             k = self.c.KNN_EVAL
-            tr_f, tr_l = extract_features(model.trunk_features, train_loader)
-            va_f, va_l = extract_features(model.trunk_features, val_loader)
+            tr_f, tr_l = extract_features(model.trunk_features, train_loader, device=self.device)
+            va_f, va_l = extract_features(model.trunk_features, val_loader, device=self.device)
             acc[0] = knn_top1(tr_f, tr_l, va_f, va_l, k=k.TOPK, temperature=k.TEMPERATURE)
         if dist.is_initialized() and self.world_size > 1:
             dist.broadcast(acc, src=0)

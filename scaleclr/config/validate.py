@@ -4,6 +4,7 @@ Types are enforced by the schema during composition; this module checks what typ
 keys added with ``+`` that the schema does not know, allowed names, ranges and cross-key consistency.
 Every error names the full key and what is allowed.
 """
+import logging
 from typing import Any, List
 
 from omegaconf import DictConfig, OmegaConf
@@ -11,6 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 from scaleclr.config import schema
 from scaleclr.config.compose import unknown_key_error
 from scaleclr.config.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 ALLOWED = {
     "config.LOSS.name": ("simclr_info_nce_loss", "multicrop_simclr_info_nce_loss"),
@@ -33,6 +36,7 @@ ALLOWED = {
     "config.LOSS.multicrop_simclr_info_nce_loss.negatives": ("global", "local"),
     "engine_name": ("train",),
     "config.MULTI_PROCESSING_METHOD": ("forkserver", "spawn", "fork"),
+    "config.MODEL.INPUT_TYPE": ("rgb",),
 }
 DATA_SOURCES = ("disk_folder", "disk_filelist", "synthetic")
 
@@ -122,6 +126,12 @@ def validate(root: DictConfig) -> None:
     if c.OPTIMIZER.use_larc and c.OPTIMIZER.name != "sgd":
         raise ConfigError("config.OPTIMIZER.use_larc", f"LARC wraps SGD only; config.OPTIMIZER.name is "
                           f"{c.OPTIMIZER.name!r}.")
+    if c.SLURM.USE_SLURM:
+        raise ConfigError("config.SLURM.USE_SLURM", "VISSL's submitit launcher is not part of scaleclr: submit "
+                          "slurm/train.sbatch (srun, one task per GPU) instead; see README 'Multi-process training'.")
+    if c.DATA.TRAIN.COPY_TO_LOCAL_DISK:
+        logger.warning("config.DATA.TRAIN.COPY_TO_LOCAL_DISK=True has no effect in scaleclr: images are read "
+                       "from config.DATA.TRAIN.DATA_PATHS in place")
     if c.CHECKPOINT.LATEST_CHECKPOINT_RESUME_FILE_NUM < 1:
         raise ConfigError("config.CHECKPOINT.LATEST_CHECKPOINT_RESUME_FILE_NUM", "must be >= 1 (1 = latest).")
     if not 0 <= root.node_id < c.DISTRIBUTED.NUM_NODES:

@@ -193,9 +193,12 @@ class Trainer:
                 "world_size": self.world_size, "rng_cpu": torch.get_rng_state(),
                 "skipped_images": reduce_sum_int(self.skipped_images, self.world_size)}
 
-    def save_checkpoint(self, end_of_epoch: bool, final: bool = False) -> str:
+    def save_checkpoint(self, end_of_epoch: bool, final: bool = False) -> Optional[str]:
         epoch = self.state.epoch - 1 if end_of_epoch else self.state.epoch
         tag = tag_for(epoch, self.state.iteration, final, end_of_epoch)
+        if tag == getattr(self, "_last_saved_tag", None):
+            return None  # already written at this iteration (never rewrite the checkpoint 'latest' points at)
+        self._last_saved_tag = tag
         path = self.engine.save(self.out_dir, tag, self.client_state())
         if self.is_main:
             self.checkpoints.record(path, self.engine.name, self.state.epoch, self.state.iteration, final)
@@ -207,6 +210,12 @@ class Trainer:
         if not c.AUTO_RESUME or c.OVERWRITE_EXISTING:
             return False
         entry = self.checkpoints.latest(c.LATEST_CHECKPOINT_RESUME_FILE_NUM)
+        if dist.is_initialized() and self.world_size > 1:
+            # rank 0 decides: ranks reading a shared file system on their own could disagree and then hang
+            # in different collective loads
+            box = [entry]
+            dist.broadcast_object_list(box, src=0)
+            entry = box[0]
         if entry is None:
             return False
         if entry["engine"] != self.engine.name:

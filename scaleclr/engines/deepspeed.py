@@ -70,6 +70,7 @@ from torch import nn
 from scaleclr.checkpoint import atomic_torch_save, atomic_write_text
 from scaleclr.engines.base import Engine, OptimizerFactory
 from scaleclr.engines.deepspeed_config import build_deepspeed_config, zero_stage
+from scaleclr.metrics import collective_device
 from scaleclr.optim.larc import LARC
 
 logger = logging.getLogger(__name__)
@@ -199,7 +200,10 @@ class ZeroLARC(LARC):
         for group, idx in by_group.values():
             part = sq[idx].clone()
             if dist.is_initialized() and dist.get_world_size(group) > 1:
-                dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)
+                # offloaded partitions live on the CPU; NCCL needs the reduction on the GPU
+                on_dev = part.to(collective_device())
+                dist.all_reduce(on_dev, op=dist.ReduceOp.SUM, group=group)
+                part = on_dev.to(sq.device)
             sq[idx] = part
         return sq.sqrt()
 
@@ -367,6 +371,10 @@ class DeepSpeedEngine(Engine):
             model.register_forward_pre_hook(_BufferBroadcaster(model))
 
         _skip_cpu_shm_comm_build()
+        # DeepSpeed sets its device from LOCAL_RANK: make it the device scaleclr chose (srun may bind one GPU
+        # per task, so local rank 3 can be cuda:0), and present when no launcher exported it
+        os.environ["LOCAL_RANK"] = str(self.device.index if self.device.type == "cuda" else
+                                       os.environ.get("LOCAL_RANK", 0))
         optimizer = make_optimizer(model)
         client = optimizer
         if isinstance(optimizer, LARC) and os.environ.get(LARC_NORMS_ENV, "full") != "partition":
@@ -545,10 +553,12 @@ def export_checkpoint(path: str, out: str) -> str:
     if meta.get("zero_stage", 1) == 0:
         model_file = os.path.join(path, "mp_rank_00_model_states.pt")
         sd = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
-        state = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
         if meta.get("precision", "fp32") != "fp32":
-            logger.warning("ZeRO-0 %s checkpoint: exporting the module weights (the fp32 masters are in the "
-                           "optimizer state)", meta.get("precision"))
+            raise ValueError(f"{path} is a ZeRO-0 {meta.get('precision')} checkpoint: its module weights are "
+                             f"{meta.get('precision')} and the fp32 masters sit in the optimizer state. Use the "
+                             "export the final checkpoint writes (<tag>_consolidated_fp32.torch), or resume and "
+                             "finish the run to get one.")
+        state = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
     else:
         state = get_fp32_state_dict_from_zero_checkpoint(directory, tag=tag)
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}

@@ -40,15 +40,25 @@ def _worker(rank, fn, world_size, port, out_dir, args):
         dist.destroy_process_group()
 
 
-def run_distributed(fn, world_size, *args):
-    """Spawn `world_size` gloo ranks running `fn(rank, world_size, *args)`; return results by rank."""
-    with tempfile.TemporaryDirectory() as out_dir:
-        try:
-            mp.start_processes(_worker, args=(fn, world_size, free_port(), out_dir, args),
-                               nprocs=world_size, start_method="spawn")
-        except Exception as e:
-            errs = [open(os.path.join(out_dir, f)).read() for f in sorted(os.listdir(out_dir))
-                    if f.endswith(".err")]
-            raise RuntimeError("distributed test body failed:\n" + "\n".join(errs)) from e
-        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
-                for r in range(world_size)]
+def run_distributed(fn, world_size, *args, attempts=2):
+    """Spawn `world_size` gloo ranks running `fn(rank, world_size, *args)`; return results by rank.
+
+    A failure inside `fn` (a Python exception on some rank) is reported at once with every rank's
+    traceback. A failure with no traceback (a rank killed by a signal, or a rendezvous that could not
+    bind its port) is infrastructure, not the code under test: it is retried once on a new port.
+    """
+    for attempt in range(attempts):
+        with tempfile.TemporaryDirectory() as out_dir:
+            try:
+                mp.start_processes(_worker, args=(fn, world_size, free_port(), out_dir, args),
+                                   nprocs=world_size, start_method="spawn")
+            except Exception as e:
+                errs = [open(os.path.join(out_dir, f)).read() for f in sorted(os.listdir(out_dir))
+                        if f.endswith(".err")]
+                if errs or attempt + 1 == attempts:
+                    raise RuntimeError(f"distributed test body failed ({type(e).__name__}: {e}):\n"
+                                       + "\n".join(errs)) from e
+                print(f"run_distributed: no rank raised but the job failed ({e}); retrying once", flush=True)
+                continue
+            return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
+                    for r in range(world_size)]

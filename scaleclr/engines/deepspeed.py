@@ -174,7 +174,9 @@ class ZeroLARC(LARC):
                          norm_fn=self._full_norms)
         self.layouts: Dict[int, FlatLayout] = {}
         self._bound = False
-        self._entry_layouts: List[Optional[FlatLayout]] = []
+        self._entry_layouts: List[Optional[FlatLayout]] = []  # per entry of the step in progress
+        self._owners: List[Any] = []  # the original parameter of every entry (trust_ratios() keys)
+        self._views: List[torch.Tensor] = []  # fragment views whose .grad must be dropped after the step
 
     def bind(self, ds_optimizer) -> None:
         self.layouts = build_flat_layouts(ds_optimizer)
@@ -207,54 +209,41 @@ class ZeroLARC(LARC):
             sq[idx] = part
         return sq.sqrt()
 
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        saved: List[Tuple[Dict[str, Any], Any]] = []
-        entries: List[Tuple[torch.Tensor, float, Any]] = []
-        owners: List[Any] = []  # the original parameter of every entry (trust_ratios() keys)
-        views: List[torch.Tensor] = []
-        self._entry_layouts = []
-        try:
-            for group in self.optim.param_groups:
-                if group.get("larc_exclude", False):
-                    continue
-                weight_decay = group.get("weight_decay", 0.0)
-                saved.append((group, weight_decay))
-                group["weight_decay"] = 0.0
-                for p in group["params"]:
-                    if p.grad is None:
-                        continue
-                    lay = self.layouts.get(id(p))
-                    if lay is None or lay.flat is not p:
-                        if self._bound and self.layouts:
-                            raise RuntimeError("ZeroLARC: DeepSpeed stepped a tensor it has no partition layout "
-                                               f"for (shape {tuple(p.shape)}); call bind() after initialize/load")
-                        entries.append((p, weight_decay, group["lr"]))
-                        owners.append(p)
-                        self._entry_layouts.append(None)
-                        continue
-                    flat_p, flat_g = p.detach().view(-1), p.grad.view(-1)
-                    for (start, numel), owner in zip(lay.fragments, lay.params):
-                        view = flat_p.narrow(0, start, numel)
-                        view.grad = flat_g.narrow(0, start, numel)
-                        views.append(view)
-                        entries.append((view, weight_decay, group["lr"]))
-                        owners.append(owner)
-                        self._entry_layouts.append(lay)
-            self._adapt_gradients(entries)
-            by_view = {id(e[0]): o for e, o in zip(entries, owners)}
-            self._last_trust_ratios = {by_view[id(v)]: f for v, f in self._last_trust_ratios.items()}
-            self.optim.step()
-        finally:
-            for group, weight_decay in saved:
-                group["weight_decay"] = weight_decay
-            for view in views:  # drop the fragment views' grads: they would keep DeepSpeed's flat grads alive
-                view.grad = None
-            self._entry_layouts = []
-        return loss
+    def _group_entries(self, group: Dict[str, Any], weight_decay: float
+                       ) -> List[Tuple[torch.Tensor, float, Any]]:
+        """Per-parameter fragments of the flat tensors DeepSpeed steps (views with views of the flat grad)."""
+        entries = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            lay = self.layouts.get(id(p))
+            if lay is None or lay.flat is not p:
+                if self._bound and self.layouts:
+                    raise RuntimeError("ZeroLARC: DeepSpeed stepped a tensor it has no partition layout "
+                                       f"for (shape {tuple(p.shape)}); call bind() after initialize/load")
+                entries.append((p, weight_decay, group["lr"]))
+                self._owners.append(p)
+                self._entry_layouts.append(None)
+                continue
+            flat_p, flat_g = p.detach().view(-1), p.grad.view(-1)
+            for (start, numel), owner in zip(lay.fragments, lay.params):
+                view = flat_p.narrow(0, start, numel)
+                view.grad = flat_g.narrow(0, start, numel)
+                self._views.append(view)
+                entries.append((view, weight_decay, group["lr"]))
+                self._owners.append(owner)
+                self._entry_layouts.append(lay)
+        return entries
+
+    def _adapt_gradients(self, entries) -> None:
+        super()._adapt_gradients(entries)
+        by_view = {id(e[0]): o for e, o in zip(entries, self._owners)}
+        self._last_trust_ratios = {by_view[id(v)]: f for v, f in self._last_trust_ratios.items()}
+
+    def _finish_step(self) -> None:
+        for view in self._views:  # drop the fragment views' grads: they would keep DeepSpeed's flat grads alive
+            view.grad = None
+        self._views, self._owners, self._entry_layouts = [], [], []
 
 
 # -------------------------------------------------------------------------------------------- BN helpers

@@ -244,14 +244,24 @@ class LARC(torch.optim.Optimizer):
                     continue
                 weight_decay = group.get("weight_decay", 0.0)
                 saved.append((group, weight_decay))
-                group["weight_decay"] = 0.0
-                entries.extend((p, weight_decay, group["lr"]) for p in group["params"] if p.grad is not None)
+                group["weight_decay"] = 0.0  # folded into the adapted gradient instead (apex)
+                entries.extend(self._group_entries(group, weight_decay))
             self._adapt_gradients(entries)
             self.optim.step()
         finally:
             for group, weight_decay in saved:
                 group["weight_decay"] = weight_decay
+            self._finish_step()
         return loss
+
+    def _group_entries(self, group: Dict[str, Any], weight_decay: float
+                       ) -> List[Tuple[torch.Tensor, float, Any]]:
+        """(tensor with .grad, weight decay, lr) for every tensor of `group` LARC adapts. Sharded
+        subclasses return per-parameter fragments of flat partitions instead."""
+        return [(p, weight_decay, group["lr"]) for p in group["params"] if p.grad is not None]
+
+    def _finish_step(self) -> None:
+        """Called after every step (also on error); subclasses release per-step bookkeeping here."""
 
 
 def _check_hyperparameters(trust_coefficient: float, eps: float) -> None:

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from dist_helpers import run_distributed
+from test_train import assert_states_close as _assert_states_close
 
 pytestmark = pytest.mark.dist
 
@@ -222,13 +223,6 @@ def _update_rel_err(state, ref, init):
     return worst, name
 
 
-def _assert_states_close(a, b, rtol, atol):
-    assert a.keys() == b.keys()
-    for k in a:
-        if a[k].is_floating_point():
-            torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
-        else:
-            assert torch.equal(a[k], b[k]), k
 
 
 def test_fsdp_matches_ddp_fp32(parity, initial_state):

@@ -34,17 +34,9 @@ else:
 
     from dist_helpers import run_distributed
     from scaleclr.kernels import infonce_triton as it
-    from scaleclr.losses import MulticropSimclrInfoNCELoss, info_nce_dense
+    from scaleclr.losses import MulticropSimclrInfoNCELoss
 
-    def _dense64(h, temperature, num_crops):
-        z = F.normalize(h.double(), dim=1)
-        return info_nce_dense(z, z, temperature=temperature, num_crops=num_crops)
-
-    def _loss_grad(fn, h):
-        h = h.detach().clone().requires_grad_()
-        loss = fn(h)
-        (grad,) = torch.autograd.grad(loss, h)
-        return loss.detach(), grad
+    from test_streaming_loss import _dense64, _loss_grad  # the same float64 reference as the streaming tests
 
     def _triton(temperature, num_crops, negatives="global", splits=0, precision="ieee"):
         return lambda h: it.info_nce_triton(F.normalize(h, dim=1), temperature=temperature, num_crops=num_crops,

@@ -102,7 +102,7 @@ def rank_main(rank: int, args, engine: str, port: int, out_dir: str, queue) -> N
         group = create_sync_bn_process_group(c.MODEL.SYNC_BN_CONFIG.GROUP_SIZE, num_proc_per_node=args.procs)
         model = convert_sync_batchnorm(model, c.MODEL.SYNC_BN_CONFIG.SYNC_BN_TYPE, process_group=group,
                                        device=torch.device("cpu"))
-        eng = build_engine(c.DISTRIBUTED.ENGINE, c, torch.device("cpu"), rank, args.procs)
+        eng = build_engine(builders.build_engine_spec(c, args.procs), torch.device("cpu"), rank, args.procs)
         eng.setup(model, builders.make_optimizer_factory(c))
         del model
         gc.collect()

@@ -1,8 +1,9 @@
-"""Builders from the `config` node to components: model, loss, data, optimizer, schedule.
+"""Builders from the `config` node to components: model, loss, data, optimizer, schedule, engine spec.
 
-Each builder reads only its part of the config and passes plain arguments down, so models, losses and
-data code never see the config tree.
+Each builder reads only its part of the config and passes plain arguments down, so models, losses, data code
+and engines never see the config tree.
 """
+import os
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 from scaleclr.data import (EvalDataset, ShardedSampler, SSLDataset, build_dataloader, build_source,
                            build_transforms, eval_transform_specs, get_collator)
 from scaleclr.data.catalog import DEMO, resolve_path, train_path
+from scaleclr.engines.spec import DTYPES, EngineSpec, FSDPSpec, PrecisionSpec
 from scaleclr.losses import MulticropSimclrInfoNCELoss, SimclrInfoNCELoss
 from scaleclr.models import ResNet, SimCLRModel, build_heads
 from scaleclr.optim import build_optimizer
@@ -62,7 +64,7 @@ def build_loss(c, group=None) -> nn.Module:
                                       negatives=lc.negatives, impl=lc.impl, group=group)
 
 
-def make_optimizer_factory(c) -> Callable[[nn.Module], torch.optim.Optimizer]:
+def make_optimizer_factory(c) -> Callable[..., torch.optim.Optimizer]:
     """SGD (+ LARC) over VISSL's param groups; engines call it on the (possibly wrapped) module."""
     o = c.OPTIMIZER
 
@@ -79,8 +81,61 @@ def make_optimizer_factory(c) -> Callable[[nn.Module], torch.optim.Optimizer]:
     return make
 
 
-def build_lr_schedule(c) -> Callable[[float], float]:
-    return build_scheduler(plain(c.OPTIMIZER.param_schedulers.lr), num_epochs=c.OPTIMIZER.num_epochs)
+def build_lr_schedules(c) -> Tuple[Callable[[float], float], Optional[Callable[[float], float]]]:
+    """``(trunk/all-groups schedule, head schedule or None)`` as functions of ``where`` in [0, 1).
+
+    The head gets ``config.OPTIMIZER.param_schedulers.lr_head`` when
+    ``config.OPTIMIZER.head_optimizer_params.use_different_lr`` is set (VISSL), else the common schedule.
+    """
+    o = c.OPTIMIZER
+    main = build_scheduler(plain(o.param_schedulers.lr), num_epochs=o.num_epochs)
+    head = None
+    if o.head_optimizer_params.use_different_lr:
+        head = build_scheduler(plain(o.param_schedulers.lr_head), num_epochs=o.num_epochs)
+    return main, head
+
+
+def build_engine_spec(c, world_size: int) -> EngineSpec:
+    """Everything the engine reads from the config (engines never see the config tree)."""
+    d, m = c.DISTRIBUTED, c.MODEL
+    amp = m.AMP_PARAMS
+    autocast_dtype = DTYPES[amp.AMP_DTYPE] if amp.USE_AMP else None
+    param_dtype = None
+    fsdp = ds_config = None
+    if d.ENGINE == "fsdp":
+        fc = m.FSDP_CONFIG
+        param_dtype = DTYPES[fc.MIXED_PRECISION] if fc.MIXED_PRECISION != "none" else autocast_dtype
+        autocast_dtype = autocast_dtype or param_dtype
+        fsdp = FSDPSpec(shard_unit=fc.SHARD_UNIT, reshard_after_forward=bool(fc.RESHARD_AFTER_FORWARD),
+                        hsdp_replicate=int(fc.HSDP_REPLICATE))
+    elif d.ENGINE == "deepspeed":
+        from scaleclr.config.deepspeed_json import build_deepspeed_config
+        ds_config = build_deepspeed_config(c, world_size)
+        param_dtype = autocast_dtype
+    return EngineSpec(name=d.ENGINE, precision=PrecisionSpec(autocast_dtype=autocast_dtype, param_dtype=param_dtype),
+                      gradient_clipping=float(c.OPTIMIZER.gradient_clipping),
+                      activation_checkpointing=bool(m.ACTIVATION_CHECKPOINTING.USE_ACTIVATION_CHECKPOINTING),
+                      broadcast_buffers=bool(d.BROADCAST_BUFFERS), ddp_bucket_cap_mb=int(c.DATA.DDP_BUCKET_CAP_MB),
+                      fsdp=fsdp, deepspeed_config=ds_config)
+
+
+def resolve_train_data_path(c) -> Optional[str]:
+    """The training source's path (catalog names resolved, the demo cache prepared), checked to exist, without
+    listing its images (a 1.28M-image folder is scanned once per rank, by :func:`build_train_data`).
+
+    Raises:
+        ValueError: naming the key and the path that does not exist.
+    """
+    t = c.DATA.TRAIN
+    name = t.DATA_SOURCES[0]
+    path = train_path(list(t.DATA_PATHS), list(t.DATASET_NAMES), name)
+    if path is not None and not os.path.exists(path):
+        raise ValueError(f"config.DATA.TRAIN.DATA_PATHS[0]={path!r} does not exist (config.DATA.TRAIN.DATA_SOURCES[0]="
+                         f"{name!r} needs {'an ImageFolder root' if name == 'disk_folder' else 'a .npy or .txt file'})")
+    for p in list(t.LABEL_PATHS)[:1]:
+        if name == "disk_filelist" and not os.path.exists(p):
+            raise ValueError(f"config.DATA.TRAIN.LABEL_PATHS[0]={p!r} does not exist")
+    return path
 
 
 def build_train_data(c, rank: int, world_size: int, start_method: Optional[str] = None
@@ -92,9 +147,11 @@ def build_train_data(c, rank: int, world_size: int, start_method: Optional[str] 
         kw = {"size": t.SYNTHETIC_IMAGE_SIZE, "seed": c.SEED_VALUE}
     elif name == "disk_filelist":
         kw = {"mmap_mode": t.MMAP_MODE}
+        if t.LABEL_SOURCES and t.LABEL_PATHS:
+            kw["labels_path"] = t.LABEL_PATHS[0]
     path = train_path(list(t.DATA_PATHS), list(t.DATASET_NAMES), name)
     source = build_source(name, path, data_limit=t.DATA_LIMIT, **kw)
-    dataset = SSLDataset(source, build_transforms(plain(t.TRANSFORMS)), seed=c.SEED_VALUE)
+    dataset = SSLDataset(source, build_transforms(plain(t.TRANSFORMS)), seed=c.SEED_VALUE, label_type=t.LABEL_TYPE)
     sampler = ShardedSampler(len(dataset), world_size, rank, shuffle=True, seed=c.SEED_VALUE,
                              drop_last=t.DROP_LAST, batch_size=t.BATCHSIZE_PER_REPLICA)
     loader = build_dataloader(dataset, t.BATCHSIZE_PER_REPLICA, c.DATA.NUM_DATALOADER_WORKERS,

@@ -1,55 +1,30 @@
-"""Checkpoint naming, discovery and atomic writes, for every engine.
+"""Checkpoint naming, discovery and the 'latest' pointer, for every engine.
 
-Names follow VISSL: ``model_phase{E}`` after epoch E (0-based), ``model_iteration{I}`` for iteration
-checkpoints, ``model_final_checkpoint_phase{E}`` at the end. An engine writes one file (``.torch``) or one
-directory. After the engine has finished writing, the manager records the checkpoint in
-``checkpoint.json`` (written to a temp file, then renamed): a run that dies while saving never moves that
-pointer, so the last good checkpoint stays the one that resumes.
+Names follow VISSL: ``model_phase{E}`` after epoch E (0-based), ``model_iteration{S}`` for step checkpoints,
+``model_final_checkpoint_phase{E}`` at the end. An engine writes one file (``.torch``) or one directory. After
+the engine has finished writing, the manager records the checkpoint in ``checkpoint.json`` (written to a
+temp file, then renamed): a run that dies while saving never moves that pointer, so the last good
+checkpoint stays the one that resumes.
+
+A record names its progress unambiguously: ``epochs_done`` (complete epochs: ``model_phase{E}`` has
+``epochs_done = E + 1``), ``step`` (optimizer steps done) and ``final``.
 """
 import json
 import os
-import tempfile
 from typing import Any, Dict, Optional
 
-import torch
+from scaleclr.io import atomic_write_text
 
 POINTER = "checkpoint.json"
 
 
-def atomic_torch_save(obj: Any, path: str) -> None:
-    """torch.save to a temp file in the same directory, fsync, then rename over `path`."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=".torch")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_write_text(text: str, path: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def tag_for(epoch: int, iteration: int, final: bool, end_of_epoch: bool) -> str:
+def tag_for(epochs_done: int, step: int, end_of_epoch: bool, final: bool) -> str:
+    """VISSL's name for a checkpoint taken after ``epochs_done`` complete epochs and ``step`` steps."""
     if final:
-        return f"model_final_checkpoint_phase{epoch}"
+        return f"model_final_checkpoint_phase{epochs_done - 1}"
     if end_of_epoch:
-        return f"model_phase{epoch}"
-    return f"model_iteration{iteration}"
+        return f"model_phase{epochs_done - 1}"
+    return f"model_iteration{step}"
 
 
 class CheckpointManager:
@@ -61,10 +36,10 @@ class CheckpointManager:
     def pointer_path(self) -> str:
         return os.path.join(self.directory, POINTER)
 
-    def record(self, path: str, engine: str, epoch: int, iteration: int, final: bool) -> None:
+    def record(self, path: str, engine: str, epochs_done: int, step: int, final: bool) -> None:
         """Point 'latest' at `path` (call on rank 0 after every rank finished writing)."""
         history = self.read().get("history", []) if os.path.exists(self.pointer_path()) else []
-        entry = {"path": os.path.basename(path), "engine": engine, "epoch": epoch, "iteration": iteration,
+        entry = {"path": os.path.basename(path), "engine": engine, "epochs_done": epochs_done, "step": step,
                  "final": final}
         history = [h for h in history if h["path"] != entry["path"]] + [entry]
         atomic_write_text(json.dumps({"latest": entry, "history": history}, indent=1), self.pointer_path())
@@ -92,4 +67,3 @@ class CheckpointManager:
     def final(self) -> Optional[Dict[str, Any]]:
         latest = self.latest()
         return latest if latest and latest["final"] else None
-

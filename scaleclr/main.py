@@ -4,7 +4,8 @@
     python train.py config=quickstart --dry-run          # resolved config as YAML on stdout, logs on stderr
     torchrun --nproc_per_node 4 train.py config=...      # the worker reads its place from the environment
     deepspeed --num_gpus 2 train.py --deepspeed_config ds_configs/zero2.json config=...
-    srun python train.py config=...
+    srun python train.py config=...                       # one task per GPU
+    srun --ntasks-per-node 1 python train.py config=...   # one task per node: each spawns NUM_PROC_PER_NODE
 
 Everything that can be checked before a worker starts is checked here: the config (schema, values,
 inferred values), the launcher's world against NUM_NODES x NUM_PROC_PER_NODE, optional dependencies the
@@ -74,33 +75,56 @@ def choose_device(root, env: Optional[DistEnv]) -> tuple:
     return torch.device("cpu"), "gloo"
 
 
+def is_agent(root, env: Optional[DistEnv]) -> bool:
+    """One task per node under SLURM with NUM_PROC_PER_NODE > 1: this task spawns its node's workers."""
+    return env is not None and env.launcher == "slurm" and env.local_world_size == 1 and \
+        root.config.DISTRIBUTED.NUM_PROC_PER_NODE > 1
+
+
 def preflight(root, env: Optional[DistEnv]) -> None:
     """Checks that need the machine, run before any worker starts. Raises ConfigError."""
     c = root.config
     d = c.DISTRIBUTED
     config_world = d.NUM_NODES * d.NUM_PROC_PER_NODE
-    if env is not None and env.world_size != config_world:
+    if is_agent(root, env):
+        if env.world_size != d.NUM_NODES:
+            raise ConfigError("config.DISTRIBUTED.NUM_NODES", f"= {d.NUM_NODES} but SLURM started one task on each of "
+                              f"{env.world_size} nodes; make them agree (slurm/train.sbatch passes "
+                              "NUM_NODES=$SLURM_JOB_NUM_NODES).")
+    elif env is not None and env.world_size != config_world:
+        layout = (" With one task per node, SLURM needs config.DISTRIBUTED.NUM_PROC_PER_NODE > 1 (each task spawns "
+                  "that many workers); with one task per GPU, srun --ntasks-per-node=<GPUs per node>."
+                  if env.launcher == "slurm" else "")
         raise ConfigError("config.DISTRIBUTED", f"the {env.launcher} launcher started {env.world_size} processes "
                           f"but config.DISTRIBUTED.NUM_NODES x NUM_PROC_PER_NODE = {d.NUM_NODES} x "
-                          f"{d.NUM_PROC_PER_NODE} = {config_world}; make them agree.")
+                          f"{d.NUM_PROC_PER_NODE} = {config_world}; make them agree.{layout}")
     sbn = c.MODEL.SYNC_BN_CONFIG
     if sbn.CONVERT_BN_TO_SYNC_BN and sbn.SYNC_BN_TYPE == "apex" and config_world > 1 and not apex_available():
         raise ConfigError("config.MODEL.SYNC_BN_CONFIG.SYNC_BN_TYPE", "= apex but apex is not installed (it is "
                           "not on PyPI; build it from NVIDIA/apex). Use SYNC_BN_TYPE=pytorch (torch's SyncBN on "
                           "CUDA, scaleclr's on CPU) or native (scaleclr's everywhere).")
-    amp = c.MODEL.AMP_PARAMS
-    if amp.USE_AMP and amp.AMP_TYPE == "apex" and not apex_available():
-        raise ConfigError("config.MODEL.AMP_PARAMS.AMP_TYPE", "= apex but apex is not installed (not on PyPI). "
-                          "Use config.MODEL.AMP_PARAMS.AMP_TYPE=pytorch (AMP_DTYPE float16 or bfloat16).")
-    if c.MACHINE.DEVICE == "gpu" and torch.cuda.is_available() and env is None and \
+    if c.MACHINE.DEVICE == "gpu" and torch.cuda.is_available() and (env is None or is_agent(root, env)) and \
             d.NUM_PROC_PER_NODE > torch.cuda.device_count():
         raise ConfigError("config.DISTRIBUTED.NUM_PROC_PER_NODE", f"= {d.NUM_PROC_PER_NODE} but this node has "
                           f"{torch.cuda.device_count()} GPUs.")
     if d.ENGINE == "deepspeed":
-        from scaleclr.engines.deepspeed_config import check_deepspeed_config
+        from scaleclr.config.deepspeed_json import check_deepspeed_config
         check_deepspeed_config(root)
-    from scaleclr.builders import build_train_data
-    build_train_data(c, 0, config_world)  # resolves paths (prepares the demo cache once, here)
+    from scaleclr.builders import resolve_train_data_path
+    resolve_train_data_path(c)  # checks the path (prepares the demo cache once, here) without scanning it
+
+
+def already_finished(root) -> bool:
+    """Whether the run in CHECKPOINT.DIR has finished all its epochs (then nothing is started)."""
+    ck = root.config.CHECKPOINT
+    final = CheckpointManager(ck.DIR).final()
+    if not (final and ck.AUTO_RESUME and not ck.OVERWRITE_EXISTING):
+        return False
+    if final.get("epochs_done", final.get("epoch")) < root.config.OPTIMIZER.num_epochs:
+        return False
+    logger.info("training already finished in %s (%s); set config.CHECKPOINT.OVERWRITE_EXISTING=True or another "
+                "config.CHECKPOINT.DIR to train again", ck.DIR, final["path"])
+    return True
 
 
 def worker(root, env: DistEnv, backend: str) -> int:
@@ -123,25 +147,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     env = detect_launcher_env(os.environ, args.local_rank)
     setup_logging(env.rank if env else 0)
     try:
-        root, info = load_config(overrides, world_size=env.world_size if env else None)
+        root, info = load_config(overrides)  # NUM_NODES x NUM_PROC_PER_NODE; preflight checks it against env
         if args.dry_run:
             logger.info("inferred: %s", info)
             sys.stdout.write(to_yaml(root))
             return 0
         logger.info("inferred: %s", info)
-        final = CheckpointManager(root.config.CHECKPOINT.DIR).final()
-        ck = root.config.CHECKPOINT
-        if final and ck.AUTO_RESUME and not ck.OVERWRITE_EXISTING and \
-                final["epoch"] >= root.config.OPTIMIZER.num_epochs:
-            logger.info("training already finished in %s (%s); set config.CHECKPOINT.OVERWRITE_EXISTING=True "
-                        "or another config.CHECKPOINT.DIR to train again", root.config.CHECKPOINT.DIR,
-                        final["path"])
+        if env is None and already_finished(root):  # one launcher process decides; workers agree via rank 0
             return 0
         try:
             preflight(root, env)
         except ValueError as e:  # data / engine set-up errors name their key already
             raise e if isinstance(e, ConfigError) else ConfigError("", str(e)) from e
         device, backend = choose_device(root, env)
+        if is_agent(root, env):
+            return spawn(worker, root, backend, agent=env)
         if env is not None:
             torch.set_num_threads(threads_per_worker(env.local_world_size))
             return run_in_process(worker, root, env, backend, None)

@@ -1,9 +1,10 @@
-"""Rank-0 progress bar, ``metrics.jsonl`` and TensorBoard scalars.
+"""Rank-0 progress bar, ``metrics.jsonl`` and TensorBoard scalars. Takes plain numbers; runs no collective.
 
-Every ``LOG_FREQUENCY`` steps one JSON line: step, epoch, loss (mean over ranks of this step), loss_avg
-(mean over the steps since the last line), lr, images_per_sec (global), data_time, step_time (seconds,
-averaged over the window), skipped_images (unreadable images replaced so far, summed over ranks). At the
-end of each epoch: an ``epoch_loss`` line (mean over the epoch's steps and ranks).
+The trainer reduces over ranks and hands this logger finished records: every ``LOG_FREQUENCY`` steps one JSON
+line (step, epoch, loss, loss_avg, lr, images_per_sec, data_time, step_time, skipped_images), an
+``epoch_loss`` line per epoch, evaluation records (``knn_top1``, ...). On resume from step S the records of
+steps after S that an interrupted run had already written are dropped (``metrics.jsonl`` is rewritten
+atomically, TensorBoard purges them with ``purge_step``), so every step is logged once.
 """
 import json
 import os
@@ -11,96 +12,88 @@ import sys
 import time
 from typing import Any, Dict, Optional
 
-import torch
-import torch.distributed as dist
+from scaleclr.io import atomic_write_text
+
+METRICS_FILE = "metrics.jsonl"
 
 
-def collective_device() -> torch.device:
-    """Where small tensors for collectives must live: the current GPU under NCCL, else CPU."""
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def reduce_mean(x: torch.Tensor, world_size: int) -> float:
-    """Mean of a scalar tensor over ranks (a no-op in one process)."""
-    if world_size > 1 and dist.is_initialized():
-        x = x.detach().float().clone()
-        dist.all_reduce(x)
-        x /= world_size
-    return float(x)
-
-
-def reduce_sum_int(n: int, world_size: int) -> int:
-    if world_size > 1 and dist.is_initialized():
-        t = torch.tensor([n], dtype=torch.int64, device=collective_device())
-        dist.all_reduce(t)
-        return int(t)
-    return n
+def truncate_after(path: str, step: int) -> int:
+    """Drop the records of ``path`` whose ``step`` is after ``step`` (rewritten atomically); returns how many."""
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip()]
+    keep = []
+    for ln in lines:
+        try:
+            rec = json.loads(ln)
+        except ValueError:  # a line cut by a crash
+            continue
+        if rec.get("step", 0) <= step:
+            keep.append(ln if ln.endswith("\n") else ln + "\n")
+    if len(keep) != len(lines):
+        atomic_write_text("".join(keep), path)
+    return len(lines) - len(keep)
 
 
 class MetricLogger:
-    def __init__(self, out_dir: str, enabled: bool, tensorboard: bool = True):
+    """Writes records on rank 0 (``enabled``); every method is a no-op elsewhere.
+
+    Args:
+        out_dir: ``config.CHECKPOINT.DIR``.
+        enabled: True on rank 0.
+        tensorboard: also write TensorBoard scalars under ``out_dir/tb``.
+        resume_step: the step a resumed run continues from (records after it are dropped), or None.
+    """
+
+    def __init__(self, out_dir: str, enabled: bool, tensorboard: bool = True, resume_step: Optional[int] = None):
         self.out_dir, self.enabled = out_dir, enabled
-        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.bar = None
         self.tb = None
         self.file = None
         if enabled:
             os.makedirs(out_dir, exist_ok=True)
-            self.file = open(os.path.join(out_dir, "metrics.jsonl"), "a")
+            path = os.path.join(out_dir, METRICS_FILE)
+            if resume_step is not None:
+                truncate_after(path, resume_step)
+            self.file = open(path, "a")
             if tensorboard:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
-                    self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
+                    self.tb = SummaryWriter(os.path.join(out_dir, "tb"),
+                                            purge_step=None if resume_step is None else resume_step + 1)
                 except ImportError:  # tensorboard is an install requirement; keep training without it
                     self.tb = None
-        self._window = []
-        self._epoch_losses = []
         self._t_run = time.perf_counter()
 
-    def start_epoch(self, epoch: int, iters_per_epoch: int, start_iter: int, total_iters: int,
-                    done_iters: int) -> None:
-        self.total_iters, self._run_start_iter = total_iters, done_iters
+    def start_epoch(self, epoch: int, steps_per_epoch: int, start_step_in_epoch: int, total_steps: int,
+                    done_steps: int) -> None:
+        self.total_steps, self._run_start_step = total_steps, done_steps
         self._t_run = time.perf_counter()
-        self._epoch_losses = []
-        self._epoch = epoch
         if self.enabled:
             from tqdm import tqdm
-            self.bar = tqdm(total=iters_per_epoch, initial=start_iter, desc=f"epoch {epoch}", file=sys.stderr,
-                            dynamic_ncols=True, leave=True, mininterval=1.0)
+            self.bar = tqdm(total=steps_per_epoch, initial=start_step_in_epoch, desc=f"epoch {epoch}",
+                            file=sys.stderr, dynamic_ncols=True, leave=True, mininterval=1.0)
 
-    def log_step(self, step: int, epoch: int, loss: float, lr: float, images: int, data_time: float,
-                 step_time: float, skipped_images: int, every: int) -> None:
-        self._window.append((loss, data_time, step_time))
-        self._epoch_losses.append(loss)
+    def tick(self, step: int) -> None:
+        """One step done (host-side bookkeeping only)."""
         if self.bar is not None:
-            done = step - self._run_start_iter
-            eta = (time.perf_counter() - self._t_run) / max(done, 1) * (self.total_iters - step)
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.4g}",
-                                 img_s=f"{images / max(step_time + data_time, 1e-9):.1f}",
-                                 eta=time.strftime("%H:%M:%S", time.gmtime(eta)), refresh=False)
             self.bar.update(1)
-        if step % every != 0:
-            return
-        skipped = reduce_sum_int(skipped_images, self.world_size)  # every rank reaches this line
-        n = len(self._window)
-        losses, dts, sts = zip(*self._window)
-        self._window = []
-        rec = {"step": step, "epoch": epoch, "loss": loss, "loss_avg": sum(losses) / n, "lr": lr,
-               "images_per_sec": images * n / max(sum(dts) + sum(sts), 1e-9), "data_time": sum(dts) / n,
-               "step_time": sum(sts) / n, "skipped_images": skipped}
+
+    def log_step(self, rec: Dict[str, Any]) -> None:
+        """Write a step record (``step``, ``loss``, ``lr``, ``images_per_sec``, ...) and refresh the bar."""
+        if self.bar is not None:
+            done = rec["step"] - self._run_start_step
+            eta = (time.perf_counter() - self._t_run) / max(done, 1) * (self.total_steps - rec["step"])
+            self.bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.4g}",
+                                 img_s=f"{rec['images_per_sec']:.1f}",
+                                 eta=time.strftime("%H:%M:%S", time.gmtime(eta)), refresh=False)
         self.write(rec)
 
-    def end_epoch(self) -> Optional[float]:
+    def end_epoch(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        if not self._epoch_losses:
-            return None
-        mean = sum(self._epoch_losses) / len(self._epoch_losses)
-        self.write({"epoch_loss": mean, "epoch": self._epoch, "steps": len(self._epoch_losses)})
-        return mean
 
     def write(self, rec: Dict[str, Any]) -> None:
         if not self.enabled:
@@ -117,7 +110,10 @@ class MetricLogger:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
         if self.file is not None:
             self.file.close()
+            self.file = None
         if self.tb is not None:
             self.tb.close()
+            self.tb = None

@@ -1,18 +1,21 @@
 """The SimCLR training loop (Chen et al. 2020, arXiv 2002.05709), the same for every engine.
 
 One step reads top to bottom: views -> forward (trunk + projection head) -> InfoNCE over the gathered
-batch -> backward -> LARC/SGD step -> LR schedule -> log. The LR is a pure function of the iteration
-(``where = iteration / total_iterations``, VISSL's per-step update), so a resumed run continues on the
-same curve. Rank 0 shows a progress bar and writes ``metrics.jsonl`` and TensorBoard scalars; the logged
-loss is the mean over ranks.
+batch -> backward -> LARC/SGD step. The LR is a pure function of the step (``where = step / total_steps``,
+VISSL's per-step update), so a resumed run continues on the same curve.
+
+No host synchronisation in the hot path: the loss is accumulated on the device; every ``LOG_FREQUENCY``
+steps (and before every checkpoint and at every epoch end) one all-reduce brings the window's loss sums,
+the non-finite count and the skipped-image count to every rank, and only then are values read on the host.
+A NaN/Inf loss therefore stops the run at the next such point, naming the first bad step; it never reaches
+a checkpoint. Rank 0 shows a progress bar and writes ``metrics.jsonl`` and TensorBoard scalars.
 """
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -21,19 +24,13 @@ from omegaconf import DictConfig
 from scaleclr import builders
 from scaleclr.checkpoint import CheckpointManager, tag_for
 from scaleclr.config import to_yaml
+from scaleclr.distributed.collectives import all_reduce_sum, collective_device, is_distributed
 from scaleclr.distributed.sync_bn import convert_sync_batchnorm, create_sync_bn_process_group, describe_sync_bn
 from scaleclr.engines import build_engine
 from scaleclr.eval.knn import extract_features, knn_top1
-from scaleclr.metrics import MetricLogger, collective_device, reduce_mean, reduce_sum_int
+from scaleclr.metrics import METRICS_FILE, MetricLogger
 
 logger = logging.getLogger(__name__)
-
-
-def _maybe_inject_failure(rank: int, iteration: int) -> None:
-    """Fault injection for launcher tests: SCALECLR_FAIL_AT="<rank>:<iteration>" raises there."""
-    spec = os.environ.get("SCALECLR_FAIL_AT")
-    if spec and spec == f"{rank}:{iteration}":
-        raise RuntimeError(f"injected failure (SCALECLR_FAIL_AT={spec})")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -42,9 +39,59 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class TrainState:
-    epoch: int = 0  # epoch in progress (0-based)
-    iteration: int = 0  # optimizer steps done so far
-    iteration_in_epoch: int = 0  # steps done in the current epoch (mid-epoch resume)
+    """Progress, as a checkpoint records it.
+
+    Attributes:
+        epochs_done: complete epochs (the epoch in progress has index ``epochs_done``).
+        step: optimizer steps done since the start of the run.
+        step_in_epoch: steps done in the epoch in progress (mid-epoch resume).
+    """
+
+    epochs_done: int = 0
+    step: int = 0
+    step_in_epoch: int = 0
+
+    @classmethod
+    def from_checkpoint(cls, d: Dict[str, int]) -> "TrainState":
+        if "epochs_done" in d:
+            return cls(**d)
+        # checkpoints written before the fields were renamed
+        return cls(epochs_done=d["epoch"], step=d["iteration"], step_in_epoch=d["iteration_in_epoch"])
+
+
+class StepStats:
+    """Per-rank sums kept on the training device between two reads (no host sync per step).
+
+    ``window`` holds the steps since the last logged record, ``epoch`` those of the epoch in progress.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.start_epoch()
+        self.start_window()
+        self.nonfinite = torch.zeros((), dtype=torch.float64, device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+
+    def start_window(self) -> None:
+        self.window_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.last = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.window_steps, self.data_time, self.t0 = 0, 0.0, time.perf_counter()
+
+    def start_epoch(self) -> None:
+        self.epoch_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.epoch_steps = 0
+
+    def add(self, loss: torch.Tensor, step: int, data_time: float) -> None:
+        loss = loss.detach().to(torch.float64)
+        bad = ~torch.isfinite(loss)
+        self.nonfinite += bad
+        self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
+        self.last = loss
+        self.window_sum += loss
+        self.epoch_sum += loss
+        self.window_steps += 1
+        self.epoch_steps += 1
+        self.data_time += data_time
 
 
 class Trainer:
@@ -72,170 +119,268 @@ class Trainer:
             model = convert_sync_batchnorm(model, sbn.SYNC_BN_TYPE, process_group=group,
                                            device=self.device)
         logger.info("BatchNorm: %s", describe_sync_bn(model))
-        self.engine = build_engine(c.DISTRIBUTED.ENGINE, c, self.device, rank, world_size)
+        self.engine = build_engine(builders.build_engine_spec(c, world_size), self.device, rank, world_size)
         self.engine.setup(model, builders.make_optimizer_factory(c))
         self.loss_fn = builders.build_loss(c)
         self.dataset, self.sampler, self.loader = builders.build_train_data(c, rank, world_size)
-        self.lr_at = builders.build_lr_schedule(c)
-        self.iters_per_epoch = self.sampler.num_batches
-        self.total_iters = c.OPTIMIZER.num_epochs * self.iters_per_epoch
+        self.lr_at, self.head_lr_at = builders.build_lr_schedules(c)
+        self.steps_per_epoch = self.sampler.num_batches
+        self.total_steps = c.OPTIMIZER.num_epochs * self.steps_per_epoch
         self.state = TrainState()
         self.checkpoints = CheckpointManager(self.out_dir)
-        if c.CHECKPOINT.OVERWRITE_EXISTING and self.is_main:
-            self.checkpoints.forget()  # old checkpoint files stay on disk; the new run no longer resumes them
-            metrics_path = os.path.join(self.out_dir, "metrics.jsonl")
-            if os.path.exists(metrics_path):
-                os.replace(metrics_path, metrics_path + ".old")
-        self.metrics = MetricLogger(self.out_dir, enabled=self.is_main,
-                                    tensorboard=c.HOOKS.TENSORBOARD_SETUP.USE_TENSORBOARD)
         self.images_per_step = c.DATA.TRAIN.BATCHSIZE_PER_REPLICA * world_size
-        self.skipped_images = 0
+        self.non_blocking = bool(c.DATA.ENABLE_ASYNC_GPU_COPY)
+        self.skipped_images = 0  # this rank's count; summed over ranks when logged
+        self.stats = StepStats(self.device)
+        self.metrics: Optional[MetricLogger] = None
+        self._last_saved_tag: Optional[str] = None
 
     # ------------------------------------------------------------------------------------------ loop
     def train(self) -> Dict[str, Any]:
         c = self.c
+        results: Dict[str, Any] = {}
         resumed = self.maybe_resume()
+        if resumed == "finished":
+            return results
         if self.is_main:
             os.makedirs(self.out_dir, exist_ok=True)
             with open(os.path.join(self.out_dir, "train_config.yaml"), "w") as f:
                 f.write(to_yaml(self.root))
-        results: Dict[str, Any] = {}
-        if c.KNN_EVAL.ENABLED and not resumed:
-            results["knn_top1_init"] = self.knn_eval()
-            self.metrics.write({"step": 0, "epoch": 0, "knn_top1_init": results["knn_top1_init"]})
-        max_iters = c.TRAINER.MAX_ITERATIONS
-        if 0 < max_iters <= self.state.iteration:
-            logger.info("config.TRAINER.MAX_ITERATIONS=%d already reached (iteration %d): nothing to train",
-                        max_iters, self.state.iteration)
+        self.metrics = MetricLogger(self.out_dir, enabled=self.is_main,
+                                    tensorboard=c.HOOKS.TENSORBOARD_SETUP.USE_TENSORBOARD,
+                                    resume_step=self.state.step if resumed else None)
+        try:
+            if c.KNN_EVAL.ENABLED and not resumed:
+                results["knn_top1_init"] = self.knn_eval()
+                self.metrics.write({"step": 0, "epoch": 0, "knn_top1_init": results["knn_top1_init"]})
+            if self.should_stop():
+                logger.info("nothing to train: %s", self.stop_reason())
+            while not self.should_stop():
+                self.run_epoch(results)
+            if c.KNN_EVAL.ENABLED:
+                self.report_knn(results)
+        finally:
             self.metrics.close()
-            return results
-        for epoch in range(self.state.epoch, c.OPTIMIZER.num_epochs):
-            self.state.epoch = epoch
-            self.sampler.set_epoch(epoch)
-            self.dataset.set_epoch(epoch)
-            self.sampler.set_start_iter(self.state.iteration_in_epoch)
-            self.metrics.start_epoch(epoch, self.iters_per_epoch, self.state.iteration_in_epoch,
-                                     self.total_iters, self.state.iteration)
-            data_start = time.perf_counter()
-            for batch in self.loader:
-                data_time = time.perf_counter() - data_start
-                loss = self.train_step(batch, data_time)
-                results["last_loss"] = loss
-                if self._iteration_checkpoint_due():
-                    self.save_checkpoint(end_of_epoch=False)
-                data_start = time.perf_counter()
-                if 0 < max_iters <= self.state.iteration:
-                    break
-            epoch_loss = self.metrics.end_epoch()
-            if self.state.iteration_in_epoch < self.iters_per_epoch:  # stopped by MAX_ITERATIONS
-                self.save_checkpoint(end_of_epoch=False)
-                break
-            results["epoch_loss"] = epoch_loss
-            self.state.epoch, self.state.iteration_in_epoch = epoch + 1, 0
-            last = epoch + 1 == c.OPTIMIZER.num_epochs
-            # VISSL's rule: after phase `epoch` when epoch % CHECKPOINT_FREQUENCY == 0, and after the last one
-            if last or epoch % c.CHECKPOINT.CHECKPOINT_FREQUENCY == 0 or 0 < max_iters <= self.state.iteration:
-                self.save_checkpoint(end_of_epoch=True, final=last)
-            if 0 < max_iters <= self.state.iteration:
-                break
-        if c.KNN_EVAL.ENABLED:
-            results["knn_top1"] = self.knn_eval()
-            if "knn_top1_init" not in results:
-                results["knn_top1_init"] = self._logged_knn_init()
-            self.metrics.write({"step": self.state.iteration, "epoch": self.state.epoch, **{
-                k: results[k] for k in ("knn_top1", "knn_top1_init")}})
-            if self.is_main:
-                print(f"kNN top-1 (k={c.KNN_EVAL.TOPK}) on the held-out split: "
-                      f"{results['knn_top1']:.2f}% after training, {results['knn_top1_init']:.2f}% at "
-                      f"initialisation", flush=True)
-        self.metrics.close()
         return results
 
-    def train_step(self, batch: Dict[str, Any], data_time: float) -> float:
-        start = time.perf_counter()
-        _maybe_inject_failure(self.rank, self.state.iteration)
+    def should_stop(self) -> bool:
+        """True when the run must stop at this step boundary (every rank decides the same)."""
+        return self.stop_reason() is not None
+
+    def stop_reason(self) -> Optional[str]:
+        max_steps = self.c.TRAINER.MAX_ITERATIONS
+        if 0 < max_steps <= self.state.step:
+            return f"config.TRAINER.MAX_ITERATIONS={max_steps} reached (step {self.state.step})"
+        if self.state.epochs_done >= self.c.OPTIMIZER.num_epochs:
+            return f"all {self.c.OPTIMIZER.num_epochs} epochs done"
+        return None
+
+    def run_epoch(self, results: Dict[str, Any]) -> None:
+        c = self.c
+        epoch = self.state.epochs_done
+        self.sampler.set_epoch(epoch)  # keeps a resumed epoch's offset (maybe_resume), else starts at 0
+        self.dataset.set_epoch(epoch)
+        self.metrics.start_epoch(epoch, self.steps_per_epoch, self.state.step_in_epoch, self.total_steps,
+                                 self.state.step)
+        self.stats.start_epoch()
+        self.stats.start_window()
+        data_start = time.perf_counter()
+        for batch in self.loader:
+            self.train_step(batch, time.perf_counter() - data_start)
+            if self.state.step % c.LOG_FREQUENCY == 0:
+                self.log_window()
+            if self._step_checkpoint_due():
+                self.save_checkpoint(end_of_epoch=False)
+            if self.should_stop():
+                break
+            data_start = time.perf_counter()
+        results["epoch_loss"] = self.end_epoch_stats(epoch)
+        self.metrics.end_epoch()
+        if self.state.step_in_epoch < self.steps_per_epoch:  # stopped mid-epoch
+            self.save_checkpoint(end_of_epoch=False)
+            return
+        self.state.epochs_done, self.state.step_in_epoch = epoch + 1, 0
+        last = self.state.epochs_done == c.OPTIMIZER.num_epochs
+        # VISSL's rule: after phase `epoch` when epoch % CHECKPOINT_FREQUENCY == 0, and after the last one
+        if last or epoch % c.CHECKPOINT.CHECKPOINT_FREQUENCY == 0 or self.should_stop():
+            self.save_checkpoint(end_of_epoch=True, final=last)
+
+    def prepare_views(self, batch: Dict[str, Any]):
+        """The batch's views on the training device: ``[V*B, 3, H, W]`` or a list of ``C`` crops."""
         views = batch["data"]
-        views = [v.to(self.device, non_blocking=True) for v in views] if isinstance(views, list) \
-            else views.to(self.device, non_blocking=True)
-        lr = self.lr_at(self.state.iteration / self.total_iters)
-        self.engine.set_lr(lr)
+        if isinstance(views, list):
+            return [v.to(self.device, non_blocking=self.non_blocking) for v in views]
+        return views.to(self.device, non_blocking=self.non_blocking)
+
+    def train_step(self, batch: Dict[str, Any], data_time: float) -> torch.Tensor:
+        """One optimizer step on ``batch``; returns the rank's loss as a device tensor (no host sync)."""
+        views = self.prepare_views(batch)
+        where = self.state.step / self.total_steps
+        self.engine.set_lr(self.lr_at(where), self.head_lr_at(where) if self.head_lr_at else None)
 
         with self.engine.autocast():
             embedding = self.engine.model(views)  # [num_crops * B, D], crop-major
         loss = self.loss_fn(embedding.float())  # own-anchor mean; fp32 even under autocast
-
-        loss_value = reduce_mean(loss.detach(), self.world_size)  # mean over ranks, for logging
-        if self.c.HOOKS.CHECK_NAN and not math.isfinite(loss_value):
-            raise NonFiniteLossError(
-                f"loss is {loss_value} at iteration {self.state.iteration} (epoch {self.state.epoch}); "
-                "stopping. The last good checkpoint in " f"{self.out_dir} is untouched. Try a lower LR, "
-                "AMP_DTYPE=bfloat16, or a larger temperature.")
         self.engine.backward(loss)
         self.engine.step()
         self.engine.zero_grad()
 
-        self.state.iteration += 1
-        self.state.iteration_in_epoch += 1
+        self.state.step += 1
+        self.state.step_in_epoch += 1
         self.skipped_images += int(batch.get("skipped", 0))
-        step_time = time.perf_counter() - start
-        self.metrics.log_step(step=self.state.iteration, epoch=self.state.epoch, loss=loss_value, lr=lr,
-                              images=self.images_per_step, data_time=data_time, step_time=step_time,
-                              skipped_images=self.skipped_images, every=self.c.LOG_FREQUENCY)
-        return loss_value
+        self.stats.add(loss, self.state.step, data_time)
+        if self.metrics is not None:
+            self.metrics.tick(self.state.step)
+        return loss
+
+    # ------------------------------------------------------------------------------------ reductions
+    def _scalar(self, x: float) -> torch.Tensor:
+        return torch.tensor(float(x), dtype=torch.float64, device=self.device)
+
+    def _reduce(self, values: List[torch.Tensor]) -> List[float]:
+        """Sum float64 scalars over ranks and read them on the host (the one sync point of a window)."""
+        vec = torch.stack([v.to(torch.float64).reshape(()) for v in values])
+        return all_reduce_sum(vec).tolist()
+
+    def _raise_if_nonfinite(self, count: float) -> None:
+        if count == 0 or not self.c.HOOKS.CHECK_NAN:
+            return
+        first = self.stats.first_bad.clone()
+        first = torch.where(first < 0, torch.iinfo(torch.int64).max, first)
+        if is_distributed():
+            first = first.to(collective_device())
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        raise NonFiniteLossError(
+            f"the loss is not finite at step {int(first)} (epoch {self.state.epochs_done}); stopping. The last good "
+            f"checkpoint in {self.out_dir} is untouched. Try a lower LR, AMP_DTYPE=bfloat16, or a larger "
+            "temperature.")
+
+    def log_window(self) -> None:
+        s = self.stats
+        last, window_sum, nonfinite, skipped = self._reduce(
+            [s.last, s.window_sum, s.nonfinite, self._scalar(self.skipped_images)])
+        self._raise_if_nonfinite(nonfinite)
+        n, wall = s.window_steps, time.perf_counter() - s.t0
+        where = (self.state.step - 1) / self.total_steps
+        self.metrics.log_step({
+            "step": self.state.step, "epoch": self.state.epochs_done, "loss": last / self.world_size,
+            "loss_avg": window_sum / (n * self.world_size), "lr": self.lr_at(where),
+            "images_per_sec": self.images_per_step * n / max(wall, 1e-9), "data_time": s.data_time / n,
+            "step_time": max(wall - s.data_time, 0.0) / n, "skipped_images": int(skipped)})
+        s.start_window()
+
+    def end_epoch_stats(self, epoch: int) -> Optional[float]:
+        s = self.stats
+        if s.epoch_steps == 0:
+            return None
+        epoch_sum, nonfinite = self._reduce([s.epoch_sum, s.nonfinite])
+        self._raise_if_nonfinite(nonfinite)
+        mean = epoch_sum / (s.epoch_steps * self.world_size)
+        self.metrics.write({"step": self.state.step, "epoch": epoch, "epoch_loss": mean, "steps": s.epoch_steps})
+        return mean
 
     # ------------------------------------------------------------------------------- checkpoints
-    def _iteration_checkpoint_due(self) -> bool:
+    def _step_checkpoint_due(self) -> bool:
         f = self.c.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY
-        return f > 0 and self.state.iteration % f == 0 and self.state.iteration_in_epoch < self.iters_per_epoch
+        return f > 0 and self.state.step % f == 0 and self.state.step_in_epoch < self.steps_per_epoch
+
+    def _rng_states(self) -> Dict[str, Any]:
+        """Every rank's CPU and CUDA generator states (rank-major lists), gathered on every rank."""
+        mine = {"cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        if not is_distributed():
+            return {"cpu": [mine["cpu"]], "cuda": [mine["cuda"]]}
+        everyone: List[Any] = [None] * self.world_size
+        dist.all_gather_object(everyone, mine)
+        return {"cpu": [e["cpu"] for e in everyone], "cuda": [e["cuda"] for e in everyone]}
 
     def client_state(self) -> Dict[str, Any]:
-        return {"train_state": asdict(self.state), "iters_per_epoch": self.iters_per_epoch,
-                "world_size": self.world_size, "rng_cpu": torch.get_rng_state(),
-                "skipped_images": reduce_sum_int(self.skipped_images, self.world_size)}
+        skipped = self._reduce([self._scalar(self.skipped_images)])[0]
+        return {"train_state": asdict(self.state), "steps_per_epoch": self.steps_per_epoch,
+                "sampler": self.sampler.state_dict(iteration=self.state.step_in_epoch, epoch=self.state.epochs_done),
+                "world_size": self.world_size, "rng": self._rng_states(), "skipped_images": int(skipped)}
 
     def save_checkpoint(self, end_of_epoch: bool, final: bool = False) -> Optional[str]:
-        epoch = self.state.epoch - 1 if end_of_epoch else self.state.epoch
-        tag = tag_for(epoch, self.state.iteration, final, end_of_epoch)
-        if tag == getattr(self, "_last_saved_tag", None):
-            return None  # already written at this iteration (never rewrite the checkpoint 'latest' points at)
+        tag = tag_for(self.state.epochs_done, self.state.step, end_of_epoch, final)
+        if tag == self._last_saved_tag:
+            return None  # already written at this step (never rewrite the checkpoint 'latest' points at)
+        self._raise_if_nonfinite(self._reduce([self.stats.nonfinite])[0])  # never checkpoint a NaN model
+        path = self.engine.save(self.out_dir, tag, self.client_state(), final=final)
         self._last_saved_tag = tag
-        path = self.engine.save(self.out_dir, tag, self.client_state())
         if self.is_main:
-            self.checkpoints.record(path, self.engine.name, self.state.epoch, self.state.iteration, final)
-            logger.info("checkpoint %s written (iteration %d)", path, self.state.iteration)
+            self.checkpoints.record(path, self.engine.name, self.state.epochs_done, self.state.step, final)
+            logger.info("checkpoint %s written (step %d)", path, self.state.step)
         return path
 
-    def maybe_resume(self) -> bool:
+    def _choose_checkpoint(self) -> Optional[Dict[str, Any]]:
+        """Rank 0 reads the pointer and every rank gets its choice: ranks reading a shared file system on
+        their own could disagree and then hang in different collective loads."""
         c = self.c.CHECKPOINT
-        if not c.AUTO_RESUME or c.OVERWRITE_EXISTING:
-            return False
-        entry = self.checkpoints.latest(c.LATEST_CHECKPOINT_RESUME_FILE_NUM)
-        if dist.is_initialized() and self.world_size > 1:
-            # rank 0 decides: ranks reading a shared file system on their own could disagree and then hang
-            # in different collective loads
+        entry = None
+        if self.is_main and c.AUTO_RESUME and not c.OVERWRITE_EXISTING:
+            entry = self.checkpoints.latest(c.LATEST_CHECKPOINT_RESUME_FILE_NUM)
+        if is_distributed():
             box = [entry]
             dist.broadcast_object_list(box, src=0)
             entry = box[0]
+        return entry
+
+    def maybe_resume(self):
+        """Resume from the latest checkpoint: returns False (fresh start), True (resumed), or ``"finished"``."""
+        c = self.c
+        if c.CHECKPOINT.OVERWRITE_EXISTING and self.is_main:
+            self.checkpoints.forget()  # old checkpoint files stay on disk; the new run no longer resumes them
+            metrics_path = os.path.join(self.out_dir, METRICS_FILE)
+            if os.path.exists(metrics_path):
+                os.replace(metrics_path, metrics_path + ".old")
+        entry = self._choose_checkpoint()
         if entry is None:
             return False
+        done = entry.get("epochs_done", entry.get("epoch"))
+        if entry["final"] and done >= c.OPTIMIZER.num_epochs:
+            if self.is_main:
+                logger.info("training already finished in %s (%s); set config.CHECKPOINT.OVERWRITE_EXISTING=True "
+                            "or another config.CHECKPOINT.DIR to train again", self.out_dir, entry["path"])
+            return "finished"
         if entry["engine"] != self.engine.name:
             raise ValueError(f"{entry['abspath']} was written by the {entry['engine']!r} engine but "
                              f"config.DISTRIBUTED.ENGINE={self.engine.name}; resume with the same engine.")
         client = self.engine.load(entry["abspath"])
-        if client["iters_per_epoch"] != self.iters_per_epoch and client["train_state"]["iteration_in_epoch"]:
-            raise ValueError(f"{entry['abspath']} stopped mid-epoch with {client['iters_per_epoch']} iterations "
-                             f"per epoch but this run has {self.iters_per_epoch} (world size "
-                             f"{client['world_size']} -> {self.world_size}); resume with the same world size "
-                             "and batch size, or from an end-of-epoch checkpoint.")
-        self.state = TrainState(**client["train_state"])
-        if client["iters_per_epoch"] != self.iters_per_epoch:
-            self.state.iteration = self.state.epoch * self.iters_per_epoch
+        state = TrainState.from_checkpoint(client["train_state"])
+        saved_spe = client.get("steps_per_epoch", client.get("iters_per_epoch"))
+        if saved_spe != self.steps_per_epoch and state.step_in_epoch:
+            raise ValueError(f"{entry['abspath']} stopped mid-epoch with {saved_spe} steps per epoch but this run "
+                             f"has {self.steps_per_epoch} (world size {client['world_size']} -> {self.world_size});"
+                             " resume with the same world size and batch size, or from an end-of-epoch checkpoint.")
+        if saved_spe != self.steps_per_epoch:
+            state.step = state.epochs_done * self.steps_per_epoch
+        self.state = state
+        if "sampler" in client:  # checks that the data and the seed did not change, then skips consumed batches
+            self.sampler.load_state_dict(client["sampler"])
+        else:
+            self.sampler.set_epoch(state.epochs_done)
+            self.sampler.set_start_iter(state.step_in_epoch)
         # the count is summed over ranks when logged: rank 0 carries the restored total
         self.skipped_images = int(client.get("skipped_images", 0)) if self.is_main else 0
-        torch.set_rng_state(client["rng_cpu"])
-        logger.info("resumed from %s at epoch %d, iteration %d", entry["abspath"], self.state.epoch,
-                    self.state.iteration)
+        self._restore_rng(client)
+        self._last_saved_tag = entry["path"].rsplit(".torch", 1)[0]
+        logger.info("resumed from %s: %d epochs done, step %d", entry["abspath"], state.epochs_done, state.step)
         return True
+
+    def _restore_rng(self, client: Dict[str, Any]) -> None:
+        rng = client.get("rng")
+        if rng is None:  # older checkpoints: rank 0's CPU state only
+            torch.set_rng_state(client["rng_cpu"])
+            return
+        cpu, cuda = rng["cpu"], rng["cuda"]
+        if len(cpu) != self.world_size:
+            logger.warning("the checkpoint holds the RNG states of %d ranks, this run has %d: rank r takes state "
+                           "r mod %d (random ops such as dropout do not continue exactly)", len(cpu),
+                           self.world_size, len(cpu))
+        i = self.rank % len(cpu)
+        torch.set_rng_state(cpu[i])
+        if self.device.type == "cuda" and cuda[i] is not None:
+            torch.cuda.set_rng_state(cuda[i], self.device)
 
     # ------------------------------------------------------------------------------------- eval
     def knn_eval(self) -> float:
@@ -253,16 +398,27 @@ class Trainer:
             tr_f, tr_l = extract_features(model.trunk_features, train_loader, device=self.device)
             va_f, va_l = extract_features(model.trunk_features, val_loader, device=self.device)
             acc[0] = knn_top1(tr_f, tr_l, va_f, va_l, k=k.TOPK, temperature=k.TEMPERATURE)
-        if dist.is_initialized() and self.world_size > 1:
+        if is_distributed():
             dist.broadcast(acc, src=0)
         return float(acc[0].cpu())
 
-    def _logged_knn_init(self) -> float:
-        path = os.path.join(self.out_dir, "metrics.jsonl")
+    def report_knn(self, results: Dict[str, Any]) -> None:
+        results["knn_top1"] = self.knn_eval()
+        if "knn_top1_init" not in results:
+            results["knn_top1_init"] = self._logged("knn_top1_init")
+        self.metrics.write({"step": self.state.step, "epoch": self.state.epochs_done,
+                            **{k: results[k] for k in ("knn_top1", "knn_top1_init")}})
+        if self.is_main:
+            print(f"kNN top-1 (k={self.c.KNN_EVAL.TOPK}) on the held-out split: {results['knn_top1']:.2f}% after "
+                  f"training, {results['knn_top1_init']:.2f}% at initialisation", flush=True)
+
+    def _logged(self, key: str) -> float:
+        """The last value of ``key`` in metrics.jsonl (NaN when absent)."""
+        path = os.path.join(self.out_dir, METRICS_FILE)
         found = float("nan")
         if os.path.exists(path):
             for line in open(path):
                 rec = json.loads(line)
-                if "knn_top1_init" in rec:
-                    found = rec["knn_top1_init"]
+                if key in rec:
+                    found = rec[key]
         return found

@@ -7,6 +7,11 @@ Usage::
         return {"grad": tensor}               # anything torch.save can store
 
     results = run_distributed(body, 2, x)     # list indexed by rank
+
+The ranks rendezvous through a file in a fresh temporary directory (``file://``), not a TCP port: a port
+chosen by one process and bound later by another can be taken in between by any other program (the cause of
+the rare setup failures this helper once retried), a private file cannot. There is no retry: a failure is
+reported at once, with every rank's traceback and exit code.
 """
 import os
 import socket
@@ -19,16 +24,16 @@ import torch.multiprocessing as mp
 
 
 def free_port() -> int:
+    """A currently free TCP port, for tests of launchers that need one (torchrun, deepspeed, tcp RUN_ID)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _worker(rank, fn, world_size, port, out_dir, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), CUDA_VISIBLE_DEVICES="")
+def _worker(rank, fn, world_size, rendezvous, out_dir, args):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), CUDA_VISIBLE_DEVICES="")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -40,25 +45,14 @@ def _worker(rank, fn, world_size, port, out_dir, args):
         dist.destroy_process_group()
 
 
-def run_distributed(fn, world_size, *args, attempts=2):
-    """Spawn `world_size` gloo ranks running `fn(rank, world_size, *args)`; return results by rank.
-
-    A failure inside `fn` (a Python exception on some rank) is reported at once with every rank's
-    traceback. A failure with no traceback (a rank killed by a signal, or a rendezvous that could not
-    bind its port) is infrastructure, not the code under test: it is retried once on a new port.
-    """
-    for attempt in range(attempts):
-        with tempfile.TemporaryDirectory() as out_dir:
-            try:
-                mp.start_processes(_worker, args=(fn, world_size, free_port(), out_dir, args),
-                                   nprocs=world_size, start_method="spawn")
-            except Exception as e:
-                errs = [open(os.path.join(out_dir, f)).read() for f in sorted(os.listdir(out_dir))
-                        if f.endswith(".err")]
-                if errs or attempt + 1 == attempts:
-                    raise RuntimeError(f"distributed test body failed ({type(e).__name__}: {e}):\n"
-                                       + "\n".join(errs)) from e
-                print(f"run_distributed: no rank raised but the job failed ({e}); retrying once", flush=True)
-                continue
-            return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
-                    for r in range(world_size)]
+def run_distributed(fn, world_size, *args):
+    """Spawn `world_size` gloo ranks running `fn(rank, world_size, *args)`; return results by rank."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        rendezvous = os.path.join(out_dir, "rendezvous")
+        try:
+            mp.start_processes(_worker, args=(fn, world_size, rendezvous, out_dir, args), nprocs=world_size,
+                               start_method="spawn")
+        except Exception as e:
+            errs = [open(os.path.join(out_dir, f)).read() for f in sorted(os.listdir(out_dir)) if f.endswith(".err")]
+            raise RuntimeError(f"distributed test body failed ({type(e).__name__}: {e}):\n" + "\n".join(errs)) from e
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]

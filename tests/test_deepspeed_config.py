@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from scaleclr.config import ConfigError, load_config
-from scaleclr.engines.deepspeed_config import build_deepspeed_config, check_deepspeed_config
+from scaleclr.config.deepspeed_json import build_deepspeed_config, check_deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["config=test/integration_test/quick_simclr_synthetic", "config.DISTRIBUTED.NUM_PROC_PER_NODE=2",

@@ -3,8 +3,9 @@
 Every run is the quick synthetic config (ResNet-18, SyncBN, 32 px) at 4 images per process, one epoch of 3
 steps (DATA_LIMIT 24), so each run ends with a *final* checkpoint. Compared with DDP on the same data:
 per-step losses (``metrics.jsonl``, 1e-4 relative) and the final parameters (the consolidated fp32 export,
-allclose). A negative control runs LARC on DeepSpeed's flat partitions (``SCALECLR_DEEPSPEED_LARC_NORMS=
-partition``) and must fail the same comparison. Save/stop/resume must equal the uninterrupted run, BN
+allclose). A negative control runs LARC on DeepSpeed's flat partitions (the test replaces the partition
+bookkeeping with an empty one, so every flat partition is normed as if it were one parameter) and must fail the
+same comparison. Save/stop/resume must equal the uninterrupted run, BN
 buffers must be equal on both ranks.
 
 Cost: the ZeRO x LARC matrix runs as one 2-process gloo job (``tests/dist_helpers.run_distributed``) that
@@ -52,10 +53,10 @@ def larc(on):
     return [f"config.OPTIMIZER.use_larc={on}"]
 
 
-# (name, overrides, extra environment); one process group runs them in this order (ZeRO-3 last: it
+# (name, overrides, patch); one process group runs them in this order (ZeRO-3 last: it
 # installs hooks on its model, nothing global, but that keeps the other cases independent of it).
-RUNS = [("ddp_larc_True", larc(True), {}), ("ddp_larc_False", larc(False), {})]
-RUNS += [(f"z{s}_larc_{on}", ds(s) + larc(on), {}) for s in (0, 1, 2) for on in (True, False)]
+RUNS = [("ddp_larc_True", larc(True), None), ("ddp_larc_False", larc(False), None)]
+RUNS += [(f"z{s}_larc_{on}", ds(s) + larc(on), None) for s in (0, 1, 2) for on in (True, False)]
 # LARC options: clip mode, zero-norm parameters (zero-initialised last BN of every block: no adaptation and no
 # weight decay at step 1), BN/bias regularisation groups; and SimCLR's exclude_bias_and_norm groups
 # (larc_exclude: plain SGD with their own weight decay).
@@ -64,20 +65,23 @@ VARIANT = larc(True) + ["config.OPTIMIZER.larc_config.clip=True", "config.MODEL.
                         "config.OPTIMIZER.weight_decay=0.0001"]
 EXCLUDE = larc(True) + ["config.OPTIMIZER.larc_config.exclude_bias_and_norm=True",
                         "config.OPTIMIZER.regularize_bn=True", "config.OPTIMIZER.weight_decay=0.0001"]
-RUNS += [("ddp_variant", VARIANT, {}), ("z2_variant", ds(2) + VARIANT, {}), ("ddp_exclude", EXCLUDE, {})]
+RUNS += [("ddp_variant", VARIANT, None), ("z2_variant", ds(2) + VARIANT, None), ("ddp_exclude", EXCLUDE, None)]
 CLIP = ["config.OPTIMIZER.gradient_clipping=0.05"]  # well below the gradient norm: clipping is active
-RUNS += [("ddp_clip", larc(False) + CLIP, {}), ("z2_clip", ds(2) + larc(False) + CLIP, {})]
-RUNS += [("negative_z2_partition_norms", ds(2) + larc(True), {"SCALECLR_DEEPSPEED_LARC_NORMS": "partition"})]
-RUNS += [(f"z3_larc_{on}", ds(3) + larc(on), {}) for on in (True, False)]
-RUNS += [("z3offload_larc_True", ds(3, "zero3_offload") + larc(True), {})]
-RUNS += [("z3_variant", ds(3) + VARIANT, {}), ("z3_exclude", ds(3) + EXCLUDE, {})]
+RUNS += [("ddp_clip", larc(False) + CLIP, None), ("z2_clip", ds(2) + larc(False) + CLIP, None)]
+RUNS += [("negative_z2_partition_norms", ds(2) + larc(True), "flat_partitions")]
+RUNS += [(f"z3_larc_{on}", ds(3) + larc(on), None) for on in (True, False)]
+RUNS += [("z3offload_larc_True", ds(3, "zero3_offload") + larc(True), None)]
+RUNS += [("z3_variant", ds(3) + VARIANT, None), ("z3_exclude", ds(3) + EXCLUDE, None)]
+# activation checkpointing: ZeRO-3 is the case that must re-gather partitioned parameters for the recompute
+AC = ["config.MODEL.ACTIVATION_CHECKPOINTING.USE_ACTIVATION_CHECKPOINTING=True"]
+RUNS += [("z3_ac_larc_True", ds(3) + larc(True) + AC, None)]
 BF16 = ["config.MODEL.AMP_PARAMS.USE_AMP=True", "config.MODEL.AMP_PARAMS.AMP_TYPE=pytorch",
         "config.MODEL.AMP_PARAMS.AMP_DTYPE=bfloat16"]
 # bf16: ZeRO-0 keeps one fp32 master per parameter (plain LARC math); ZeRO-3 partitions them
-RUNS += [(f"z{s}_bf16_larc_True", ds(s) + larc(True) + BF16, {}) for s in (0, 3)]
+RUNS += [(f"z{s}_bf16_larc_True", ds(s) + larc(True) + BF16, None) for s in (0, 3)]
 # save after 2 steps, stop (the trainer and engine are discarded), resume in a fresh Trainer, finish
-RUNS += [("z3_resume", ds(3) + larc(True) + ["config.TRAINER.MAX_ITERATIONS=2"], {}),
-         ("z3_resume", ds(3) + larc(True), {})]
+RUNS += [("z3_resume", ds(3) + larc(True) + ["config.TRAINER.MAX_ITERATIONS=2"], None),
+         ("z3_resume", ds(3) + larc(True), None)]
 
 
 def _train_cases(rank, world_size, base, runs):
@@ -87,10 +91,13 @@ def _train_cases(rank, world_size, base, runs):
     from scaleclr.config import load_config
     from scaleclr.trainer import Trainer
 
+    from scaleclr.engines import deepspeed as ds_engine
+
     out = {}
-    for i, (name, overrides, env) in enumerate(runs):
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
+    for i, (name, overrides, patch) in enumerate(runs):
+        real_layouts = ds_engine.build_flat_layouts
+        if patch == "flat_partitions":  # no partition bookkeeping: LARC norms DeepSpeed's flat partitions
+            ds_engine.build_flat_layouts = lambda ds_optimizer: {}
         try:
             root, _ = load_config(COMMON + overrides + [f"config.CHECKPOINT.DIR={base}/{name}"],
                                   world_size=world_size)
@@ -101,11 +108,7 @@ def _train_cases(rank, world_size, base, runs):
             out[f"{i}:{name}"] = {"state": state, "buffers": buffers, "engine": trainer.engine.name,
                                   "optimizer": type(trainer.engine.optimizer).__name__}
         finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+            ds_engine.build_flat_layouts = real_layouts
         del trainer
         gc.collect()
     return out
@@ -245,6 +248,17 @@ def test_negative_control_partition_trust_ratios_are_caught(matrix, init_state):
     good_diff = max(update_rel_diffs(good, ref, init_state).values())
     bad_diff = max(update_rel_diffs(bad["state"], ref, init_state).values())
     assert good_diff < UPDATE_RTOL < 0.1 < bad_diff, (good_diff, bad_diff)
+
+
+def test_activation_checkpointing_under_zero3_matches_ddp(matrix, init_state):
+    """USE_ACTIVATION_CHECKPOINTING under DeepSpeed (ZeRO-3: the recompute re-gathers the partitioned
+    parameters): the same run as without it, hence as DDP. The recompute repeats the same operations on the same
+    values in the same process (deterministic CPU kernels), so the two runs are identical, not merely close."""
+    base, results = matrix
+    got = result(results, "z3_ac_larc_True")["state"]
+    assert step_losses(base / "z3_ac_larc_True") == step_losses(base / "z3_larc_True")
+    assert states_close(got, result(results, "z3_larc_True")["state"], rtol=0, atol=0)
+    assert losses_close(step_losses(base / "z3_ac_larc_True"), step_losses(base / "ddp_larc_True"))
 
 
 def test_save_stop_resume_equals_uninterrupted_zero3(matrix):

@@ -96,15 +96,16 @@ def test_srun_multi_task_step():
         detect_launcher_env(_srun()).for_spawned_worker(0, 2)
 
 
-def test_slurm_without_multi_task_step_is_not_a_launcher():
+def test_slurm_outside_an_srun_step_is_not_a_launcher():
     # sbatch batch script running `python train.py` directly: task 0 of the job, no step id
     assert detect_launcher_env(_srun(SLURM_STEP_ID=None, SLURM_PROCID="0", SLURM_LOCALID="0",
                                      SLURM_NODEID="0")) is None
     # batch step id reported as a special value
     assert detect_launcher_env(_srun(SLURM_STEP_ID=str(0xFFFFFFFE), SLURM_PROCID="0")) is None
-    # srun -n1: one task carries no world information; the trainer spawns per the config
-    assert detect_launcher_env(_srun(SLURM_NTASKS="1", SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0",
-                                     SLURM_TASKS_PER_NODE="1")) is None
+    # srun -N1 -n1: the one-task-per-node layout on one node (the task spawns NUM_PROC_PER_NODE workers)
+    one = detect_launcher_env(_srun(SLURM_NTASKS="1", SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0",
+                                    SLURM_TASKS_PER_NODE="1"))
+    assert (one.launcher, one.world_size, one.local_world_size) == ("slurm", 1, 1)
     # salloc shell (no SLURM_PROCID)
     assert detect_launcher_env({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "n1"}) is None
 

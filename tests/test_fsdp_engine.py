@@ -47,12 +47,15 @@ def _trainer(rank, world, overrides):
 
 
 def _record_losses(tr):
+    """Record every step's loss, averaged over ranks (what metrics.jsonl logs)."""
+    from scaleclr.distributed.collectives import all_reduce_sum
+
     losses = []
     step = tr.train_step
 
     def recording(batch, data_time):
         loss = step(batch, data_time)
-        losses.append(loss)
+        losses.append(float(all_reduce_sum(loss.detach())) / tr.world_size)
         return loss
 
     tr.train_step = recording
@@ -88,17 +91,31 @@ def _count_forwards(module):
     return calls
 
 
+def shard_local_norms(tensors):
+    """The WRONG norm for sharded LARC (each local shard's norm): the negative control."""
+    from torch.distributed.tensor import DTensor
+
+    from scaleclr.optim.larc import local_norms
+
+    return local_norms([t.to_local() if isinstance(t, DTensor) else t for t in tensors])
+
+
 def _run(rank, world, out_dir, engine, extra=(), norm_fn=None, probe=False, count_block=False):
-    """3 training steps; returns per-step losses and (rank 0) the full fp32 state after training."""
+    """3 training steps; returns per-step losses and (rank 0) the full fp32 state after training.
+    ``norm_fn`` replaces the engine's LARC / clipping norm for the whole run (negative control)."""
     from scaleclr.engines import fsdp as fsdp_mod
 
-    saved_norm = fsdp_mod.FSDPEngine.larc_norm_fn
+    saved_norm = fsdp_mod.dtensor_norms
     if norm_fn is not None:
-        fsdp_mod.FSDPEngine.larc_norm_fn = staticmethod(norm_fn)
+        fsdp_mod.dtensor_norms = norm_fn
     try:
-        tr = _trainer(rank, world, _overrides(world, out_dir, engine, extra))
+        return _run_inner(rank, world, out_dir, engine, extra, probe, count_block)
     finally:
-        fsdp_mod.FSDPEngine.larc_norm_fn = saved_norm
+        fsdp_mod.dtensor_norms = saved_norm
+
+
+def _run_inner(rank, world, out_dir, engine, extra, probe, count_block):
+    tr = _trainer(rank, world, _overrides(world, out_dir, engine, extra))
     tr.save_checkpoint = lambda *a, **k: None
     losses = _record_losses(tr)
     seen = _dtype_probe(tr.engine.module) if probe else None
@@ -130,7 +147,7 @@ def _norms_probe(world):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from scaleclr.engines.fsdp import dtensor_norms, shard_local_norms
+    from scaleclr.engines.fsdp import dtensor_norms
 
     mesh = init_device_mesh("cpu", (world,))
     gen = torch.Generator().manual_seed(0)
@@ -143,8 +160,6 @@ def _norms_probe(world):
 
 def _parity_body(rank, world, tmp):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    from scaleclr.engines.fsdp import shard_local_norms
 
     d = lambda name: os.path.join(tmp, name)  # noqa: E731
     res = {}
@@ -176,7 +191,7 @@ def _parity_body(rank, world, tmp):
     res["fsdp_bf16"], _ = _run(rank, world, d("fsdp_bf16"), "fsdp", FSDP_BF16, probe=True)
     res["ddp_fp16"], _ = _run(rank, world, d("ddp_fp16"), "ddp", AMP_FP16)
     res["fsdp_fp16"], tr = _run(rank, world, d("fsdp_fp16"), "fsdp", FSDP_FP16)
-    res["fsdp_fp16"]["grad_scale"] = tr.engine.grad_scale()
+    res["fsdp_fp16"]["grad_scale"] = float(tr.engine.scaler.get_scale())
     stage = ["config.MODEL.FSDP_CONFIG.SHARD_UNIT=stage", "config.MODEL.FSDP_CONFIG.RESHARD_AFTER_FORWARD=False"]
     res["fsdp_stage"], _ = _run(rank, world, d("stage"), "fsdp", stage, count_block=True)
     res["fsdp_stage_ac"], _ = _run(rank, world, d("stage_ac"), "fsdp", stage + AC, count_block=True)
@@ -271,10 +286,11 @@ def test_bf16_keeps_batchnorm_fp32_and_matches_ddp_bf16(parity, initial_state):
     seen = fsdp["seen"]
     assert seen["conv_weight"] == {"torch.bfloat16"}  # the policy is really on
     assert seen["bn_weight"] == {"torch.float32"} and seen["bn_buffers"] == {"torch.float32"}
-    assert seen["bn_input"] == {"torch.float32"}  # BN computes in fp32
+    # native autocast policy: BN activations stay bf16; weights, statistics and their accumulation fp32
+    assert seen["bn_input"] == {"torch.bfloat16"}
     assert fsdp["bn_master"] == {"torch.float32"}
     assert all(v.dtype == torch.float32 for k, v in fsdp["state"].items() if v.is_floating_point())
-    assert ddp["seen"]["bn_input"] == {"torch.float32"}
+    assert ddp["seen"]["bn_input"] == {"torch.bfloat16"} and ddp["seen"]["bn_weight"] == {"torch.float32"}
     # same op-level policy as DDP's AMP: the first step (same parameters) is the same computation ...
     assert abs(fsdp["losses"][0] - ddp["losses"][0]) <= 1e-6 * abs(ddp["losses"][0])
     # ... later steps differ by bf16 rounding of fp32-level differences (reduction order)
@@ -347,7 +363,7 @@ def _phase(rank, world, out_dir, engine, max_iters):
                                           data_limit=16))
     losses = _record_losses(tr)
     tr.train()
-    return {"losses": losses, "state": tr.engine.full_state_dict(), "iteration": tr.state.iteration}
+    return {"losses": losses, "state": tr.engine.full_state_dict(), "step": tr.state.step}
 
 
 def _copy(rank, src, dsts):
@@ -392,7 +408,7 @@ def reshard(tmp_path_factory):
 
 def test_first_phases_agree_across_world_sizes(reshard):
     a, b = reshard["a_first"], reshard["b_first"]
-    assert a["iteration"] == b["iteration"] == 2
+    assert a["step"] == b["step"] == 2
     assert _loss_rel_err(a["losses"], b["losses"], n=2) < 1e-5
     _assert_states_close(a["state"], b["state"], rtol=1e-5, atol=1e-6)
 
@@ -400,6 +416,6 @@ def test_first_phases_agree_across_world_sizes(reshard):
 @pytest.mark.parametrize("resharded,same", [("a_2to1", "a_2to2"), ("b_1to2", "b_1to1")])
 def test_reshard_on_resume_equals_same_world_resume(reshard, resharded, same):
     r, s = reshard[resharded], reshard[same]
-    assert r["iteration"] == s["iteration"] == 4
+    assert r["step"] == s["step"] == 4
     assert _loss_rel_err(r["losses"], s["losses"], n=2) < 1e-5  # 2 steps: resumed at iteration 2
     _assert_states_close(r["state"], s["state"], rtol=1e-5, atol=1e-6)

@@ -338,3 +338,19 @@ def test_build_optimizer():
         build_optimizer(groups, "adam")
     with pytest.raises(ValueError, match="trust_coef"):
         build_optimizer(groups, use_larc=True, larc_config={"trust_coef": 0.1})
+
+
+def test_larc_defaults_are_the_schema_defaults():
+    """One source of defaults: LARC's keyword defaults (public API) equal config.OPTIMIZER.larc_config's, and
+    build_optimizer has no fallback of its own (a missing key is an error)."""
+    import inspect
+
+    from scaleclr.config.schema import LarcConfig
+
+    sig = inspect.signature(LARC.__init__).parameters
+    schema = LarcConfig()
+    assert {k: sig[k].default for k in ("trust_coefficient", "clip", "eps")} == \
+        {"trust_coefficient": schema.trust_coefficient, "clip": schema.clip, "eps": schema.eps}
+    model = _simclr_model()
+    with pytest.raises(ValueError, match="missing"):
+        build_optimizer(build_param_groups(model, 1e-6), use_larc=True, larc_config={"clip": False})

@@ -1,5 +1,6 @@
 """`srun python train.py` inside a real SLURM allocation (a single-node cluster started by .ci/run via
-slurm/localhost_cluster.sh): 2 tasks x 4 images train like 1 process x 8 images."""
+slurm/localhost_cluster.sh): 2 tasks x 4 images, and one task spawning 2 workers x 4 images (VISSL's
+one-task-per-node layout), train like 1 process x 8 images."""
 import json
 import os
 import shutil
@@ -25,26 +26,46 @@ def losses(out: Path):
     return {r["step"]: r["loss"] for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r}
 
 
-@pytest.mark.dist
-@pytest.mark.skipif(not slurm_available(), reason="no local SLURM cluster (slurm/localhost_cluster.sh start)")
-def test_srun_two_tasks_equal_one_process(tmp_path):
-    ref = tmp_path / "ref"
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    ref = tmp_path_factory.mktemp("ref")
     subprocess.run([sys.executable, str(ROOT / "train.py"), *QUICK, f"config.CHECKPOINT.DIR={ref}"], check=True,
                    cwd=ROOT, capture_output=True, timeout=300, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
-    out = tmp_path / "srun"
+    return losses(ref)
+
+
+def sbatch(tmp_path, sbatch_args, srun_args):
+    out = tmp_path / "run"
     script = tmp_path / "job.sbatch"
     script.write_text(f"""#!/bin/bash
-#SBATCH --ntasks=2
+{chr(10).join('#SBATCH ' + a for a in sbatch_args)}
 #SBATCH --output={tmp_path}/job.out
 cd {ROOT}
 export OMP_WAIT_POLICY=PASSIVE CUDA_VISIBLE_DEVICES=
-srun --kill-on-bad-exit=1 {sys.executable} train.py {' '.join(QUICK)} config.CHECKPOINT.DIR={out} \\
+srun --kill-on-bad-exit=1 {srun_args} {sys.executable} train.py {' '.join(QUICK)} config.CHECKPOINT.DIR={out} \\
     config.DISTRIBUTED.NUM_PROC_PER_NODE=2 config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=4
 """)
     r = subprocess.run(["sbatch", "--wait", str(script)], capture_output=True, text=True, timeout=600)
     log = (tmp_path / "job.out").read_text() if (tmp_path / "job.out").exists() else ""
     assert r.returncode == 0, r.stderr + log[-4000:]
+    return out, log
+
+
+@pytest.mark.dist
+@pytest.mark.skipif(not slurm_available(), reason="no local SLURM cluster (slurm/localhost_cluster.sh start)")
+def test_srun_two_tasks_equal_one_process(tmp_path, reference):
+    out, log = sbatch(tmp_path, ["--ntasks=2"], "")
     assert "launcher=slurm" in log
-    got, want = losses(out), losses(ref)
+    got = losses(out)
     for s in (1, 2, 3):
-        assert got[s] == pytest.approx(want[s], rel=1e-5), s
+        assert got[s] == pytest.approx(reference[s], rel=1e-5), s
+
+
+@pytest.mark.dist
+@pytest.mark.skipif(not slurm_available(), reason="no local SLURM cluster (slurm/localhost_cluster.sh start)")
+def test_one_task_per_node_spawns_its_workers(tmp_path, reference):
+    out, log = sbatch(tmp_path, ["--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=2"], "--ntasks-per-node=1")
+    assert "spawning 2 workers (node 0 of 1, world 2" in log
+    got = losses(out)
+    for s in (1, 2, 3):
+        assert got[s] == pytest.approx(reference[s], rel=1e-5), s

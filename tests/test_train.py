@@ -63,7 +63,7 @@ def test_single_process_run_outputs(single_run):
         assert {"epoch", "lr", "images_per_sec", "data_time", "step_time", "skipped_images"} <= r.keys()
     assert sum("epoch_loss" in r for r in recs) == 2
     state = final_state(single_run)
-    assert state["client_state"]["train_state"] == {"epoch": 2, "iteration": 8, "iteration_in_epoch": 0}
+    assert state["client_state"]["train_state"] == {"epochs_done": 2, "step": 8, "step_in_epoch": 0}
     assert "larc" in state["optimizer"]
 
 
@@ -91,13 +91,14 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
     r = run(tmp_path, "config.OPTIMIZER.param_schedulers.lr.start_value=1e30",
             "config.OPTIMIZER.use_larc=False", check=False)
     assert r.returncode != 0
-    assert "at iteration" in r.stderr and "last good checkpoint" in r.stderr
+    assert "not finite at step" in r.stderr and "last good checkpoint" in r.stderr
     assert (ckpt.read_bytes(), (tmp_path / "checkpoint.json").read_text()) == before
 
 
 def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    from scaleclr import checkpoint
-    from scaleclr.checkpoint import CheckpointManager, atomic_torch_save
+    from scaleclr import io
+    from scaleclr.checkpoint import CheckpointManager
+    from scaleclr.io import atomic_torch_save
 
     target = tmp_path / "model_phase0.torch"
     atomic_torch_save({"w": torch.ones(3)}, str(target))
@@ -107,7 +108,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
         f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint.torch, "save", broken_save)
+    monkeypatch.setattr(io.torch, "save", broken_save)
     with pytest.raises(OSError):
         atomic_torch_save({"w": torch.zeros(3)}, str(target))
     monkeypatch.undo()
@@ -162,10 +163,13 @@ def test_launcher_world_must_match_config(tmp_path):
 
 @pytest.mark.dist
 def test_failing_rank_stops_every_process(tmp_path):
+    """Rank 1 raises in its second step (tests/fail_at_step.py patches the trainer in the launcher process;
+    workers are forked, so they inherit the patch): the launcher stops rank 0 and exits non-zero."""
     start = time.time()
     r = run(tmp_path, "config.DISTRIBUTED.NUM_PROC_PER_NODE=2", "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=4",
-            "config.DISTRIBUTED.TIMEOUT_SECONDS=60", env_extra={"SCALECLR_FAIL_AT": "1:1"}, check=False)
-    assert r.returncode != 0 and "injected failure" in r.stderr
+            "config.DISTRIBUTED.TIMEOUT_SECONDS=60", "config.MULTI_PROCESSING_METHOD=fork", check=False,
+            launcher=(sys.executable, str(ROOT / "tests" / "fail_at_step.py"), "1", "1"))
+    assert r.returncode != 0 and "injected failure at rank 1, step 1" in r.stderr
     assert time.time() - start < 120
 
 
@@ -200,7 +204,7 @@ def _bn_buffers_after_save(rank, world_size, tmp):
     root, _ = load_config([QUICK, "config.MODEL.SYNC_BN_CONFIG.CONVERT_BN_TO_SYNC_BN=False",
                            "config.DISTRIBUTED.NUM_PROC_PER_NODE=2", "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=4"])
     c = root.config
-    engine = DDPEngine(c, torch.device("cpu"), rank, world_size)
+    engine = DDPEngine(builders.build_engine_spec(c, world_size), torch.device("cpu"), rank, world_size)
     engine.setup(builders.build_model(c), builders.make_optimizer_factory(c))
     loss_fn = builders.build_loss(c)
     for _ in range(2):
@@ -235,6 +239,30 @@ def test_manual_multinode_tcp_equals_one_process(single_run, tmp_path):
                               stderr=subprocess.PIPE, text=True) for n in (0, 1)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
+    ref, got = step_losses(single_run), step_losses(tmp_path)
+    for s in (1, 2, 3):
+        assert got[s] == pytest.approx(ref[s], rel=1e-5), s
+
+
+@pytest.mark.dist
+def test_slurm_one_task_per_node_agents_equal_one_process(single_run, tmp_path):
+    """VISSL's SLURM layout, srun --ntasks-per-node=1 over 2 nodes (here both on localhost, with the variables
+    srun sets): each task spawns NUM_PROC_PER_NODE=2 workers; 2 nodes x 2 workers x 2 images == 1 x 8."""
+    port = _free_port()
+    procs = []
+    for node in (0, 1):
+        env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", CUDA_VISIBLE_DEVICES="", SLURM_JOB_ID="4242",
+                   SLURM_STEP_ID="0", SLURM_PROCID=str(node), SLURM_STEP_NUM_TASKS="2", SLURM_LOCALID="0",
+                   SLURM_STEP_NODEID=str(node), SLURM_STEP_TASKS_PER_NODE="1(x2)", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port))
+        cmd = [sys.executable, str(ROOT / "train.py"), QUICK, f"config.CHECKPOINT.DIR={tmp_path}",
+               "config.DISTRIBUTED.NUM_NODES=2", "config.DISTRIBUTED.NUM_PROC_PER_NODE=2",
+               "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=2", "config.TRAINER.MAX_ITERATIONS=3"]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
+    assert "spawning 2 workers (node 0 of 2, world 4" in outs[0][1]
     ref, got = step_losses(single_run), step_losses(tmp_path)
     for s in (1, 2, 3):
         assert got[s] == pytest.approx(ref[s], rel=1e-5), s

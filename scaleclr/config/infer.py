@@ -128,18 +128,38 @@ def infer(root: DictConfig, world_size: Optional[int] = None,
         logger.warning("config.MODEL.FSDP_CONFIG.* has no effect with config.DISTRIBUTED.ENGINE=%s; use "
                        "config.MODEL.AMP_PARAMS for mixed precision", d.ENGINE)
 
-    lr = OmegaConf.to_container(c.OPTIMIZER.param_schedulers.lr, resolve=True)
-    auto = lr.get("auto_lr_scaling", {})
-    if auto.get("auto_scale", False):
-        nodes = max(1, world // d.NUM_PROC_PER_NODE) if world_size else d.NUM_NODES
-        procs = min(d.NUM_PROC_PER_NODE, world)
-        new_lr, lr_info = auto_scale_lr(lr, bs, procs, nodes)
-        c.OPTIMIZER.param_schedulers.lr = new_lr
-        info["lr"] = lr_info
-    try:
-        build_scheduler(OmegaConf.to_container(c.OPTIMIZER.param_schedulers.lr, resolve=True),
-                        num_epochs=c.OPTIMIZER.num_epochs)
-    except ValueError as e:
-        raise ConfigError("config.OPTIMIZER.param_schedulers.lr", str(e)) from e
+    nodes = max(1, world // d.NUM_PROC_PER_NODE) if world_size else d.NUM_NODES
+    procs = min(d.NUM_PROC_PER_NODE, world)
+    for name in ("lr", "lr_head"):
+        sched = OmegaConf.to_container(c.OPTIMIZER.param_schedulers[name], resolve=True)
+        if not sched:
+            continue
+        if sched.get("auto_lr_scaling", {}).get("auto_scale", False):
+            new_lr, lr_info = auto_scale_lr(sched, bs, procs, nodes)
+            c.OPTIMIZER.param_schedulers[name] = new_lr
+            info[name] = lr_info
+        try:
+            build_scheduler(OmegaConf.to_container(c.OPTIMIZER.param_schedulers[name], resolve=True),
+                            num_epochs=c.OPTIMIZER.num_epochs)
+        except ValueError as e:
+            raise ConfigError(f"config.OPTIMIZER.param_schedulers.{name}", str(e)) from e
     infer_head(c, explicit, info)
+    if c.CHECKPOINT.APPEND_DISTR_RUN_ID:  # VISSL: one sub-folder per run id
+        c.CHECKPOINT.DIR = f"{c.CHECKPOINT.DIR.rstrip('/')}/{d.RUN_ID}"
+        info["checkpoint_dir"] = c.CHECKPOINT.DIR
+    _check_inferred(c, explicit)
     return info
+
+
+def _check_inferred(c: DictConfig, explicit: Mapping[str, str]) -> None:
+    """A value VISSL infers that the command line set to something else is an error (it would be overwritten)."""
+    lc = loss_cfg(c)
+    prefix = f"config.LOSS.{c.LOSS.name}"
+    inferred = {f"{prefix}.buffer_params.world_size": lc.buffer_params.world_size,
+                f"{prefix}.buffer_params.effective_batch_size": lc.buffer_params.effective_batch_size}
+    if c.LOSS.name == "multicrop_simclr_info_nce_loss":
+        inferred[f"{prefix}.num_crops"] = lc.num_crops
+    for key, value in inferred.items():
+        if key in explicit and str(explicit[key]) != str(value):
+            raise ConfigError(key, f"= {explicit[key]} but scaleclr infers {value} from the world size, the batch "
+                              "size and the transforms (as VISSL does); drop the override.")

@@ -194,6 +194,8 @@ def _default_lr_schedule() -> Dict[str, Any]:
 @dataclass
 class ParamSchedulersConfig:
     lr: Dict[str, Any] = field(default_factory=_default_lr_schedule)
+    # the head's schedule with head_optimizer_params.use_different_lr (VISSL); same keys as lr
+    lr_head: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -12,12 +12,12 @@ from omegaconf import DictConfig, OmegaConf
 from scaleclr.config import schema
 from scaleclr.config.compose import unknown_key_error
 from scaleclr.config.errors import ConfigError
+from scaleclr.config.policy import apply_policies
 
 logger = logging.getLogger(__name__)
 
 ALLOWED = {
     "config.LOSS.name": ("simclr_info_nce_loss", "multicrop_simclr_info_nce_loss"),
-    "config.MODEL.TRUNK.NAME": ("resnet",),
     "config.MODEL.TRUNK.RESNETS.DEPTH": (18, 34, 50, 101, 152, 200),
     "config.MODEL.TRUNK.RESNETS.NORM": ("BatchNorm", "LayerNorm", "GroupNorm"),
     "config.MODEL.SYNC_BN_CONFIG.SYNC_BN_TYPE": ("pytorch", "apex", "native"),
@@ -34,9 +34,8 @@ ALLOWED = {
     "config.LOSS.simclr_info_nce_loss.impl": ("reference", "streaming", "triton", "auto"),
     "config.LOSS.multicrop_simclr_info_nce_loss.impl": ("reference", "streaming", "triton", "auto"),
     "config.LOSS.multicrop_simclr_info_nce_loss.negatives": ("global", "local"),
-    "engine_name": ("train",),
     "config.MULTI_PROCESSING_METHOD": ("forkserver", "spawn", "fork"),
-    "config.MODEL.INPUT_TYPE": ("rgb",),
+    "config.DATA.TRAIN.LABEL_TYPE": ("standard", "sample_index", "zero", "no_label"),
 }
 DATA_SOURCES = ("disk_folder", "disk_filelist", "synthetic")
 
@@ -126,12 +125,12 @@ def validate(root: DictConfig) -> None:
     if c.OPTIMIZER.use_larc and c.OPTIMIZER.name != "sgd":
         raise ConfigError("config.OPTIMIZER.use_larc", f"LARC wraps SGD only; config.OPTIMIZER.name is "
                           f"{c.OPTIMIZER.name!r}.")
-    if c.SLURM.USE_SLURM:
-        raise ConfigError("config.SLURM.USE_SLURM", "VISSL's submitit launcher is not part of scaleclr: submit "
-                          "slurm/train.sbatch (srun, one task per GPU) instead; see README 'Multi-process training'.")
-    if c.DATA.TRAIN.COPY_TO_LOCAL_DISK:
-        logger.warning("config.DATA.TRAIN.COPY_TO_LOCAL_DISK=True has no effect in scaleclr: images are read "
-                       "from config.DATA.TRAIN.DATA_PATHS in place")
+    apply_policies(root)
+    if c.DISTRIBUTED.DEEPSPEED_CONFIG and c.DISTRIBUTED.ENGINE != "deepspeed":
+        logger.warning("config.DISTRIBUTED.DEEPSPEED_CONFIG=%s has no effect with config.DISTRIBUTED.ENGINE=%s "
+                       "(pass --deepspeed_config or ENGINE=deepspeed to use it)", c.DISTRIBUTED.DEEPSPEED_CONFIG,
+                       c.DISTRIBUTED.ENGINE)
+    _check_head_lr(root)
     if c.CHECKPOINT.LATEST_CHECKPOINT_RESUME_FILE_NUM < 1:
         raise ConfigError("config.CHECKPOINT.LATEST_CHECKPOINT_RESUME_FILE_NUM", "must be >= 1 (1 = latest).")
     if not 0 <= root.node_id < c.DISTRIBUTED.NUM_NODES:
@@ -157,6 +156,18 @@ def validate(root: DictConfig) -> None:
     _check_loss_vs_views(root)
 
 
+def _check_head_lr(root) -> None:
+    o = root.config.OPTIMIZER
+    head = OmegaConf.to_container(o.param_schedulers.lr_head, resolve=True)
+    if o.head_optimizer_params.use_different_lr and not head:
+        raise ConfigError("config.OPTIMIZER.param_schedulers.lr_head", "is empty but config.OPTIMIZER."
+                          "head_optimizer_params.use_different_lr=True: give the head's LR schedule (same keys as "
+                          "config.OPTIMIZER.param_schedulers.lr).")
+    if head and not o.head_optimizer_params.use_different_lr:
+        logger.warning("config.OPTIMIZER.param_schedulers.lr_head has no effect without "
+                       "config.OPTIMIZER.head_optimizer_params.use_different_lr=True (the head follows lr)")
+
+
 def _check_data(root) -> None:
     train = root.config.DATA.TRAIN
     if not train.DATA_SOURCES:
@@ -168,6 +179,17 @@ def _check_data(root) -> None:
     if len(train.DATA_SOURCES) > 1:
         raise ConfigError("config.DATA.TRAIN.DATA_SOURCES", "one training source is supported, got "
                           f"{list(train.DATA_SOURCES)}.")
+    labels = list(train.LABEL_SOURCES)
+    if labels and labels != [train.DATA_SOURCES[0]]:
+        raise ConfigError("config.DATA.TRAIN.LABEL_SOURCES", f"= {labels}; labels come from the data source itself: "
+                          f"[{train.DATA_SOURCES[0]}] (disk_folder: the class folders; disk_filelist: a .npy of "
+                          "integer labels in LABEL_PATHS) or [] .")
+    if labels == ["disk_filelist"] and not train.LABEL_PATHS:
+        raise ConfigError("config.DATA.TRAIN.LABEL_PATHS", "is empty but LABEL_SOURCES=[disk_filelist]: give the "
+                          ".npy of integer labels, one per path of DATA_PATHS[0].")
+    if train.LABEL_PATHS and labels != ["disk_filelist"]:
+        logger.warning("config.DATA.TRAIN.LABEL_PATHS is read only with LABEL_SOURCES=[disk_filelist] (disk_folder "
+                       "labels are its class folders)")
     if train.DATA_SOURCES[0] != "synthetic" and not (train.DATA_PATHS or train.DATASET_NAMES):
         raise ConfigError("config.DATA.TRAIN.DATA_PATHS", "is empty and so is config.DATA.TRAIN.DATASET_NAMES: "
                           "give the image folder / file list path.")

@@ -23,6 +23,9 @@ from scaleclr.data.transforms import SSLTransforms, sample_generator
 
 logger = logging.getLogger(__name__)
 
+#: ``config.DATA.TRAIN.LABEL_TYPE`` (VISSL): the source's labels, the sample index, 0, or none (-1).
+LABEL_TYPES = ("standard", "sample_index", "zero", "no_label")
+
 # What PIL and the file system raise for missing, truncated or corrupt images.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
@@ -67,6 +70,8 @@ class SSLDataset(torch.utils.data.Dataset):
         transforms: the view pipeline (``scaleclr.data.transforms.build_transforms``).
         seed: ``config.SEED_VALUE``.
         max_attempts: how many consecutive indices are tried when images are unreadable.
+        label_type: ``config.DATA.TRAIN.LABEL_TYPE``: ``standard`` (the source's labels), ``sample_index``
+            (VISSL's SimCLR setting), ``zero`` or ``no_label`` (-1). SimCLR's loss never reads labels.
 
     Shapes:
         ``__getitem__`` returns ``{"data": [V tensors [3, H_v, W_v]], "label": int, "data_idx": int,
@@ -74,7 +79,11 @@ class SSLDataset(torch.utils.data.Dataset):
         image was substituted for an unreadable one; ``label`` is the loaded image's label (-1 if unknown).
     """
 
-    def __init__(self, source: ImageSource, transforms: SSLTransforms, seed: int = 0, max_attempts: int = 16):
+    def __init__(self, source: ImageSource, transforms: SSLTransforms, seed: int = 0, max_attempts: int = 16,
+                 label_type: str = "standard"):
+        if label_type not in LABEL_TYPES:
+            raise ValueError(f"config.DATA.TRAIN.LABEL_TYPE={label_type!r}; allowed: {', '.join(LABEL_TYPES)}")
+        self.label_type = label_type
         self.source = source
         self.transforms = transforms
         self.seed = int(seed)
@@ -98,7 +107,12 @@ class SSLDataset(torch.utils.data.Dataset):
         idx = int(idx)
         img, loaded, skipped = self._loader.load(idx)
         views = self.transforms(img, sample_generator(self.seed, self.epoch, idx))
-        return {"data": views, "label": self.source.labels[loaded], "data_idx": idx, "skipped": skipped}
+        return {"data": views, "label": self._label(loaded), "data_idx": idx, "skipped": skipped}
+
+    def _label(self, loaded: int) -> int:
+        if self.label_type == "standard":
+            return int(self.source.labels[loaded])
+        return {"sample_index": loaded, "zero": 0, "no_label": -1}[self.label_type]
 
 
 class EvalDataset(torch.utils.data.Dataset):

@@ -19,7 +19,7 @@ full batches (the SimCLR loss masks assume a fixed B per rank, spec 2.2): ``drop
 trailing partial global batch, ``drop_last=False`` pads it.
 
 Resume: ``state_dict(iteration)`` stores the epoch and the number of samples of this epoch consumed
-globally; ``load_state_dict`` skips them. Because the layout depends only on the global batch, a run may
+globally; ``load_state_dict`` checks that the data and seed are the same and skips them. Because the layout depends only on the global batch, a run may
 be resumed with another world size as long as ``batch_size x num_replicas`` divides the consumed count.
 """
 from __future__ import annotations
@@ -118,13 +118,14 @@ class ShardedSampler(torch.utils.data.Sampler[int]):
     def __len__(self) -> int:
         return (self.num_batches - self.start_iter) * self.batch_size
 
-    def state_dict(self, iteration: int | None = None) -> dict[str, Any]:
-        """The resume point.
+    def state_dict(self, iteration: int | None = None, epoch: int | None = None) -> dict[str, Any]:
+        """The resume point (the trainer stores it in every checkpoint; ``load_state_dict`` checks it).
 
         Args:
             iteration: batches of the current epoch the trainer has finished (the sampler runs ahead of the
                 training loop because of worker prefetching, so only the trainer knows). ``None`` means
                 ``start_iter``, i.e. nothing consumed since the last (re)start; right at epoch boundaries.
+            epoch: the epoch to resume in (default: the current one); at an epoch end, the next one.
 
         Returns:
             ``{"epoch", "consumed_samples"}`` (global count within the epoch) plus the fields that must
@@ -133,7 +134,8 @@ class ShardedSampler(torch.utils.data.Sampler[int]):
         iteration = self.start_iter if iteration is None else int(iteration)
         if not 0 <= iteration <= self.num_batches:
             raise ValueError(f"iteration {iteration} must lie in [0, {self.num_batches}]")
-        return {"epoch": self.epoch, "consumed_samples": iteration * self.global_batch_size,
+        return {"epoch": self.epoch if epoch is None else int(epoch),
+                "consumed_samples": iteration * self.global_batch_size,
                 "seed": self.seed, "dataset_len": self.dataset_len, "shuffle": self.shuffle,
                 "drop_last": self.drop_last}
 

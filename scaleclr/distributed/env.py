@@ -11,18 +11,23 @@ a single process). Detection order and rules:
    MASTER_ADDR/MASTER_PORT.
 3. Any other launcher that follows the ``env://`` convention (RANK and WORLD_SIZE set, e.g. a cluster operator):
    reported as ``torchrun``-style; LOCAL_RANK defaults to 0 and LOCAL_WORLD_SIZE to WORLD_SIZE (one node).
-4. **SLURM**, only inside an ``srun`` step that runs more than one task: ``SLURM_PROCID`` and ``SLURM_STEP_ID``
-   set and ``SLURM_STEP_NUM_TASKS`` (else ``SLURM_NTASKS``) > 1. Rank = SLURM_PROCID, world = the step's task
-   count, local rank = SLURM_LOCALID, node = SLURM_STEP_NODEID (else SLURM_NODEID), local world = this node's
-   entry of SLURM_STEP_TASKS_PER_NODE / SLURM_TASKS_PER_NODE (``"4(x2),3"``) or SLURM_NTASKS_PER_NODE;
-   master = MASTER_ADDR if set, else the first host of SLURM_STEP_NODELIST / SLURM_JOB_NODELIST; port =
-   MASTER_PORT if set, else ``20000 + SLURM_JOB_ID % 20000``.
+4. **SLURM**, only inside an ``srun`` step: ``SLURM_PROCID`` and a real ``SLURM_STEP_ID`` set. Rank =
+   SLURM_PROCID, world = the step's task count (SLURM_STEP_NUM_TASKS, else SLURM_NTASKS), local rank =
+   SLURM_LOCALID, node = SLURM_STEP_NODEID (else SLURM_NODEID), local world = this node's entry of
+   SLURM_STEP_TASKS_PER_NODE / SLURM_TASKS_PER_NODE (``"4(x2),3"``) or SLURM_NTASKS_PER_NODE; master =
+   MASTER_ADDR if set, else the first host of SLURM_STEP_NODELIST / SLURM_JOB_NODELIST; port = MASTER_PORT if
+   set, else ``20000 + SLURM_JOB_ID % 20000``.
    Why the step rule: an ``sbatch`` batch script is itself "task 0" (SLURM_PROCID=0) and sees the job's
    SLURM_NTASKS (e.g. 8) but no SLURM_STEP_ID, so ``python train.py`` run directly from the script must not
-   believe it is rank 0 of 8 (it would wait for 7 ranks that never come). A one-task step (``srun -n1``, or a
-   plain one-task job) carries no information beyond the config, so it is treated like no launcher too: the
-   trainer spawns its NUM_PROC_PER_NODE workers as configured. A step with one task per node (VISSL/submitit
-   style) is detected with ``local_world_size == 1``; see :meth:`DistEnv.for_spawned_worker`.
+   believe it is rank 0 of 8 (it would wait for 7 ranks that never come); it spawns NUM_PROC_PER_NODE workers
+   as configured. Two layouts of an srun step:
+
+   - one task per GPU (``srun --ntasks-per-node=<GPUs>``): every task is a worker;
+   - one task per node (``srun --ntasks-per-node=1``, VISSL/submitit style; ``local_world_size == 1``): with
+     NUM_PROC_PER_NODE > 1 each task is an agent that spawns its node's workers (global rank = node x
+     NUM_PROC_PER_NODE + local rank, rendezvous at the master and port above; see
+     :meth:`DistEnv.for_spawned_worker` and ``scaleclr.distributed.launch.spawn``). A one-task step
+     (``srun -N1 -n1``) is this layout on one node.
 """
 from __future__ import annotations
 
@@ -105,9 +110,9 @@ class DistEnv:
     def for_spawned_worker(self, local_rank: int, num_proc_per_node: int) -> "DistEnv":
         """Env of worker ``local_rank`` of ``num_proc_per_node`` spawned on this node by a one-per-node agent.
 
-        For a launcher that started one process per node (e.g. ``srun --ntasks-per-node=1``, VISSL/submitit
-        style), which then spawns ``num_proc_per_node`` workers: global rank = node_rank * num_proc_per_node +
-        local_rank, world = world_size * num_proc_per_node.
+        For a launcher that started one process per node (``srun --ntasks-per-node=1``, VISSL/submitit style, or
+        ``train.py``'s own launcher, node ``node_id``), which then spawns ``num_proc_per_node`` workers: global
+        rank = node_rank * num_proc_per_node + local_rank, world = world_size * num_proc_per_node.
         """
         if self.local_world_size != 1:
             raise ValueError(f"{self.launcher} already started {self.local_world_size} processes on this node; "
@@ -249,14 +254,11 @@ def _env_style(environ: Mapping[str, str], launcher: str, local_rank_arg: int | 
                    master_port=_int(environ, "MASTER_PORT", _DEFAULT_PORT), launcher=launcher)
 
 
-def _in_multi_task_srun_step(environ: Mapping[str, str]) -> bool:
+def _in_srun_step(environ: Mapping[str, str]) -> bool:
     if not environ.get("SLURM_PROCID"):
         return False
     step = environ.get("SLURM_STEP_ID") or environ.get("SLURM_STEPID")
-    if not step or not step.isdigit() or int(step) >= _SLURM_SPECIAL_STEP_IDS:
-        return False
-    ntasks = environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS") or environ.get("SLURM_NPROCS")
-    return ntasks is not None and ntasks.isdigit() and int(ntasks) > 1
+    return bool(step) and step.isdigit() and int(step) < _SLURM_SPECIAL_STEP_IDS
 
 
 def _slurm(environ: Mapping[str, str]) -> DistEnv:
@@ -298,7 +300,7 @@ def detect_launcher_env(environ: Mapping[str, str] = os.environ, local_rank_arg:
 
     Returns:
         A :class:`DistEnv` with ``launcher`` in {"torchrun", "deepspeed", "slurm"}, or None. The rules are in the
-        module docstring (notably: SLURM only inside a multi-task ``srun`` step).
+        module docstring (notably: SLURM only inside an ``srun`` step).
 
     Raises:
         ValueError: a launcher is present but its variables are malformed or inconsistent.
@@ -309,7 +311,7 @@ def detect_launcher_env(environ: Mapping[str, str] = os.environ, local_rank_arg:
     if "RANK" in environ and "WORLD_SIZE" in environ:
         launcher = "deepspeed" if (local_rank_arg is not None or deepspeed_vars) else "torchrun"
         return _env_style(environ, launcher, local_rank_arg)
-    if _in_multi_task_srun_step(environ):
+    if _in_srun_step(environ):
         return _slurm(environ)
     return None
 

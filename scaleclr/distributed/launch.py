@@ -2,10 +2,15 @@
 the deepspeed launcher / srun (the worker reads its place from the environment and never spawns).
 
 Rank layout of a spawned node: global rank = node_id x NUM_PROC_PER_NODE + local_rank. Rendezvous from
-``DISTRIBUTED.INIT_METHOD`` and ``RUN_ID`` as in VISSL: ``tcp`` + ``host:port`` (``auto``: a free local
-port, one node only), ``env`` (MASTER_ADDR / MASTER_PORT), ``file`` (a shared file path). If any worker
-fails, the others are terminated and the launcher exits non-zero; collectives carry
-``DISTRIBUTED.TIMEOUT_SECONDS`` so a rank that dies under another launcher cannot hang the rest forever.
+``DISTRIBUTED.INIT_METHOD`` and ``RUN_ID`` as in VISSL: ``tcp`` + ``host:port`` (``auto``: one node only, a
+rendezvous file in a fresh temporary directory, so no port can be taken between choosing and binding it),
+``env`` (MASTER_ADDR / MASTER_PORT), ``file`` (a shared file path). If any worker fails, the others are
+terminated and the launcher exits non-zero; collectives carry ``DISTRIBUTED.TIMEOUT_SECONDS`` so a rank that
+dies under another launcher cannot hang the rest forever.
+
+One task per node (VISSL's SLURM layout, ``srun --ntasks-per-node=1`` over several nodes): each task is an
+agent that spawns its node's NUM_PROC_PER_NODE workers (:func:`spawn` with ``agent``), global rank =
+node x NUM_PROC_PER_NODE + local rank, rendezvous at the address SLURM's node list gives.
 """
 import logging
 import os
@@ -40,7 +45,7 @@ def init_method_for(dcfg, num_nodes: int) -> Optional[str]:
             if num_nodes > 1:
                 raise ConfigError("config.DISTRIBUTED.RUN_ID", "is 'auto', which only works on one node; for "
                                   f"{num_nodes} nodes set it to <master_host>:<port> (the same on every node).")
-            return f"tcp://127.0.0.1:{free_port()}"
+            return f"file://{os.path.join(tempfile.mkdtemp(prefix='scaleclr_rdzv_'), 'rendezvous')}"
         host, _, port = run_id.rpartition(":")
         if not host or not port.isdigit():
             raise ConfigError("config.DISTRIBUTED.RUN_ID", f"= {run_id!r} is not <host>:<port> (e.g. "
@@ -67,6 +72,8 @@ def threads_per_worker(local_world_size: int) -> int:
 
 def run_in_process(worker: Worker, root, env: DistEnv, backend: str, init_method: Optional[str]) -> int:
     """Run one worker here (world of 1, or a launcher-started process)."""
+    if root.config.DISTRIBUTED.NCCL_DEBUG:
+        os.environ.setdefault("NCCL_DEBUG", "INFO")  # VISSL's DISTRIBUTED.NCCL_DEBUG
     if env.world_size > 1:
         init_process_group(env, backend, init_method, root.config.DISTRIBUTED.TIMEOUT_SECONDS)
     try:
@@ -76,33 +83,41 @@ def run_in_process(worker: Worker, root, env: DistEnv, backend: str, init_method
             torch.distributed.destroy_process_group()
 
 
-def _spawn_entry(local_rank: int, worker: Worker, yaml_cfg: str, node_id: int, nproc: int, world: int,
-                 backend: str, init_method: str) -> None:
+def _spawn_entry(local_rank: int, worker: Worker, yaml_cfg: str, node: DistEnv, nproc: int, backend: str,
+                 init_method: Optional[str]) -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     torch.set_num_threads(threads_per_worker(nproc))
     root = OmegaConf.create(yaml_cfg)
-    rank = node_id * nproc + local_rank
-    env = DistEnv(rank=rank, local_rank=local_rank, world_size=world, local_world_size=nproc,
-                  node_rank=node_id, master_addr="127.0.0.1", master_port=29500, launcher="spawn")
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world))
+    env = node.for_spawned_worker(local_rank, nproc)
+    os.environ.update(RANK=str(env.rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(env.world_size))
     rc = run_in_process(worker, root, env, backend, init_method)
     if rc:
         sys.exit(rc)
 
 
-def spawn(worker: Worker, root, backend: str) -> int:
-    """Start NUM_PROC_PER_NODE workers on this node (node_id from the config) and wait for them."""
+def spawn(worker: Worker, root, backend: str, agent: Optional[DistEnv] = None) -> int:
+    """Start NUM_PROC_PER_NODE workers on this node and wait for them.
+
+    Args:
+        agent: ``None``: this node is ``node_id`` of the config, rendezvous from INIT_METHOD / RUN_ID (VISSL).
+            Else the env of a one-task-per-node launcher (SLURM): its node rank and master address are used.
+    """
     d = root.config.DISTRIBUTED
-    nproc, world = d.NUM_PROC_PER_NODE, d.NUM_NODES * d.NUM_PROC_PER_NODE
-    init_method = init_method_for(d, d.NUM_NODES)
+    nproc = d.NUM_PROC_PER_NODE
+    if agent is None:
+        init_method = init_method_for(d, d.NUM_NODES)
+        node = DistEnv(rank=root.node_id, local_rank=0, world_size=d.NUM_NODES, local_world_size=1,
+                       node_rank=root.node_id, master_addr="127.0.0.1", master_port=29500, launcher="spawn")
+    else:
+        init_method, node = None, agent  # tcp://<master from the node list>:<port from the job id>
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    logger.info("spawning %d workers (node %d of %d, world %d, backend %s, %s)", nproc, root.node_id,
-                d.NUM_NODES, world, backend, init_method)
+    logger.info("spawning %d workers (node %d of %d, world %d, backend %s, %s)", nproc, node.node_rank,
+                node.world_size, node.world_size * nproc, backend,
+                init_method or f"tcp://{node.master_addr}:{node.master_port}")
     yaml_cfg = OmegaConf.to_yaml(root, resolve=True)
     method = root.config.MULTI_PROCESSING_METHOD
     try:
-        mp.start_processes(_spawn_entry, args=(worker, yaml_cfg, root.node_id, nproc, world, backend,
-                                               init_method),
+        mp.start_processes(_spawn_entry, args=(worker, yaml_cfg, node, nproc, backend, init_method),
                            nprocs=nproc, join=True, start_method=method)
     except mp.ProcessRaisedException as e:
         logger.error("a worker failed; all workers were stopped:\n%s", e)

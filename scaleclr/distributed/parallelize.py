@@ -199,7 +199,7 @@ def parallelize(model: nn.Module, mesh, *, shard_unit: str = "block", reshard_af
         # residual additions and BN inputs stay fp32). BN units: fp32 parameters, fp32 inputs and outputs.
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
         bn_mp = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32,
-                                     cast_forward_inputs=True)
+                                     cast_forward_inputs=False)
         bns = list(_batchnorms(model))
         for bn in bns:
             fully_shard(bn, mp_policy=bn_mp, **kw)

@@ -3,20 +3,21 @@
 ``build_engine`` imports the chosen engine lazily, so DeepSpeed is imported only when it is used.
 """
 from scaleclr.engines.base import Engine
+from scaleclr.engines.spec import EngineSpec, FSDPSpec, PrecisionSpec
 
 ENGINES = ("ddp", "deepspeed", "fsdp")
 
 
-def build_engine(name: str, cfg, device, rank: int, world_size: int) -> Engine:
-    if name == "ddp":
+def build_engine(spec: EngineSpec, device, rank: int, world_size: int) -> Engine:
+    if spec.name == "ddp":
         from scaleclr.engines.ddp import DDPEngine as cls
-    elif name == "deepspeed":
+    elif spec.name == "deepspeed":
         from scaleclr.engines.deepspeed import DeepSpeedEngine as cls
-    elif name == "fsdp":
+    elif spec.name == "fsdp":
         from scaleclr.engines.fsdp import FSDPEngine as cls
     else:
-        raise ValueError(f"config.DISTRIBUTED.ENGINE={name!r}; allowed: {', '.join(ENGINES)}")
-    return cls(cfg, device, rank, world_size)
+        raise ValueError(f"config.DISTRIBUTED.ENGINE={spec.name!r}; allowed: {', '.join(ENGINES)}")
+    return cls(spec, device, rank, world_size)
 
 
-__all__ = ["Engine", "ENGINES", "build_engine"]
+__all__ = ["Engine", "EngineSpec", "FSDPSpec", "PrecisionSpec", "ENGINES", "build_engine"]

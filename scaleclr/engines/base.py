@@ -3,35 +3,47 @@ save/load, export.
 
 The trainer only talks to this interface, so its loop is the same for every engine::
 
+    engine = build_engine(spec, device, rank, world_size)   # spec: scaleclr.engines.spec.EngineSpec
     engine.setup(model, make_optimizer)           # SyncBN already converted; engine wraps + builds optimizer
-    engine.set_lr(lr)
+    engine.set_lr(lr, head_lr)
     with engine.autocast():
         embedding = engine.model(views)           # [num_crops*B, D]
     engine.backward(loss)                         # the rank's own-anchor mean loss
     engine.step()                                 # unscale, clip, LARC/SGD
     engine.zero_grad()
-    engine.save(dir, tag, client_state) / engine.load(path) -> client_state
+    engine.save(dir, tag, client_state, final) / engine.load(path) -> client_state
     engine.full_state_dict()                      # unsharded fp32 trunk+head, on rank 0
+
+Engines import nothing from the trainer-level modules (``trainer``, ``checkpoint``, ``metrics``); shared
+pieces live below them (``scaleclr.io``, ``scaleclr.distributed``, ``scaleclr.engines.precision``).
 """
-import contextlib
+from __future__ import annotations
+
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
 
-OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
+from scaleclr.engines.precision import autocast
+from scaleclr.engines.spec import EngineSpec
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
 
 class Engine(ABC):
-    """One data-parallel training engine. Subclasses live in one file each."""
+    """One data-parallel training engine. Subclasses live in one file each.
+
+    Args:
+        spec: what the engine reads from the configuration (built once by ``builders.build_engine_spec``).
+        device: ``cuda:<i>`` or ``cpu``.
+        rank, world_size: this process's place in the default process group.
+    """
 
     name: str = "base"
-    #: checkpoints are single files (True) or directories (False)
-    checkpoint_is_file: bool = True
 
-    def __init__(self, cfg, device: torch.device, rank: int, world_size: int):
-        self.cfg = cfg  # the `config` node
+    def __init__(self, spec: EngineSpec, device: torch.device, rank: int, world_size: int):
+        self.spec = spec
         self.device = device
         self.rank = rank
         self.world_size = world_size
@@ -43,8 +55,9 @@ class Engine(ABC):
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
         """Move `model` to the device, wrap it, and build the optimizer for the wrapped parameters."""
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
+    def autocast(self):
+        """The forward's autocast context (``spec.precision.autocast_dtype``; none in fp32)."""
+        return autocast(self.device, self.spec.precision.autocast_dtype)
 
     @abstractmethod
     def backward(self, loss: torch.Tensor) -> None: ...
@@ -59,13 +72,15 @@ class Engine(ABC):
     def param_groups(self) -> List[Dict[str, Any]]:
         return self.optimizer.param_groups
 
-    def set_lr(self, lr: float) -> None:
+    def set_lr(self, lr: float, head_lr: Optional[float] = None) -> None:
+        """Set every group's LR; with ``head_lr`` the head's groups (``name`` ``head_*``) get it instead."""
         for g in self.param_groups():
-            g["lr"] = lr
+            g["lr"] = head_lr if head_lr is not None and str(g.get("name", "")).startswith("head") else lr
 
     @abstractmethod
-    def save(self, directory: str, tag: str, client_state: Dict[str, Any]) -> str:
-        """Write checkpoint `tag` under `directory` atomically; return its path. Collective."""
+    def save(self, directory: str, tag: str, client_state: Dict[str, Any], final: bool = False) -> str:
+        """Write checkpoint `tag` under `directory` atomically; return its path. ``final``: the run's last
+        checkpoint (an engine may add a consolidated export). Collective."""
 
     @abstractmethod
     def load(self, path: str) -> Dict[str, Any]:
@@ -75,6 +90,3 @@ class Engine(ABC):
     def full_state_dict(self) -> Optional[Dict[str, torch.Tensor]]:
         """Unsharded fp32 state dict of the SimCLRModel (trunk.*, heads.*) on rank 0, None elsewhere.
         Collective: every rank must call it."""
-
-    def grad_scale(self) -> float:
-        return 1.0

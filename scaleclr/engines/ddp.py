@@ -3,8 +3,8 @@
 Parameters and buffers are broadcast from rank 0 when DDP wraps the model; gradients are averaged over
 ranks, so with the loss contract (each rank returns its own-anchor mean, the gather sums gradients back)
 the update equals one process on the concatenated batch. Mixed precision: torch autocast (bf16, or fp16
-with a GradScaler) with every BatchNorm in fp32; LARC sees unscaled gradients (the scaler unscales first).
-Checkpoints are one file written by rank 0 (temp file + rename).
+with a GradScaler) under the BatchNorm policy of :mod:`scaleclr.engines.precision`; LARC sees unscaled
+gradients (the scaler unscales first). Checkpoints are one file written by rank 0 (temp file + rename).
 """
 import inspect
 import os
@@ -15,44 +15,34 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from scaleclr.checkpoint import atomic_torch_save
+from scaleclr.distributed.collectives import broadcast_buffers
 from scaleclr.engines.base import Engine, OptimizerFactory
-from scaleclr.engines.precision import DTYPES, autocast, keep_batchnorm_fp32
+from scaleclr.io import atomic_torch_save
 
 
 class DDPEngine(Engine):
     name = "ddp"
-    checkpoint_is_file = True
 
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
-        amp = self.cfg.MODEL.AMP_PARAMS
-        self.use_amp = bool(amp.USE_AMP)
-        self.amp_dtype = DTYPES[amp.AMP_DTYPE]
-        if self.use_amp:
-            keep_batchnorm_fp32(model)
         model.to(self.device)
-        if self.cfg.MODEL.ACTIVATION_CHECKPOINTING.USE_ACTIVATION_CHECKPOINTING:
+        if self.spec.activation_checkpointing:
             from scaleclr.distributed.parallelize import apply_activation_checkpointing
             apply_activation_checkpointing(model)  # per residual block; same values, less activation memory
         self.module = model
         if self.world_size > 1:
-            kw = dict(bucket_cap_mb=self.cfg.DATA.DDP_BUCKET_CAP_MB)
+            kw = dict(bucket_cap_mb=self.spec.ddp_bucket_cap_mb)
             # BROADCAST_BUFFERS (VISSL): rank 0's buffers are sent before every forward. torch 2.14 renamed it.
             sync_key = "forward_sync_buffers" if "forward_sync_buffers" in \
                 inspect.signature(DistributedDataParallel.__init__).parameters else "broadcast_buffers"
-            kw[sync_key] = bool(self.cfg.DISTRIBUTED.BROADCAST_BUFFERS)
+            kw[sync_key] = self.spec.broadcast_buffers
             if self.device.type == "cuda":
                 kw["device_ids"] = [self.device.index]
             self.model = DistributedDataParallel(model, **kw)
         else:
             self.model = model
         self.optimizer = make_optimizer(self.module)
-        use_scaler = self.use_amp and self.amp_dtype == torch.float16
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
-        self.clip = float(self.cfg.OPTIMIZER.gradient_clipping)
-
-    def autocast(self):
-        return autocast(self.device, self.use_amp, self.amp_dtype)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.spec.precision.grad_scaler)
+        self.clip = float(self.spec.gradient_clipping)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
@@ -65,19 +55,10 @@ class DDPEngine(Engine):
         self.scaler.step(self.optimizer)
         self.scaler.update()
 
-    def grad_scale(self) -> float:
-        return float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0
-
-    def sync_buffers(self) -> None:
-        """Broadcast rank 0's buffers (BN running statistics) so every rank holds what is saved.
-        With SyncBN they are already identical; without it each rank's statistics drift between forwards."""
-        if self.world_size > 1 and dist.is_initialized():
-            for b in self.module.buffers():
-                dist.broadcast(b.data, src=0)
-
-    def save(self, directory: str, tag: str, client_state: Dict[str, Any]) -> str:
+    def save(self, directory: str, tag: str, client_state: Dict[str, Any], final: bool = False) -> str:
         path = os.path.join(directory, f"{tag}.torch")
-        self.sync_buffers()
+        # without SyncBN each rank's running statistics drift between forwards: save (and keep) rank 0's
+        broadcast_buffers(self.module)
         if self.rank == 0:
             state = {"engine": self.name, "model": self.module.state_dict(),
                      "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),

@@ -10,7 +10,7 @@ Launch::
     python train.py config=... config.DISTRIBUTED.ENGINE=deepspeed \\
         config.DISTRIBUTED.DEEPSPEED_CONFIG=ds_configs/zero3.json          # spawn launcher, torchrun, srun
 
-The JSON is filled from the Hydra config (:mod:`scaleclr.engines.deepspeed_config`): batch sizes, gradient
+The JSON is filled from the Hydra config (:mod:`scaleclr.config.deepspeed_json`): batch sizes, gradient
 clipping and bf16/fp16 are "auto" there.
 
 **LARC under ZeRO** (the hard part). LARC's trust ratio ``tc * ||p|| / (||g|| + wd * ||p||)`` (You et al.
@@ -67,19 +67,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from scaleclr.checkpoint import atomic_torch_save, atomic_write_text
+from scaleclr.distributed.collectives import broadcast_buffers, collective_device, ensure_process_group
 from scaleclr.engines.base import Engine, OptimizerFactory
-from scaleclr.engines.deepspeed_config import build_deepspeed_config, zero_stage
-from scaleclr.metrics import collective_device
+from scaleclr.engines.precision import batchnorm_fp32
+from scaleclr.io import atomic_torch_save, atomic_write_text
 from scaleclr.optim.larc import LARC
 
 logger = logging.getLogger(__name__)
 
 META_FILE = "scaleclr_meta.json"
 CONSOLIDATED_SUFFIX = "_consolidated_fp32.torch"
-#: test/debug switch: "partition" runs plain LARC on DeepSpeed's flat partitions (wrong on purpose; the
-#: negative control of the parity tests)
-LARC_NORMS_ENV = "SCALECLR_DEEPSPEED_LARC_NORMS"
 
 
 # ------------------------------------------------------------------------------------------ LARC under ZeRO
@@ -246,72 +243,6 @@ class ZeroLARC(LARC):
         self._views, self._owners, self._entry_layouts = [], [], []
 
 
-# -------------------------------------------------------------------------------------------- BN helpers
-def _is_bn(m: nn.Module) -> bool:
-    return isinstance(m, nn.modules.batchnorm._NormBase)
-
-
-def _bn_fp32_pre_hook(module, args):
-    """Cast the BN input and (for the layer only) its low-precision parameters to fp32."""
-    stash = {}
-    for name in ("weight", "bias"):
-        p = module._parameters.get(name)
-        if p is not None and p.dtype != torch.float32:
-            stash[name] = p
-            module._parameters[name] = p.float()  # differentiable cast; grads reach the bf16/fp16 param
-    module._scaleclr_bn_stash = stash
-    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
-
-
-def _bn_fp32_post_hook(module, args, output):
-    for name, p in getattr(module, "_scaleclr_bn_stash", {}).items():
-        module._parameters[name] = p
-    module._scaleclr_bn_stash = {}
-    return output
-
-
-def _install_bn_fp32(model: nn.Module) -> int:
-    """BN layers compute in fp32 under DeepSpeed's bf16/fp16 (buffers stay fp32). Registered after
-    ``deepspeed.initialize`` so that ZeRO-3's gather hook runs before the pre-hook; the post-hook is
-    prepended so the parameters are restored before ZeRO-3 releases them."""
-    n = 0
-    for m in model.modules():
-        if _is_bn(m):
-            for name, b in m.named_buffers(recurse=False):
-                if b is not None and b.is_floating_point() and b.dtype != torch.float32:
-                    setattr(m, name, b.float())
-            m.register_forward_pre_hook(_bn_fp32_pre_hook)
-            m.register_forward_hook(_bn_fp32_post_hook, prepend=True)
-            n += 1
-    return n
-
-
-class _BufferBroadcaster:
-    """Broadcast all module buffers from rank 0 before each forward (DDP's ``broadcast_buffers``), coalesced
-    into one message per dtype."""
-
-    def __init__(self, module: nn.Module, group=None):
-        self.module, self.group = module, group
-
-    def __call__(self, module, args):
-        if not (dist.is_initialized() and dist.get_world_size(self.group) > 1):
-            return None
-        bufs = [b for b in self.module.buffers() if b is not None and b.numel() > 0]
-        by_dtype: Dict[torch.dtype, List[torch.Tensor]] = {}
-        for b in bufs:
-            by_dtype.setdefault(b.dtype, []).append(b)
-        with torch.no_grad():
-            for tensors in by_dtype.values():
-                flat = torch.cat([t.reshape(-1) for t in tensors])
-                dist.broadcast(flat, src=dist.get_global_rank(self.group, 0) if self.group else 0,
-                               group=self.group)
-                offset = 0
-                for t in tensors:
-                    t.copy_(flat[offset:offset + t.numel()].view_as(t))
-                    offset += t.numel()
-        return None
-
-
 def _skip_cpu_shm_comm_build() -> None:
     """On the CPU accelerator DeepSpeed JIT-compiles a shared-memory all-reduce op when its comm backend starts
     (minutes on a cold cache). That op only serves inference all-reduces; training collectives go through
@@ -345,19 +276,22 @@ def check_resumable(path: str, meta: Dict[str, Any], now: Dict[str, Any]) -> Non
 # ------------------------------------------------------------------------------------------------ engine
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
-    checkpoint_is_file = False
 
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
         import deepspeed
 
-        self.ds_config = build_deepspeed_config(self.cfg, self.world_size)
-        self.stage = zero_stage(self.ds_config)
+        self.ds_config = self.spec.deepspeed_config
+        self.stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
         self.bf16 = bool(self.ds_config["bf16"]["enabled"])
         self.fp16 = bool(self.ds_config["fp16"]["enabled"])
-        self._ensure_process_group()
+        ensure_process_group(self.device)
         model.to(self.device)
-        if bool(self.cfg.DISTRIBUTED.BROADCAST_BUFFERS) and self.world_size > 1:
-            model.register_forward_pre_hook(_BufferBroadcaster(model))
+        if self.spec.activation_checkpointing:
+            from scaleclr.distributed.parallelize import apply_activation_checkpointing
+            apply_activation_checkpointing(model)  # before initialize: ZeRO-3's hooks then wrap the recompute too
+        if self.spec.broadcast_buffers and self.world_size > 1:
+            # ZeRO never partitions buffers; like DDP's BROADCAST_BUFFERS, rank 0's are sent before every forward
+            model.register_forward_pre_hook(lambda module, args: broadcast_buffers(module))
 
         _skip_cpu_shm_comm_build()
         # DeepSpeed sets its device from LOCAL_RANK: make it the device scaleclr chose (srun may bind one GPU
@@ -366,11 +300,8 @@ class DeepSpeedEngine(Engine):
                                        os.environ.get("LOCAL_RANK", 0))
         optimizer = make_optimizer(model)
         client = optimizer
-        if isinstance(optimizer, LARC) and os.environ.get(LARC_NORMS_ENV, "full") != "partition":
+        if isinstance(optimizer, LARC):
             client = ZeroLARC(optimizer.optim, optimizer.trust_coefficient, optimizer.clip, optimizer.eps)
-        elif isinstance(optimizer, LARC):
-            logger.warning("%s=partition: LARC trust ratios from DeepSpeed's flat partitions (WRONG; a test "
-                           "control only)", LARC_NORMS_ENV)
         self.ds, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=client, config=self.ds_config,
                                                            dist_init_required=False)
         self.ds_optimizer = ds_optimizer
@@ -380,36 +311,10 @@ class DeepSpeedEngine(Engine):
         self.optimizer = client  # param_groups / set_lr reach the groups DeepSpeed steps
         self.model = self.ds
         self.module = self.ds.module
-        if self.bf16 or self.fp16:
-            _install_bn_fp32(self.module)
-        logger.info("DeepSpeed ZeRO-%d (%s), %s, optimizer %s", self.stage,
+        batchnorm_fp32(self.module)  # bf16/fp16 store BN parameters and buffers in low precision
+        logger.info("DeepSpeed ZeRO-%d (%s), %s, optimizer %s, activation checkpointing %s", self.stage,
                     "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32", type(ds_optimizer).__name__,
-                    type(client).__name__)
-
-    def sync_buffers(self) -> None:
-        """Broadcast rank 0's buffers (BN running statistics) so every rank holds what is saved/exported."""
-        if self.world_size > 1 and dist.is_initialized():
-            _BufferBroadcaster(self.module)(self.module, ())
-
-    def _ensure_process_group(self) -> None:
-        """DeepSpeed needs torch.distributed even for one process: start a 1-rank gloo group if none."""
-        if dist.is_initialized():
-            return
-        from scaleclr.distributed.launch import free_port
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=0, world_size=1)
-
-    def autocast(self):
-        import contextlib
-        if self.bf16 or self.fp16:
-            dtype = torch.bfloat16 if self.bf16 else torch.float16
-            return torch.autocast(device_type=self.device.type, dtype=dtype)
-        return contextlib.nullcontext()
+                    type(client).__name__, self.spec.activation_checkpointing)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss)
@@ -420,25 +325,20 @@ class DeepSpeedEngine(Engine):
     def zero_grad(self) -> None:
         pass  # DeepSpeed's step() already cleared the gradients (ZeRO owns the gradient buffers)
 
-    def grad_scale(self) -> float:
-        if self.fp16:
-            return float(getattr(self.ds_optimizer, "cur_scale", getattr(self.ds_optimizer, "loss_scale", 1.0)))
-        return 1.0
-
     # ------------------------------------------------------------------------------------ checkpoints
     def _meta(self) -> Dict[str, Any]:
         return {"engine": self.name, "world_size": self.world_size, "zero_stage": self.stage,
                 "precision": "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"}
 
-    def save(self, directory: str, tag: str, client_state: Dict[str, Any]) -> str:
+    def save(self, directory: str, tag: str, client_state: Dict[str, Any], final: bool = False) -> str:
         path = os.path.join(directory, tag)
-        self.sync_buffers()
+        broadcast_buffers(self.module)
         self.ds.save_checkpoint(directory, tag=tag, client_state={"scaleclr": client_state,
                                                                   "scaleclr_meta": self._meta()},
                                 save_latest=False)
         if self.rank == 0:
             atomic_write_text(json.dumps(self._meta(), indent=1), os.path.join(path, META_FILE))
-        if tag.startswith("model_final"):
+        if final:
             state = self.full_state_dict()  # collective
             if self.rank == 0:
                 atomic_torch_save(consolidated_payload(state, self._meta(), tag), path + CONSOLIDATED_SUFFIX)
@@ -473,7 +373,7 @@ class DeepSpeedEngine(Engine):
         from deepspeed.utils import safe_get_full_fp32_param
 
         module = self.module
-        self.sync_buffers()
+        broadcast_buffers(module)
         names = list(module.state_dict(keep_vars=True).keys())  # ZeRO-3: keys with empty placeholders
         params = dict(module.named_parameters())
         buffers = dict(module.named_buffers())

@@ -39,15 +39,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from scaleclr.checkpoint import atomic_torch_save
+from scaleclr.distributed.collectives import ensure_process_group
 from scaleclr.distributed.parallelize import build_mesh, parallelize
 from scaleclr.engines.base import Engine, OptimizerFactory
-from scaleclr.engines.precision import DTYPES, autocast
+from scaleclr.io import atomic_torch_save, replace_dir
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FSDPEngine", "dtensor_norms", "shard_local_norms", "load_full_state_dict", "export_checkpoint",
-           "CLIENT_FILE"]
+__all__ = ["FSDPEngine", "dtensor_norms", "load_full_state_dict", "export_checkpoint", "CLIENT_FILE"]
 
 CLIENT_FILE = "client_state.torch"
 
@@ -110,70 +109,35 @@ def dtensor_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return sq.sqrt().float()
 
 
-def shard_local_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The WRONG norm for sharded LARC: the norm of each local shard. Only for negative-control tests."""
-    from scaleclr.optim.larc import local_norms
-
-    DTensor = _dtensor_cls()
-    return local_norms([t.to_local() if isinstance(t, DTensor) else t for t in tensors])
-
-
-def _ensure_process_group(device: torch.device) -> bool:
-    """FSDP2 needs a process group even for one process; create a private 1-rank group if none exists."""
-    if dist.is_initialized():
-        return False
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return True
-
-
-def _precision(cfg) -> Optional[torch.dtype]:
-    mp = cfg.MODEL.FSDP_CONFIG.MIXED_PRECISION
-    if mp != "none":
-        return DTYPES[mp]
-    amp = cfg.MODEL.AMP_PARAMS
-    if amp.USE_AMP:
-        return DTYPES[amp.AMP_DTYPE]
-    return None
-
-
 class FSDPEngine(Engine):
-    """FSDP2 engine; see the module docstring. ``larc_norm_fn`` is the LARC norm (tests may replace it)."""
+    """FSDP2 engine; see the module docstring."""
 
     name = "fsdp"
-    checkpoint_is_file = False
-    larc_norm_fn = staticmethod(dtensor_norms)
 
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
-        fc = self.cfg.MODEL.FSDP_CONFIG
-        self._owns_pg = _ensure_process_group(self.device)
+        fs = self.spec.fsdp
+        ensure_process_group(self.device)
         world = dist.get_world_size()
         if world != self.world_size:
             raise ValueError(f"the FSDP engine was built for world size {self.world_size} but torch.distributed "
                              f"has {world} ranks")
-        self.param_dtype = _precision(self.cfg)
-        self.mesh = build_mesh(self.device.type, world, int(fc.HSDP_REPLICATE))
+        self.param_dtype = self.spec.precision.param_dtype
+        self.mesh = build_mesh(self.device.type, world, fs.hsdp_replicate)
         model.to(self.device)
-        parallelize(model, self.mesh, shard_unit=fc.SHARD_UNIT,
-                    reshard_after_forward=bool(fc.RESHARD_AFTER_FORWARD), param_dtype=self.param_dtype,
-                    activation_checkpointing=bool(
-                        self.cfg.MODEL.ACTIVATION_CHECKPOINTING.USE_ACTIVATION_CHECKPOINTING))
+        parallelize(model, self.mesh, shard_unit=fs.shard_unit, reshard_after_forward=fs.reshard_after_forward,
+                    param_dtype=self.param_dtype, activation_checkpointing=self.spec.activation_checkpointing)
         self.module = model
         self.model = model
-        self.optimizer = make_optimizer(model, norm_fn=type(self).larc_norm_fn)
+        # norms looked up at call time: tests replace module-level dtensor_norms for their negative control
+        self.optimizer = make_optimizer(model, norm_fn=lambda tensors: dtensor_norms(tensors))
         self.scaler = None
-        if self.param_dtype == torch.float16:
+        if self.spec.precision.grad_scaler:
             from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
             self.scaler = ShardedGradScaler(device=self.device.type)
-        self.clip = float(self.cfg.OPTIMIZER.gradient_clipping)
-        logger.info("FSDP2: mesh %s, unit=%s, reshard_after_forward=%s, params %s, activation checkpointing %s",
-                    tuple(self.mesh.shape), fc.SHARD_UNIT, fc.RESHARD_AFTER_FORWARD, self.param_dtype or "fp32",
-                    self.cfg.MODEL.ACTIVATION_CHECKPOINTING.USE_ACTIVATION_CHECKPOINTING)
-
-    def autocast(self):
-        """torch.autocast in the mixed-precision dtype (none in fp32): convs/linears run on the low-precision
-        all-gathered parameters, BatchNorm and residual additions stay fp32 (see ``parallelize``)."""
-        return autocast(self.device, self.param_dtype is not None, self.param_dtype or torch.float32)
+        self.clip = float(self.spec.gradient_clipping)
+        logger.info("FSDP2: mesh %s, unit=%s, reshard_after_forward=%s, %s, activation checkpointing %s",
+                    tuple(self.mesh.shape), fs.shard_unit, fs.reshard_after_forward, self.spec.precision.describe(),
+                    self.spec.activation_checkpointing)
 
     # ------------------------------------------------------------------------------------------ step
     def backward(self, loss: torch.Tensor) -> None:
@@ -187,7 +151,7 @@ class FSDPEngine(Engine):
         params = self._params_with_grad()
         if not params:
             return 0.0
-        norms = type(self).larc_norm_fn([p.grad for p in params])
+        norms = dtensor_norms([p.grad for p in params])
         total = float(norms.double().pow(2).sum().sqrt())
         coef = min(max_norm / (total + 1e-6), 1.0)
         if coef < 1.0:
@@ -207,15 +171,12 @@ class FSDPEngine(Engine):
         else:
             self.optimizer.step()
 
-    def grad_scale(self) -> float:
-        return float(self.scaler.get_scale()) if self.scaler is not None else 1.0
-
     # ----------------------------------------------------------------------------------- checkpoints
     def _larc_hparams(self) -> Dict[str, Any]:
         return {k: getattr(self.optimizer, k) for k in ("trust_coefficient", "clip", "eps")
                 if hasattr(self.optimizer, "trust_coefficient")}
 
-    def save(self, directory: str, tag: str, client_state: Dict[str, Any]) -> str:
+    def save(self, directory: str, tag: str, client_state: Dict[str, Any], final: bool = False) -> str:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -234,12 +195,7 @@ class FSDPEngine(Engine):
                                "client_state": client_state}, os.path.join(tmp, CLIENT_FILE))
         dist.barrier()
         if self.rank == 0:
-            old = os.path.join(directory, f".old_{tag}")
-            if os.path.exists(path):
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            replace_dir(tmp, path)
         dist.barrier()
         return path
 

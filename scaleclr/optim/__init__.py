@@ -46,15 +46,15 @@ def build_optimizer(
         weight_decay: default weight decay for groups without their own ``weight_decay``.
         use_larc: wrap the optimizer in :class:`LARC`.
         larc_config: ``{"clip", "trust_coefficient", "eps"}`` (``OPTIMIZER.larc_config``; an
-            ``exclude_bias_and_norm`` key is accepted and ignored here). Defaults: apex's
-            ``clip=True, trust_coefficient=0.02, eps=1e-8`` for missing keys, as VISSL's configs set all.
+            ``exclude_bias_and_norm`` key is accepted and ignored here). All three are required with
+            ``use_larc``: the schema is the one source of their defaults.
         norm_fn: sharding-aware norm function passed to :class:`LARC` (see there).
 
     Returns:
         ``torch.optim.SGD`` or ``LARC`` wrapping it.
 
     Raises:
-        ValueError: unknown optimizer name (LARC is only supported with SGD), or unknown LARC key.
+        ValueError: unknown optimizer name (LARC is only supported with SGD), or an unknown or missing LARC key.
     """
     if name != "sgd":
         if use_larc:
@@ -68,5 +68,8 @@ def build_optimizer(
     unknown = sorted(set(cfg) - set(_LARC_KEYS))
     if unknown:
         raise ValueError(f"Unknown OPTIMIZER.larc_config key(s) {unknown}; allowed: {list(_LARC_KEYS)}")
-    return LARC(optimizer, trust_coefficient=float(cfg.get("trust_coefficient", 0.02)),
-                clip=bool(cfg.get("clip", True)), eps=float(cfg.get("eps", 1e-8)), norm_fn=norm_fn)
+    missing = [k for k in ("trust_coefficient", "clip", "eps") if k not in cfg]
+    if missing:
+        raise ValueError(f"OPTIMIZER.larc_config is missing {missing}; give trust_coefficient, clip and eps")
+    return LARC(optimizer, trust_coefficient=float(cfg["trust_coefficient"]), clip=bool(cfg["clip"]),
+                eps=float(cfg["eps"]), norm_fn=norm_fn)

@@ -18,8 +18,9 @@ so ``optimizer`` and ``scheduler`` sections are errors. ``zero_allow_untested_op
 needs it for a torch SGD / LARC client optimizer); ``zero_force_ds_cpu_optimizer`` is set to false when the
 optimizer state is offloaded to the CPU (scaleclr keeps its own SGD there).
 
-``check_deepspeed_config(root)`` runs in ``train.py``'s preflight, before any worker starts; the engine
-calls :func:`build_deepspeed_config` again with the true world size.
+``check_deepspeed_config(root)`` runs in ``train.py``'s preflight, before any worker starts; every worker's
+``builders.build_engine_spec`` calls :func:`build_deepspeed_config` again with the true world size and hands the
+filled dict to the engine (engines never see the config tree).
 """
 import copy
 import json
@@ -127,11 +128,6 @@ def build_deepspeed_config(c, world_size: int, path: Optional[str] = None) -> Di
     for section, why in FORBIDDEN_SECTIONS.items():
         if section in ds:
             raise ConfigError(KEY, f"{path} has a {section!r} section, but {why}; remove it from the JSON.")
-    amp = c.MODEL.AMP_PARAMS
-    if amp.USE_AMP and amp.AMP_TYPE != "pytorch":
-        raise ConfigError("config.MODEL.AMP_PARAMS.AMP_TYPE", f"= {amp.AMP_TYPE} with config.DISTRIBUTED.ENGINE="
-                          "deepspeed; DeepSpeed does its own mixed precision (bf16 / fp16 sections, filled from "
-                          "AMP_DTYPE): set config.MODEL.AMP_PARAMS.AMP_TYPE=pytorch.")
     for keys, value, source in hydra_values(c, world_size):
         node = ds
         for k in keys[:-1]:
@@ -175,10 +171,6 @@ def build_deepspeed_config(c, world_size: int, path: Optional[str] = None) -> Di
     if ds["bf16"]["enabled"] and ds["fp16"]["enabled"]:  # unreachable through hydra_values; kept as a guard
         raise ConfigError(KEY, f"{path}: bf16 and fp16 cannot both be enabled.")
     return ds
-
-
-def zero_stage(ds: Dict[str, Any]) -> int:
-    return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
 def check_deepspeed_config(root) -> Dict[str, Any]:

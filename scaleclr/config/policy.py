@@ -1,0 +1,103 @@
+"""VISSL keys that scaleclr accepts but does not implement, and what happens when they are set.
+
+Every key of the schema either has a reader in scaleclr or an entry here (``tests/test_config_keys.py`` walks
+the schema and enforces it). An entry says what scaleclr does instead; its action applies when the key has a
+non-default value (or when its own condition holds):
+
+- ``error``: the run stops before any worker starts, with a message naming the key and the alternative;
+- ``warn``: VISSL's behaviour is harmless to skip; a warning names the key and says what scaleclr does.
+
+README's "Configuration" section lists the same table.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from scaleclr.config.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["KeyPolicy", "POLICIES", "apply_policies"]
+
+
+@dataclass(frozen=True)
+class KeyPolicy:
+    """What happens to a VISSL key scaleclr does not implement.
+
+    Attributes:
+        key: full dotted key (``config.TEST_ONLY``).
+        action: ``"error"`` or ``"warn"``.
+        instead: what scaleclr does instead (the message's second half).
+        applies: when the action fires; default: the value differs from the schema default.
+    """
+
+    key: str
+    action: str
+    instead: str
+    applies: Optional[Callable[[DictConfig], bool]] = None
+
+
+def _amp_on(root: DictConfig) -> bool:
+    return bool(root.config.MODEL.AMP_PARAMS.USE_AMP)
+
+
+POLICIES: List[KeyPolicy] = [
+    KeyPolicy("config.TEST_ONLY", "error", "scaleclr has no test-only phase for pretraining; evaluate a trunk "
+              "with config.KNN_EVAL.ENABLED=True or the linear-evaluation configs (README 'Evaluate')"),
+    KeyPolicy("config.TEST_MODEL", "warn", "pretraining has no test phase; the kNN evaluation "
+              "(config.KNN_EVAL) runs at the start and the end instead"),
+    KeyPolicy("config.HOOKS.PERF_STATS.MONITOR_PERF_STATS", "warn", "scaleclr always logs data_time, step_time "
+              "and images_per_sec to metrics.jsonl every config.LOG_FREQUENCY steps"),
+    KeyPolicy("config.HOOKS.PERF_STATS.ROLLING_BTIME_FREQ", "warn", "timings are averaged over the "
+              "config.LOG_FREQUENCY steps of each metrics.jsonl record"),
+    KeyPolicy("config.HOOKS.PERF_STATS.PERF_STAT_FREQUENCY", "warn", "timings are logged every "
+              "config.LOG_FREQUENCY steps"),
+    KeyPolicy("config.METERS.name", "error", "pretraining reports the loss and kNN top-1; no VISSL meter runs"),
+    KeyPolicy("config.DATA.TRAIN.COPY_TO_LOCAL_DISK", "warn", "images are read from config.DATA.TRAIN.DATA_PATHS "
+              "in place"),
+    KeyPolicy("config.DATA.TRAIN.COPY_DESTINATION_DIR", "warn", "images are read from config.DATA.TRAIN.DATA_PATHS "
+              "in place (COPY_TO_LOCAL_DISK is not implemented)"),
+    KeyPolicy("config.TRAINER.TRAIN_STEP_NAME", "error", "scaleclr has one train step (standard_train_step)"),
+    KeyPolicy("config.MODEL.AMP_PARAMS.AMP_TYPE", "error", "set config.MODEL.AMP_PARAMS.AMP_TYPE=pytorch (torch "
+              "autocast with AMP_DTYPE bfloat16 or float16); apex's AMP is not supported",
+              applies=lambda r: _amp_on(r) and r.config.MODEL.AMP_PARAMS.AMP_TYPE == "apex"),
+    KeyPolicy("config.MODEL.AMP_PARAMS.AMP_ARGS", "warn", "AMP_ARGS are apex options (opt_level); torch autocast "
+              "takes config.MODEL.AMP_PARAMS.AMP_DTYPE"),
+    KeyPolicy("config.MODEL.TRUNK.NAME", "error", "scaleclr's trunk is VISSL's resnet (ResNet / ResNeXt, any "
+              "depth and width: config.MODEL.TRUNK.RESNETS)"),
+    KeyPolicy("config.MODEL.INPUT_TYPE", "error", "scaleclr trains on RGB images only (INPUT_TYPE rgb)"),
+    KeyPolicy("engine_name", "error", "train.py pretrains (engine_name train); evaluation is chosen by its config"),
+    KeyPolicy("config.SLURM.USE_SLURM", "error", "submit slurm/train.sbatch (README 'Running on SLURM')"),
+    KeyPolicy("config.SLURM.PARTITION", "warn", "SLURM options are read only with config.SLURM.USE_SLURM=True"),
+    KeyPolicy("config.SLURM.TIME_HOURS", "warn", "SLURM options are read only with config.SLURM.USE_SLURM=True"),
+    KeyPolicy("config.SLURM.MEM_GB", "warn", "SLURM options are read only with config.SLURM.USE_SLURM=True"),
+    KeyPolicy("config.SLURM.NUM_CPU_PER_PROC", "warn", "SLURM options are read only with config.SLURM.USE_SLURM=True"),
+    KeyPolicy("config.SLURM.PORT_ID", "warn", "SLURM options are read only with config.SLURM.USE_SLURM=True"),
+]
+
+
+def _default(key: str):
+    from scaleclr.config import schema
+
+    return OmegaConf.select(OmegaConf.structured(schema.Root), key)
+
+
+def _plain(v):
+    return OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+
+
+def apply_policies(root: DictConfig) -> None:
+    """Raise :class:`ConfigError` for the first ``error`` entry that applies; log every ``warn`` entry that does."""
+    for p in POLICIES:
+        value = _plain(OmegaConf.select(root, p.key))
+        applies = p.applies(root) if p.applies is not None else value != _plain(_default(p.key))
+        if not applies:
+            continue
+        msg = f"= {value!r} is not implemented in scaleclr: {p.instead}."
+        if p.action == "error":
+            raise ConfigError(p.key, msg)
+        logger.warning("%s %s (ignored)", p.key, msg)

@@ -114,9 +114,11 @@ def test_missing_or_invalid_file(cfg, tmp_path):
 
 
 def test_apex_amp_with_deepspeed_is_an_error(tmp_path):
-    root, _ = load_config(QUICK + ["config.MODEL.AMP_PARAMS.USE_AMP=True", "config.MODEL.AMP_PARAMS.AMP_TYPE=apex"])
+    """Any engine: apex's AMP is refused while the config is validated, pointing at AMP_TYPE=pytorch."""
     with pytest.raises(ConfigError, match="AMP_TYPE=pytorch"):
-        build_deepspeed_config(root.config, 2, "ds_configs/zero2.json")
+        load_config(QUICK + ["config.MODEL.AMP_PARAMS.USE_AMP=True", "config.MODEL.AMP_PARAMS.AMP_TYPE=apex",
+                             "config.DISTRIBUTED.ENGINE=deepspeed",
+                             "config.DISTRIBUTED.DEEPSPEED_CONFIG=ds_configs/zero2.json"])
 
 
 def test_preflight_uses_config_world_size(tmp_path):

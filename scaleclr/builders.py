@@ -14,6 +14,7 @@ from scaleclr.data import (EvalDataset, ShardedSampler, SSLDataset, build_datalo
                            build_transforms, eval_transform_specs, get_collator)
 from scaleclr.data.catalog import DEMO, resolve_path, train_path
 from scaleclr.engines.spec import DTYPES, EngineSpec, FSDPSpec, PrecisionSpec
+from scaleclr.interchange import init_model_from_weights
 from scaleclr.losses import MulticropSimclrInfoNCELoss, SimclrInfoNCELoss
 from scaleclr.models import ResNet, SimCLRModel, build_heads
 from scaleclr.optim import build_optimizer
@@ -25,8 +26,9 @@ def plain(node) -> Any:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
-def build_model(c) -> SimCLRModel:
-    """ResNet trunk + VISSL heads, initialised from `SEED_VALUE` (identical on every rank)."""
+def build_model(c, init_weights: bool = True) -> SimCLRModel:
+    """ResNet trunk + VISSL heads, initialised from `SEED_VALUE` (identical on every rank), then from
+    ``config.MODEL.WEIGHTS_INIT`` unless ``init_weights`` is False (the caller loads a state dict anyway)."""
     r = c.MODEL.TRUNK.RESNETS
     torch.manual_seed(c.SEED_VALUE)
     trunk = ResNet(depth=r.DEPTH, width_multiplier=r.WIDTH_MULTIPLIER, groups=r.GROUPS,
@@ -36,24 +38,22 @@ def build_model(c) -> SimCLRModel:
     heads = build_heads(plain(h.PARAMS), batchnorm_eps=h.BATCHNORM_EPS, batchnorm_momentum=h.BATCHNORM_MOMENTUM,
                         params_multiplier=h.PARAMS_MULTIPLIER, init_seed=c.SEED_VALUE)
     model = SimCLRModel(trunk, heads)
-    if c.MODEL.WEIGHTS_INIT.PARAMS_FILE:
-        load_init_weights(model, c.MODEL.WEIGHTS_INIT.PARAMS_FILE)
+    if init_weights and c.MODEL.WEIGHTS_INIT.PARAMS_FILE:
+        load_init_weights(model, c.MODEL.WEIGHTS_INIT)
     for name, p in model.named_parameters():
         if any(s in name for s in c.MODEL.NON_TRAINABLE_PARAMS):
             p.requires_grad_(False)
     return model
 
 
-def load_init_weights(model: nn.Module, path: str) -> None:
-    """Initialise from ``config.MODEL.WEIGHTS_INIT.PARAMS_FILE``: a scaleclr checkpoint file or consolidated
-    export (``{"model": state dict, ...}``, e.g. ``python -m scaleclr.engines.deepspeed export``) or a plain
-    SimCLRModel state dict. Strict: every key must match."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ValueError(f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={path}: no such file") from None
-    state = state.get("model", state) if isinstance(state, dict) else state
-    model.load_state_dict(state)
+def load_init_weights(model: nn.Module, weights_init) -> None:
+    """Initialise ``model`` from ``config.MODEL.WEIGHTS_INIT`` (VISSL's keys: PARAMS_FILE, STATE_DICT_KEY_NAME,
+    SKIP_LAYERS, REMOVE_PREFIX, APPEND_PREFIX): a scaleclr, VISSL model-zoo or torchvision file, detected and
+    loaded strictly on the trunk (:func:`scaleclr.interchange.init_model_from_weights`)."""
+    w = weights_init
+    init_model_from_weights(model, w.PARAMS_FILE, state_dict_key_name=plain(w.STATE_DICT_KEY_NAME),
+                            skip_layers=list(plain(w.SKIP_LAYERS)), remove_prefix=w.REMOVE_PREFIX,
+                            append_prefix=w.APPEND_PREFIX)
 
 
 def build_loss(c, group=None) -> nn.Module:

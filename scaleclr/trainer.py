@@ -390,7 +390,7 @@ class Trainer:
         state = self.engine.full_state_dict()  # collective for sharded engines
         acc = torch.zeros(1, dtype=torch.float64, device=collective_device())
         if self.is_main:
-            model = builders.build_model(self.c)
+            model = builders.build_model(self.c, init_weights=False)
             model.load_state_dict(state)
             model.to(self.device).eval()
             train_loader, val_loader = builders.build_knn_loaders(self.c)

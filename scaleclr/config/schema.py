@@ -119,7 +119,14 @@ class FSDPConfig:
 
 @dataclass
 class WeightsInitConfig:
-    PARAMS_FILE: str = ""
+    """VISSL's ``MODEL.WEIGHTS_INIT`` (same keys, defaults and meanings; see scaleclr.interchange.weights_init)."""
+    PARAMS_FILE: str = ""  # weights file (scaleclr / VISSL / torchvision) or scaleclr FSDP/DeepSpeed checkpoint dir
+    # key (or list of nested keys) holding the weights; "" = flat {name: tensor} file. With classy_state_dict
+    # (VISSL layout) REMOVE_PREFIX/APPEND_PREFIX are ignored, as in VISSL. Any: a str or a list of str.
+    STATE_DICT_KEY_NAME: Any = "classy_state_dict"
+    SKIP_LAYERS: List[str] = field(default_factory=lambda: ["num_batches_tracked"])  # substring match
+    REMOVE_PREFIX: str = ""  # removed from keys that start with it, before APPEND_PREFIX
+    APPEND_PREFIX: str = ""  # put in front of every key (torchvision files: trunk.)
 
 
 @dataclass

@@ -5,6 +5,7 @@ keys added with ``+`` that the schema does not know, allowed names, ranges and c
 Every error names the full key and what is allowed.
 """
 import logging
+import os
 from typing import Any, List
 
 from omegaconf import DictConfig, OmegaConf
@@ -151,6 +152,7 @@ def validate(root: DictConfig) -> None:
         raise ConfigError("config.MODEL.FSDP_CONFIG.HSDP_REPLICATE", "must be >= 1.")
     if c.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY == 0 or c.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY < -1:
         raise ConfigError("config.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY", "must be -1 (off) or > 0.")
+    _check_weights_init(root)
     _check_data(root)
     _check_transforms(root)
     _check_loss_vs_views(root)
@@ -166,6 +168,23 @@ def _check_head_lr(root) -> None:
     if head and not o.head_optimizer_params.use_different_lr:
         logger.warning("config.OPTIMIZER.param_schedulers.lr_head has no effect without "
                        "config.OPTIMIZER.head_optimizer_params.use_different_lr=True (the head follows lr)")
+
+
+def _check_weights_init(root) -> None:
+    w = root.config.MODEL.WEIGHTS_INIT
+    key = "config.MODEL.WEIGHTS_INIT"
+    name = w.STATE_DICT_KEY_NAME
+    if not (isinstance(name, str) or (OmegaConf.is_list(name) and all(isinstance(n, str) for n in name))):
+        raise ConfigError(f"{key}.STATE_DICT_KEY_NAME", f"= {name!r}: must be a key name ('' for a flat "
+                          "{name: tensor} file) or a list of nested key names.")
+    if not w.PARAMS_FILE:
+        return
+    if "://" in w.PARAMS_FILE:
+        raise ConfigError(f"{key}.PARAMS_FILE", f"= {w.PARAMS_FILE!r}: URLs are not downloaded; download the file "
+                          "and give its path.")
+    if not os.path.exists(w.PARAMS_FILE):
+        raise ConfigError(f"{key}.PARAMS_FILE", f"= {w.PARAMS_FILE!r}: no such file or directory (a scaleclr, "
+                          "VISSL or torchvision weights file, or a scaleclr FSDP/DeepSpeed checkpoint directory).")
 
 
 def _check_data(root) -> None:

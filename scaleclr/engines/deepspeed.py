@@ -337,7 +337,9 @@ class DeepSpeedEngine(Engine):
                                                                   "scaleclr_meta": self._meta()},
                                 save_latest=False)
         if self.rank == 0:
-            atomic_write_text(json.dumps(self._meta(), indent=1), os.path.join(path, META_FILE))
+            # + the position, so offline readers (scaleclr.export) know it without unpickling DeepSpeed's files
+            meta = {**self._meta(), "train_state": dict(client_state.get("train_state", {}))}
+            atomic_write_text(json.dumps(meta, indent=1), os.path.join(path, META_FILE))
         if final:
             state = self.full_state_dict()  # collective
             if self.rank == 0:
@@ -424,15 +426,24 @@ class DeepSpeedEngine(Engine):
 
 # ------------------------------------------------------------------------------------- consolidated export
 def consolidated_payload(state: Dict[str, torch.Tensor], meta: Dict[str, Any], tag: str) -> Dict[str, Any]:
-    """``{"model": SimCLRModel state dict, "trunk": ResNet state dict, "heads": heads state dict, ...}``."""
-    return {"engine": "deepspeed", "tag": tag, "meta": meta, "model": state,
-            "trunk": {k[len("trunk."):]: v for k, v in state.items() if k.startswith("trunk.")},
-            "heads": {k[len("heads."):]: v for k, v in state.items() if k.startswith("heads.")}}
+    """scaleclr's export file (:func:`scaleclr.interchange.formats.scaleclr_payload`: ``{"format": "scaleclr",
+    "model": SimCLRModel state dict, "trunk": ResNet state dict, "heads": heads state dict, "trunk_config"}``)
+    plus ``engine``, ``tag`` and the checkpoint's ``meta``."""
+    from scaleclr.interchange.formats import scaleclr_payload
+
+    return scaleclr_payload(state, engine="deepspeed", tag=tag, meta=meta)
 
 
-def export_checkpoint(path: str, out: str) -> str:
-    """Offline export of a scaleclr DeepSpeed checkpoint directory (any ZeRO stage, any number of ranks) to a
-    consolidated fp32 file (see :func:`consolidated_payload`). Runs in one process, no GPU."""
+def read_fp32_state_dict(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any], str]:
+    """The fp32 SimCLRModel state dict (``trunk.*``, ``heads.*``, BN buffers) of a scaleclr DeepSpeed checkpoint
+    directory, any ZeRO stage and any number of ranks, read in one process without a process group or GPU.
+
+    Returns:
+        ``(state, meta, tag)``: ``meta`` is ``scaleclr_meta.json`` (``{}`` when absent), ``tag`` the directory name.
+
+    Raises:
+        ValueError: a ZeRO-0 bf16/fp16 checkpoint (its fp32 masters sit in the optimizer state).
+    """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     path = os.path.normpath(path)
@@ -441,16 +452,24 @@ def export_checkpoint(path: str, out: str) -> str:
     meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
     if meta.get("zero_stage", 1) == 0:
         model_file = os.path.join(path, "mp_rank_00_model_states.pt")
-        sd = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
         if meta.get("precision", "fp32") != "fp32":
             raise ValueError(f"{path} is a ZeRO-0 {meta.get('precision')} checkpoint: its module weights are "
                              f"{meta.get('precision')} and the fp32 masters sit in the optimizer state. Use the "
                              "export the final checkpoint writes (<tag>_consolidated_fp32.torch), or resume and "
                              "finish the run to get one.")
-        state = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+        # DeepSpeed's own model-states file (written by this run's engine; it holds non-tensor objects)
+        state = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
     else:
         state = get_fp32_state_dict_from_zero_checkpoint(directory, tag=tag)
-        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    return state, meta, tag
+
+
+def export_checkpoint(path: str, out: str) -> str:
+    """Offline export of a scaleclr DeepSpeed checkpoint directory (any ZeRO stage, any number of ranks) to a
+    consolidated fp32 file (see :func:`consolidated_payload`). Runs in one process, no GPU. (``python -m
+    scaleclr.export CHECKPOINT OUT --format scaleclr|torchvision|vissl`` does the same for every engine.)"""
+    state, meta, tag = read_fp32_state_dict(path)
     atomic_torch_save(consolidated_payload(state, meta, tag), out)
     return out
 

@@ -256,6 +256,10 @@ def load_full_state_dict(path: str) -> Dict[str, torch.Tensor]:
 
 
 def export_checkpoint(path: str, out_file: str) -> str:
-    """Write the unsharded model of FSDP checkpoint ``path`` as one ``torch.save`` file ``{"model": state}``."""
-    atomic_torch_save({"engine": "fsdp-export", "model": load_full_state_dict(path)}, out_file)
+    """Write the unsharded model of FSDP checkpoint ``path`` as one ``torch.save`` file in scaleclr's export layout
+    (:func:`scaleclr.interchange.formats.scaleclr_payload`: ``{"format": "scaleclr", "model": state, ...}``).
+    ``python -m scaleclr.export CHECKPOINT OUT --format scaleclr|torchvision|vissl`` does this for every engine."""
+    from scaleclr.interchange.formats import scaleclr_payload
+
+    atomic_torch_save(scaleclr_payload(load_full_state_dict(path), engine="fsdp-export"), out_file)
     return out_file

@@ -9,6 +9,12 @@
   hidden dims that equal the old input dim follow it too, the last output follows ``embedding_dim``.
   A head spelled out on the command line is taken as written and must agree with both, else an error
   names both keys.
+- Linear evaluation (``MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON``): the classifier's input (``dims[0]``, and
+  ``in_channels`` of ``eval_mlp``) follows the trunk (so ``+models=resnet50_w2`` gives 4096, w4 8192); its output
+  (the classes) is the config's. ``METERS.accuracy_list_meter.num_meters`` = the number of heads (as VISSL).
+  The InfoNCE loss's inferred values are not computed (the loss is cross-entropy).
+- The data paths each split will read (``DATA_PATHS[0]``, else the dataset catalog's entry for ``DATASET_NAMES[0]``;
+  TEST reads the catalog's ``val``), reported in the ``inferred`` log line (``--dry-run`` prints it too).
 """
 import copy
 import logging
@@ -52,6 +58,45 @@ def _rewrite_head(params: List[Any], old_in: int, new_in: int, out_dim: int) -> 
         m[1]["dims"] = [new_in if d == old_in else d for d in m[1]["dims"]]
     mods[-1][1]["dims"][-1] = out_dim
     return params
+
+
+def infer_classifier(c: DictConfig, explicit: Mapping[str, str], info: Dict[str, Any]) -> None:
+    """Linear evaluation: the classifier's input width follows the trunk (validated: one ``mlp`` / ``eval_mlp``)."""
+    params = OmegaConf.to_container(c.MODEL.HEAD.PARAMS, resolve=True)
+    name, kw = params[0]
+    r = c.MODEL.TRUNK.RESNETS
+    t_dim = trunk_dim(r.DEPTH, r.WIDTH_MULTIPLIER)
+    ins = [kw["dims"][0]] + ([kw["in_channels"]] if name == "eval_mlp" else [])
+    if any(k.startswith("config.MODEL.HEAD.PARAMS") for k in explicit):
+        if any(int(i) != t_dim for i in ins):
+            raise ConfigError("config.MODEL.HEAD.PARAMS", f"the classifier's input {ins} contradicts the trunk: "
+                              f"config.MODEL.TRUNK.RESNETS.DEPTH={r.DEPTH} WIDTH_MULTIPLIER={r.WIDTH_MULTIPLIER} "
+                              f"outputs {t_dim} features (its final average pool).")
+    elif any(int(i) != t_dim for i in ins):
+        kw["dims"][0] = t_dim
+        if name == "eval_mlp":
+            kw["in_channels"] = t_dim
+        c.MODEL.HEAD.PARAMS = params
+        info["head_dims"] = [kw["dims"]]
+        logger.info("classifier input inferred from the trunk (%d features): %s", t_dim, params)
+    c.METERS.accuracy_list_meter.num_meters = len(params)
+
+
+def data_paths(c: DictConfig, splits=("TRAIN",)) -> Dict[str, Optional[str]]:
+    """Where each split's images come from, without touching the file system (for the log and ``--dry-run``)."""
+    from scaleclr.data.catalog import CATALOG_SPLITS, catalog_entry
+
+    out: Dict[str, Optional[str]] = {}
+    for split in splits:
+        s = c.DATA[split]
+        if not s.DATA_SOURCES or s.DATA_SOURCES[0] == "synthetic":
+            continue
+        if s.DATA_PATHS:
+            out[split] = s.DATA_PATHS[0]
+        elif s.DATASET_NAMES:
+            path = catalog_entry(s.DATASET_NAMES[0], CATALOG_SPLITS[split])
+            out[split] = f"{path} (dataset catalog: {s.DATASET_NAMES[0]})"
+    return out
 
 
 def infer_head(c: DictConfig, explicit: Mapping[str, str], info: Dict[str, Any]) -> None:
@@ -102,18 +147,20 @@ def infer(root: DictConfig, world_size: Optional[int] = None,
         if other and other != c.LOSS.name and other in c.LOSS:
             raise ConfigError(key, f"sets a key of the inactive loss: config.LOSS.name is {c.LOSS.name!r}; use "
                               f"config.LOSS.{c.LOSS.name}.{key.split('.', 3)[3]} instead.")
+    linear = bool(c.MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON)
     lc = loss_cfg(c)
-    lc.buffer_params.world_size = world
-    if c.LOSS.name == "multicrop_simclr_info_nce_loss":
-        lc.num_crops = transforms_num_views(c.DATA.TRAIN.TRANSFORMS)
-        lc.buffer_params.effective_batch_size = bs * world
-        if c.DATA.TRAIN.COLLATE_FUNCTION != "multicrop_collator":
-            c.DATA.TRAIN.COLLATE_FUNCTION = "multicrop_collator"
-            info["collate_function"] = "multicrop_collator"
-        info["num_crops"] = lc.num_crops
-    else:
-        lc.buffer_params.effective_batch_size = 2 * bs * world
-    info["effective_batch_size"] = lc.buffer_params.effective_batch_size
+    if not linear:  # linear evaluation's cross-entropy has no InfoNCE buffers to infer
+        lc.buffer_params.world_size = world
+        if c.LOSS.name == "multicrop_simclr_info_nce_loss":
+            lc.num_crops = transforms_num_views(c.DATA.TRAIN.TRANSFORMS)
+            lc.buffer_params.effective_batch_size = bs * world
+            if c.DATA.TRAIN.COLLATE_FUNCTION != "multicrop_collator":
+                c.DATA.TRAIN.COLLATE_FUNCTION = "multicrop_collator"
+                info["collate_function"] = "multicrop_collator"
+            info["num_crops"] = lc.num_crops
+        else:
+            lc.buffer_params.effective_batch_size = 2 * bs * world
+        info["effective_batch_size"] = lc.buffer_params.effective_batch_size
 
     sg = c.MODEL.SYNC_BN_CONFIG
     if sg.CONVERT_BN_TO_SYNC_BN and sg.GROUP_SIZE > 0 and world % min(sg.GROUP_SIZE, world) != 0:
@@ -143,11 +190,18 @@ def infer(root: DictConfig, world_size: Optional[int] = None,
                             num_epochs=c.OPTIMIZER.num_epochs)
         except ValueError as e:
             raise ConfigError(f"config.OPTIMIZER.param_schedulers.{name}", str(e)) from e
-    infer_head(c, explicit, info)
+    if linear:
+        infer_classifier(c, explicit, info)
+    else:
+        infer_head(c, explicit, info)
+    paths = data_paths(c, ("TRAIN", "TEST") if linear and (c.TEST_MODEL or c.TEST_ONLY) else ("TRAIN",))
+    if paths:
+        info["data_paths"] = paths
     if c.CHECKPOINT.APPEND_DISTR_RUN_ID:  # VISSL: one sub-folder per run id
         c.CHECKPOINT.DIR = f"{c.CHECKPOINT.DIR.rstrip('/')}/{d.RUN_ID}"
         info["checkpoint_dir"] = c.CHECKPOINT.DIR
-    _check_inferred(c, explicit)
+    if not linear:
+        _check_inferred(c, explicit)
     return info
 
 

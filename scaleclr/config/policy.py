@@ -7,7 +7,9 @@ non-default value (or when its own condition holds):
 - ``error``: the run stops before any worker starts, with a message naming the key and the alternative;
 - ``warn``: VISSL's behaviour is harmless to skip; a warning names the key and says what scaleclr does.
 
-README's "Configuration" section lists the same table.
+README's "Configuration" section lists the same table. (Linear evaluation's VISSL keys, ``config.TEST_ONLY``,
+``TEST_MODEL``, ``METERS.*``, ``MODEL.FEATURE_EVAL_SETTINGS.*``, are implemented; their misuse in pretraining is
+checked in ``validate_linear``.)
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ class KeyPolicy:
     """What happens to a VISSL key scaleclr does not implement.
 
     Attributes:
-        key: full dotted key (``config.TEST_ONLY``).
+        key: full dotted key (``config.TRAINER.TRAIN_STEP_NAME``).
         action: ``"error"`` or ``"warn"``.
         instead: what scaleclr does instead (the message's second half).
         applies: when the action fires; default: the value differs from the schema default.
@@ -46,21 +48,22 @@ def _amp_on(root: DictConfig) -> bool:
 
 
 POLICIES: List[KeyPolicy] = [
-    KeyPolicy("config.TEST_ONLY", "error", "scaleclr has no test-only phase for pretraining; evaluate a trunk "
-              "with config.KNN_EVAL.ENABLED=True or the linear-evaluation configs (README 'Evaluate')"),
-    KeyPolicy("config.TEST_MODEL", "warn", "pretraining has no test phase; the kNN evaluation "
-              "(config.KNN_EVAL) runs at the start and the end instead"),
     KeyPolicy("config.HOOKS.PERF_STATS.MONITOR_PERF_STATS", "warn", "scaleclr always logs data_time, step_time "
               "and images_per_sec to metrics.jsonl every config.LOG_FREQUENCY steps"),
     KeyPolicy("config.HOOKS.PERF_STATS.ROLLING_BTIME_FREQ", "warn", "timings are averaged over the "
               "config.LOG_FREQUENCY steps of each metrics.jsonl record"),
     KeyPolicy("config.HOOKS.PERF_STATS.PERF_STAT_FREQUENCY", "warn", "timings are logged every "
               "config.LOG_FREQUENCY steps"),
-    KeyPolicy("config.METERS.name", "error", "pretraining reports the loss and kNN top-1; no VISSL meter runs"),
     KeyPolicy("config.DATA.TRAIN.COPY_TO_LOCAL_DISK", "warn", "images are read from config.DATA.TRAIN.DATA_PATHS "
               "in place"),
     KeyPolicy("config.DATA.TRAIN.COPY_DESTINATION_DIR", "warn", "images are read from config.DATA.TRAIN.DATA_PATHS "
               "in place (COPY_TO_LOCAL_DISK is not implemented)"),
+    KeyPolicy("config.DATA.TEST.COPY_TO_LOCAL_DISK", "warn", "images are read from config.DATA.TEST.DATA_PATHS "
+              "in place"),
+    KeyPolicy("config.DATA.TEST.COPY_DESTINATION_DIR", "warn", "images are read from config.DATA.TEST.DATA_PATHS "
+              "in place (COPY_TO_LOCAL_DISK is not implemented)"),
+    KeyPolicy("config.DATA.TEST.COLLATE_FUNCTION", "warn", "the test split of linear evaluation is batched as "
+              "(images [B, 3, H, W], labels [B]) with torch's default collation"),
     KeyPolicy("config.TRAINER.TRAIN_STEP_NAME", "error", "scaleclr has one train step (standard_train_step)"),
     KeyPolicy("config.MODEL.AMP_PARAMS.AMP_TYPE", "error", "set config.MODEL.AMP_PARAMS.AMP_TYPE=pytorch (torch "
               "autocast with AMP_DTYPE bfloat16 or float16); apex's AMP is not supported",

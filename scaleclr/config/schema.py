@@ -9,7 +9,7 @@ values VISSL infers (world size, batch sizes, num_crops, scaled LR, head dims) a
 Key names follow VISSL (``config.MODEL.TRUNK.RESNETS.DEPTH``, ``config.LOSS.simclr_info_nce_loss.temperature``,
 ``config.OPTIMIZER.larc_config.clip``); keys scaleclr adds use the same style (``config.DISTRIBUTED.ENGINE``,
 ``config.LOSS.<loss>.impl``, ``config.OPTIMIZER.larc_config.exclude_bias_and_norm``,
-``config.MODEL.FSDP_CONFIG.*``, ``config.KNN_EVAL.*``).
+``config.MODEL.FSDP_CONFIG.*``, ``config.KNN_EVAL.*``, ``config.MODEL.FEATURE_EVAL_SETTINGS.PRECOMPUTE_FEATURES``).
 """
 from dataclasses import dataclass, field
 from typing import Any, Dict, List
@@ -49,6 +49,15 @@ class DataSplitConfig:
     SYNTHETIC_IMAGE_SIZE: int = 64  # side of the images the synthetic source draws
 
 
+def _default_test_split() -> DataSplitConfig:
+    """``config.DATA.TEST``: the labelled split linear evaluation reports top-k on (VISSL's second split). Its
+    defaults are the ImageNet evaluation pipeline (Resize 256, CenterCrop 224, ToTensor, Normalize), the whole
+    split (DROP_LAST False) and the source's labels; pretraining does not read it."""
+    return DataSplitConfig(LABEL_TYPE="standard", DROP_LAST=False, TRANSFORMS=[
+        {"name": "Resize", "size": 256}, {"name": "CenterCrop", "size": 224}, {"name": "ToTensor"},
+        {"name": "Normalize", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}])
+
+
 @dataclass
 class DataConfig:
     NUM_DATALOADER_WORKERS: int = 5  # per process
@@ -56,6 +65,7 @@ class DataConfig:
     ENABLE_ASYNC_GPU_COPY: bool = True
     DDP_BUCKET_CAP_MB: int = 25
     TRAIN: DataSplitConfig = field(default_factory=DataSplitConfig)
+    TEST: DataSplitConfig = field(default_factory=_default_test_split)
 
 
 # ---------------------------------------------------------------------------------------------- MODEL
@@ -130,6 +140,22 @@ class WeightsInitConfig:
 
 
 @dataclass
+class FeatureEvalSettingsConfig:
+    """VISSL's ``MODEL.FEATURE_EVAL_SETTINGS`` (linear evaluation of a frozen trunk; scaleclr.eval.linear)."""
+    EVAL_MODE_ON: bool = False  # evaluate features: with FREEZE_TRUNK_ONLY, linear evaluation
+    FREEZE_TRUNK_ONLY: bool = False  # trunk frozen (eval-mode BatchNorm, no gradients), heads trained
+    FREEZE_TRUNK_AND_HEAD: bool = False  # VISSL's feature extraction; not implemented (an error)
+    EVAL_TRUNK_AND_HEAD: bool = False  # WEIGHTS_INIT also loads the heads (e.g. a linear-eval checkpoint)
+    SHOULD_FLATTEN_FEATS: bool = True  # False: the head gets [N, F, 1, 1] (VISSL's res5avg), True: [N, F]
+    # [[feature, [pool op, args]], ...], one entry per head; only ["res5avg", ["Identity", []]] (the final
+    # average pool, 2048 x width) is implemented; [] = the trunk's output, the same feature
+    LINEAR_EVAL_FEAT_POOL_OPS_MAP: List[Any] = field(default_factory=list)
+    # scaleclr: extract the frozen features of DATA.TRAIN / DATA.TEST once (their TRANSFORMS must then be
+    # deterministic) and train the classifier on them; for small demos, never for the ImageNet protocols
+    PRECOMPUTE_FEATURES: bool = False
+
+
+@dataclass
 class ModelConfig:
     TRUNK: TrunkConfig = field(default_factory=TrunkConfig)
     HEAD: HeadConfig = field(default_factory=HeadConfig)
@@ -139,6 +165,7 @@ class ModelConfig:
         default_factory=ActivationCheckpointingConfig)
     FSDP_CONFIG: FSDPConfig = field(default_factory=FSDPConfig)
     WEIGHTS_INIT: WeightsInitConfig = field(default_factory=WeightsInitConfig)
+    FEATURE_EVAL_SETTINGS: FeatureEvalSettingsConfig = field(default_factory=FeatureEvalSettingsConfig)
     NON_TRAINABLE_PARAMS: List[str] = field(default_factory=list)
     INPUT_TYPE: str = "rgb"
 
@@ -168,11 +195,22 @@ class MulticropSimclrLossConfig:
 
 
 @dataclass
+class CrossEntropyLossConfig:
+    """VISSL's ``cross_entropy_multiple_output_single_target`` (linear evaluation; scaleclr.losses.cross_entropy)."""
+    ignore_index: int = -1
+    temperature: float = 1.0  # logits / temperature
+    normalize_output: bool = False  # L2-normalise the logits first
+    label_smoothing: float = 0.0
+
+
+@dataclass
 class LossConfig:
     name: str = "simclr_info_nce_loss"
     simclr_info_nce_loss: SimclrLossConfig = field(default_factory=SimclrLossConfig)
     multicrop_simclr_info_nce_loss: MulticropSimclrLossConfig = field(
         default_factory=MulticropSimclrLossConfig)
+    cross_entropy_multiple_output_single_target: CrossEntropyLossConfig = field(
+        default_factory=CrossEntropyLossConfig)
 
 
 # ------------------------------------------------------------------------------------------ OPTIMIZER
@@ -279,8 +317,15 @@ class TrainerConfig:
 
 
 @dataclass
+class AccuracyListMeterConfig:
+    num_meters: int = 1  # inferred: one per head
+    topk_values: List[int] = field(default_factory=lambda: [1])  # linear_top{k} in metrics.jsonl
+
+
+@dataclass
 class MetersConfig:
-    name: str = ""
+    name: str = ""  # "" | accuracy_list_meter (linear evaluation)
+    accuracy_list_meter: AccuracyListMeterConfig = field(default_factory=AccuracyListMeterConfig)
 
 
 @dataclass
@@ -310,8 +355,9 @@ class SlurmConfig:
 class Config:
     VERBOSE: bool = False
     LOG_FREQUENCY: int = 10
-    TEST_ONLY: bool = False
-    TEST_MODEL: bool = False
+    TEST_ONLY: bool = False  # linear evaluation: evaluate DATA.TEST only (no training)
+    TEST_MODEL: bool = False  # linear evaluation: test phases on DATA.TEST
+    TEST_EVERY_NUM_EPOCH: int = 1  # a test phase after every N epochs (and after the last)
     SEED_VALUE: int = 0
     MULTI_PROCESSING_METHOD: str = "forkserver"
     HOOKS: HooksConfig = field(default_factory=HooksConfig)

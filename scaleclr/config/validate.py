@@ -14,11 +14,14 @@ from scaleclr.config import schema
 from scaleclr.config.compose import unknown_key_error
 from scaleclr.config.errors import ConfigError
 from scaleclr.config.policy import apply_policies
+from scaleclr.config.validate_linear import check_linear_eval, is_linear_eval
 
 logger = logging.getLogger(__name__)
 
 ALLOWED = {
-    "config.LOSS.name": ("simclr_info_nce_loss", "multicrop_simclr_info_nce_loss"),
+    "config.LOSS.name": ("simclr_info_nce_loss", "multicrop_simclr_info_nce_loss",
+                         "cross_entropy_multiple_output_single_target"),
+    "config.METERS.name": ("", "accuracy_list_meter"),
     "config.MODEL.TRUNK.RESNETS.DEPTH": (18, 34, 50, 101, 152, 200),
     "config.MODEL.TRUNK.RESNETS.NORM": ("BatchNorm", "LayerNorm", "GroupNorm"),
     "config.MODEL.SYNC_BN_CONFIG.SYNC_BN_TYPE": ("pytorch", "apex", "native"),
@@ -110,7 +113,8 @@ def validate(root: DictConfig) -> None:
                      "config.MODEL.TRUNK.RESNETS.WIDTH_PER_GROUP", "config.DISTRIBUTED.TIMEOUT_SECONDS",
                      "config.LOSS.simclr_info_nce_loss.buffer_params.embedding_dim",
                      "config.LOSS.multicrop_simclr_info_nce_loss.buffer_params.embedding_dim",
-                     "config.KNN_EVAL.TOPK", "config.KNN_EVAL.BATCHSIZE"])
+                     "config.KNN_EVAL.TOPK", "config.KNN_EVAL.BATCHSIZE", "config.TEST_EVERY_NUM_EPOCH",
+                     "config.DATA.TEST.BATCHSIZE_PER_REPLICA"])
     _positive(root, ["config.DATA.NUM_DATALOADER_WORKERS", "config.OPTIMIZER.weight_decay",
                      "config.OPTIMIZER.momentum", "config.OPTIMIZER.larc_config.trust_coefficient",
                      "config.OPTIMIZER.larc_config.eps", "config.OPTIMIZER.gradient_clipping",
@@ -155,6 +159,7 @@ def validate(root: DictConfig) -> None:
     _check_weights_init(root)
     _check_data(root)
     _check_transforms(root)
+    check_linear_eval(root)
     _check_loss_vs_views(root)
 
 
@@ -187,36 +192,38 @@ def _check_weights_init(root) -> None:
                           "VISSL or torchvision weights file, or a scaleclr FSDP/DeepSpeed checkpoint directory).")
 
 
-def _check_data(root) -> None:
-    train = root.config.DATA.TRAIN
+def _check_data(root, split: str = "TRAIN") -> None:
+    train = root.config.DATA[split]
     if not train.DATA_SOURCES:
-        raise ConfigError("config.DATA.TRAIN.DATA_SOURCES", f"is empty; allowed sources: {', '.join(DATA_SOURCES)}.")
+        raise ConfigError(f"config.DATA.{split}.DATA_SOURCES", f"is empty; allowed sources: {', '.join(DATA_SOURCES)}.")
     for i, s in enumerate(train.DATA_SOURCES):
         if s not in DATA_SOURCES:
-            raise ConfigError(f"config.DATA.TRAIN.DATA_SOURCES[{i}]",
+            raise ConfigError(f"config.DATA.{split}.DATA_SOURCES[{i}]",
                               f"= {s!r} is not allowed; allowed sources: {', '.join(DATA_SOURCES)}.")
     if len(train.DATA_SOURCES) > 1:
-        raise ConfigError("config.DATA.TRAIN.DATA_SOURCES", "one training source is supported, got "
+        raise ConfigError(f"config.DATA.{split}.DATA_SOURCES", "one source per split is supported, got "
                           f"{list(train.DATA_SOURCES)}.")
     labels = list(train.LABEL_SOURCES)
     if labels and labels != [train.DATA_SOURCES[0]]:
-        raise ConfigError("config.DATA.TRAIN.LABEL_SOURCES", f"= {labels}; labels come from the data source itself: "
-                          f"[{train.DATA_SOURCES[0]}] (disk_folder: the class folders; disk_filelist: a .npy of "
-                          "integer labels in LABEL_PATHS) or [] .")
+        raise ConfigError(f"config.DATA.{split}.LABEL_SOURCES", f"= {labels}; labels come from the data source "
+                          f"itself: [{train.DATA_SOURCES[0]}] (disk_folder: the class folders; disk_filelist: a .npy "
+                          "of integer labels in LABEL_PATHS) or [] .")
     if labels == ["disk_filelist"] and not train.LABEL_PATHS:
-        raise ConfigError("config.DATA.TRAIN.LABEL_PATHS", "is empty but LABEL_SOURCES=[disk_filelist]: give the "
+        raise ConfigError(f"config.DATA.{split}.LABEL_PATHS", "is empty but LABEL_SOURCES=[disk_filelist]: give the "
                           ".npy of integer labels, one per path of DATA_PATHS[0].")
     if train.LABEL_PATHS and labels != ["disk_filelist"]:
-        logger.warning("config.DATA.TRAIN.LABEL_PATHS is read only with LABEL_SOURCES=[disk_filelist] (disk_folder "
-                       "labels are its class folders)")
+        logger.warning("config.DATA.%s.LABEL_PATHS is read only with LABEL_SOURCES=[disk_filelist] (disk_folder "
+                       "labels are its class folders)", split)
     if train.DATA_SOURCES[0] != "synthetic" and not (train.DATA_PATHS or train.DATASET_NAMES):
-        raise ConfigError("config.DATA.TRAIN.DATA_PATHS", "is empty and so is config.DATA.TRAIN.DATASET_NAMES: "
+        raise ConfigError(f"config.DATA.{split}.DATA_PATHS", f"is empty and so is config.DATA.{split}.DATASET_NAMES: "
                           "give the image folder / file list path.")
 
 
 def _check_loss_vs_views(root) -> None:
     c = root.config
     views = transforms_num_views(c.DATA.TRAIN.TRANSFORMS)
+    if is_linear_eval(root):
+        return  # one labelled view per image (validate_linear)
     if c.LOSS.name == "simclr_info_nce_loss":
         if views != 2:
             raise ConfigError("config.DATA.TRAIN.TRANSFORMS", f"produce {views} view(s) per image but "

@@ -41,9 +41,29 @@ def resolve_path(name: str, split: str, key: str) -> str:
     return path
 
 
-def train_path(data_paths, dataset_names, source: str) -> Optional[str]:
+#: ``config.DATA.<SPLIT>`` -> the catalog split it reads (VISSL's catalog names: ``train``, ``val``).
+CATALOG_SPLITS = {"TRAIN": "train", "TEST": "val"}
+
+
+def split_path(data_paths, dataset_names, source: str, split: str = "TRAIN") -> Optional[str]:
+    """The image path of ``config.DATA.<split>``: ``DATA_PATHS[0]``, else catalog entry ``DATASET_NAMES[0]``'s
+    ``train`` (TRAIN) or ``val`` (TEST) path; None for the synthetic source."""
     if source == "synthetic":
         return None
     if data_paths:
         return data_paths[0]
-    return resolve_path(dataset_names[0], "train", "config.DATA.TRAIN.DATASET_NAMES[0]")
+    return resolve_path(dataset_names[0], CATALOG_SPLITS[split], f"config.DATA.{split}.DATASET_NAMES[0]")
+
+
+def train_path(data_paths, dataset_names, source: str) -> Optional[str]:
+    return split_path(data_paths, dataset_names, source, "TRAIN")
+
+
+def catalog_entry(name: str, split: str) -> Optional[str]:
+    """What the catalog says for ``name``'s ``split`` (``train`` | ``val``), without checking that it exists or
+    preparing the demo data (for ``--dry-run``); None for an unknown name."""
+    if name == DEMO:
+        return os.path.join(cache_dir(), "demo_digits", "sklearn_digits_32px", split)
+    catalog = json.loads(catalog_path().read_text()) if catalog_path().exists() else {}
+    entry = catalog.get(name, {}).get(split)
+    return entry[0] if entry else None

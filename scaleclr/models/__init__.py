@@ -1,4 +1,5 @@
-"""Models: the SimCLR ResNet trunk, VISSL ``mlp`` heads and the trunk+heads wrapper.
+"""Models: the SimCLR ResNet trunk, VISSL ``mlp`` / ``eval_mlp`` heads, the trunk+heads wrapper and its
+linear-evaluation variant (frozen trunk + classifier).
 
 Single-device code only (never imports ``torch.distributed``); see arXiv 2002.05709.
 """
@@ -9,12 +10,13 @@ from typing import Any, Callable, Dict
 
 from torch import nn
 
-from .heads import HEADS, MLP, build_head, build_heads
+from .heads import HEADS, MLP, LinearEvalMLP, build_head, build_heads
+from .linear_eval import LinearEvalModel
 from .resnet import RESNET_LAYERS, ResNet, make_norm_layer
 from .simclr import SimCLRModel
 
-__all__ = ["ResNet", "MLP", "SimCLRModel", "build_heads", "build_head", "build_trunk", "make_norm_layer",
-           "MODELS", "HEADS", "RESNET_LAYERS"]
+__all__ = ["ResNet", "MLP", "LinearEvalMLP", "SimCLRModel", "LinearEvalModel", "build_heads", "build_head",
+           "build_trunk", "make_norm_layer", "MODELS", "HEADS", "RESNET_LAYERS"]
 
 #: Named trunks: name -> constructor accepting the remaining :class:`ResNet` keyword arguments.
 MODELS: Dict[str, Callable[..., nn.Module]] = {

@@ -9,6 +9,11 @@ where the contrastive loss is applied with a small MLP ``g(h) = W2 σ(W1 h)``. V
 
 Parameter names match VISSL (``heads.0.clf.0.weight``, ``heads.1.clf.0.bias``, ...) once the heads are
 placed in :class:`scaleclr.models.SimCLRModel`.
+
+Linear evaluation uses either a plain ``["mlp", {"dims": [F, C]}]`` (a Linear; SimCLR's protocol, arXiv 2002.05709
+Appendix B.6) or VISSL's ``["eval_mlp", {"in_channels": F, "dims": [F, C]}]`` (:class:`LinearEvalMLP`: BatchNorm
+then Linear; ``heads.0.channel_bn.*``, ``heads.0.clf.clf.0.*``), the layouts of
+``scaleclr.interchange.formats.CLASSIFIER_LAYOUTS``.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 from torch import nn
 
-__all__ = ["MLP", "build_head", "build_heads", "HEADS"]
+__all__ = ["MLP", "LinearEvalMLP", "build_head", "build_heads", "HEADS"]
 
 
 class MLP(nn.Module):
@@ -105,8 +110,59 @@ class MLP(nn.Module):
         return self.clf(x)
 
 
+class LinearEvalMLP(nn.Module):
+    """VISSL's ``"eval_mlp"`` head (``vissl/models/heads/linear_eval_mlp.py``): ``BatchNorm2d(in_channels)`` on the
+    features viewed as ``[N, F, 1, 1]``, flatten, then an :class:`MLP` over ``dims`` (a single Linear for
+    ``dims = [F, C]``).
+
+    The BatchNorm is affine in VISSL; ``affine=False`` (a scaleclr option) gives the parameter-free BatchNorm of
+    mmselfsup's linear protocol. Names: ``channel_bn.{weight, bias, running_mean, running_var,
+    num_batches_tracked}``, ``clf.clf.0.{weight, bias}``.
+
+    Args:
+        in_channels: features ``F`` (channels of the BatchNorm).
+        dims: widths of the MLP, ``dims[0] == in_channels`` for a pooled feature.
+        use_bn, use_relu: the MLP's options (VISSL's; off for a linear classifier).
+        affine: the BatchNorm has a learnable scale and shift.
+        batchnorm_eps, batchnorm_momentum: of the BatchNorm (``MODEL.HEAD.BATCHNORM_EPS`` / ``_MOMENTUM``).
+        params_multiplier: factor on the Linear's default initialisation (``MODEL.HEAD.PARAMS_MULTIPLIER``; 0 gives
+            the zero-initialised logits layer of google-research/simclr's ``--zero_init_logits_layer``).
+
+    Raises:
+        ValueError: ``in_channels`` < 1.
+    """
+
+    def __init__(self, in_channels: int, dims: Sequence[int], use_bn: bool = False, use_relu: bool = False,
+                 affine: bool = True, batchnorm_eps: float = 1e-5, batchnorm_momentum: float = 0.1,
+                 params_multiplier: float = 1.0) -> None:
+        super().__init__()
+        if int(in_channels) < 1:
+            raise ValueError(f"eval_mlp head needs in_channels >= 1, got {in_channels}")
+        self.channel_bn = nn.BatchNorm2d(int(in_channels), eps=batchnorm_eps, momentum=batchnorm_momentum,
+                                         affine=affine)
+        self.clf = MLP(dims, use_bn=use_bn, use_relu=use_relu, batchnorm_eps=batchnorm_eps,
+                       batchnorm_momentum=batchnorm_momentum, params_multiplier=params_multiplier)
+        self.in_features = int(in_channels)
+        self.out_features = self.clf.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Applies the head.
+
+        Args:
+            x: features ``[N, F]`` or ``[N, F, 1, 1]`` (or ``[N, F, H, W]`` when ``dims[0] == F·H·W``).
+
+        Returns:
+            ``[N, dims[-1]]``.
+        """
+        if x.ndim == 2:
+            x = x[:, :, None, None]
+        if x.ndim != 4:
+            raise ValueError(f"eval_mlp head expects a [N, C] or [N, C, H, W] input, got {tuple(x.shape)}")
+        return self.clf(torch.flatten(self.channel_bn(x), start_dim=1))
+
+
 #: Head name (first element of a ``MODEL.HEAD.PARAMS`` entry) -> constructor.
-HEADS = {"mlp": MLP}
+HEADS = {"mlp": MLP, "eval_mlp": LinearEvalMLP}
 
 
 @contextmanager
@@ -124,7 +180,7 @@ def build_head(name: str, kwargs: Optional[Mapping[str, Any]] = None, **defaults
     """Builds one head from a ``["name", {kwargs}]`` pair.
 
     Args:
-        name: head name; only ``"mlp"`` is supported.
+        name: head name, a key of :data:`HEADS` (``"mlp"``, ``"eval_mlp"``).
         kwargs: constructor arguments from the config.
         **defaults: arguments used when ``kwargs`` does not give them (e.g. ``batchnorm_eps``).
 
@@ -178,7 +234,7 @@ def build_heads(
         ``nn.ModuleList`` of heads, applied sequentially.
 
     Raises:
-        ValueError: malformed entry or unknown head name (only ``"mlp"`` is supported).
+        ValueError: malformed entry or unknown head name (see :data:`HEADS`).
     """
     if isinstance(params, str) or not isinstance(params, Sequence):
         raise ValueError(f"MODEL.HEAD.PARAMS must be a list, got {params!r}")

@@ -12,11 +12,11 @@ from torch import nn
 
 from scaleclr.data import (EvalDataset, ShardedSampler, SSLDataset, build_dataloader, build_source,
                            build_transforms, eval_transform_specs, get_collator)
-from scaleclr.data.catalog import DEMO, resolve_path, train_path
+from scaleclr.data.catalog import DEMO, resolve_path, split_path
 from scaleclr.engines.spec import DTYPES, EngineSpec, FSDPSpec, PrecisionSpec
 from scaleclr.interchange import init_model_from_weights
-from scaleclr.losses import MulticropSimclrInfoNCELoss, SimclrInfoNCELoss
-from scaleclr.models import ResNet, SimCLRModel, build_heads
+from scaleclr.losses import CrossEntropyMultipleOutputSingleTargetLoss, MulticropSimclrInfoNCELoss, SimclrInfoNCELoss
+from scaleclr.models import LinearEvalModel, ResNet, SimCLRModel, build_heads
 from scaleclr.optim import build_optimizer
 from scaleclr.optim.param_groups import build_param_groups
 from scaleclr.optim.schedulers import build_scheduler
@@ -26,9 +26,17 @@ def plain(node) -> Any:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
+def is_linear_eval(c) -> bool:
+    """``config.MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON`` (with FREEZE_TRUNK_ONLY; validated): linear evaluation."""
+    return bool(c.MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON)
+
+
 def build_model(c, init_weights: bool = True) -> SimCLRModel:
     """ResNet trunk + VISSL heads, initialised from `SEED_VALUE` (identical on every rank), then from
-    ``config.MODEL.WEIGHTS_INIT`` unless ``init_weights`` is False (the caller loads a state dict anyway)."""
+    ``config.MODEL.WEIGHTS_INIT`` unless ``init_weights`` is False (the caller loads a state dict anyway).
+
+    In linear evaluation (``FEATURE_EVAL_SETTINGS.EVAL_MODE_ON``) the model is a :class:`LinearEvalModel`: frozen
+    trunk + the classifier; WEIGHTS_INIT then loads the trunk only, unless ``EVAL_TRUNK_AND_HEAD`` (VISSL)."""
     r = c.MODEL.TRUNK.RESNETS
     torch.manual_seed(c.SEED_VALUE)
     trunk = ResNet(depth=r.DEPTH, width_multiplier=r.WIDTH_MULTIPLIER, groups=r.GROUPS,
@@ -37,27 +45,34 @@ def build_model(c, init_weights: bool = True) -> SimCLRModel:
     h = c.MODEL.HEAD
     heads = build_heads(plain(h.PARAMS), batchnorm_eps=h.BATCHNORM_EPS, batchnorm_momentum=h.BATCHNORM_MOMENTUM,
                         params_multiplier=h.PARAMS_MULTIPLIER, init_seed=c.SEED_VALUE)
-    model = SimCLRModel(trunk, heads)
+    fe = c.MODEL.FEATURE_EVAL_SETTINGS
+    model = LinearEvalModel(trunk, heads, flatten=fe.SHOULD_FLATTEN_FEATS) if is_linear_eval(c) else \
+        SimCLRModel(trunk, heads)
     if init_weights and c.MODEL.WEIGHTS_INIT.PARAMS_FILE:
-        load_init_weights(model, c.MODEL.WEIGHTS_INIT)
+        load_init_weights(model, c.MODEL.WEIGHTS_INIT, load_heads=not is_linear_eval(c) or fe.EVAL_TRUNK_AND_HEAD)
     for name, p in model.named_parameters():
         if any(s in name for s in c.MODEL.NON_TRAINABLE_PARAMS):
             p.requires_grad_(False)
     return model
 
 
-def load_init_weights(model: nn.Module, weights_init) -> None:
+def load_init_weights(model: nn.Module, weights_init, load_heads: bool = True) -> None:
     """Initialise ``model`` from ``config.MODEL.WEIGHTS_INIT`` (VISSL's keys: PARAMS_FILE, STATE_DICT_KEY_NAME,
     SKIP_LAYERS, REMOVE_PREFIX, APPEND_PREFIX): a scaleclr, VISSL model-zoo or torchvision file, detected and
-    loaded strictly on the trunk (:func:`scaleclr.interchange.init_model_from_weights`)."""
+    loaded strictly on the trunk (:func:`scaleclr.interchange.init_model_from_weights`); ``load_heads=False``
+    leaves the heads at their initialisation (a linear-evaluation classifier on a pretrained trunk)."""
     w = weights_init
     init_model_from_weights(model, w.PARAMS_FILE, state_dict_key_name=plain(w.STATE_DICT_KEY_NAME),
                             skip_layers=list(plain(w.SKIP_LAYERS)), remove_prefix=w.REMOVE_PREFIX,
-                            append_prefix=w.APPEND_PREFIX)
+                            append_prefix=w.APPEND_PREFIX, load_heads=load_heads)
 
 
 def build_loss(c, group=None) -> nn.Module:
     lc = c.LOSS[c.LOSS.name]
+    if c.LOSS.name == "cross_entropy_multiple_output_single_target":
+        return CrossEntropyMultipleOutputSingleTargetLoss(temperature=lc.temperature, ignore_index=lc.ignore_index,
+                                                          normalize_output=lc.normalize_output,
+                                                          label_smoothing=lc.label_smoothing)
     if c.LOSS.name == "simclr_info_nce_loss":
         return SimclrInfoNCELoss(temperature=lc.temperature, impl=lc.impl, group=group)
     return MulticropSimclrInfoNCELoss(temperature=lc.temperature, num_crops=lc.num_crops,
@@ -119,38 +134,47 @@ def build_engine_spec(c, world_size: int) -> EngineSpec:
                       fsdp=fsdp, deepspeed_config=ds_config)
 
 
-def resolve_train_data_path(c) -> Optional[str]:
-    """The training source's path (catalog names resolved, the demo cache prepared), checked to exist, without
-    listing its images (a 1.28M-image folder is scanned once per rank, by :func:`build_train_data`).
+def resolve_train_data_path(c, split: str = "TRAIN") -> Optional[str]:
+    """The path of ``config.DATA.<split>``'s source (catalog names resolved, the demo cache prepared), checked to
+    exist, without listing its images (a 1.28M-image folder is scanned once per rank, by :func:`build_train_data`).
 
     Raises:
         ValueError: naming the key and the path that does not exist.
     """
-    t = c.DATA.TRAIN
+    t = c.DATA[split]
     name = t.DATA_SOURCES[0]
-    path = train_path(list(t.DATA_PATHS), list(t.DATASET_NAMES), name)
+    path = split_path(list(t.DATA_PATHS), list(t.DATASET_NAMES), name, split)
     if path is not None and not os.path.exists(path):
-        raise ValueError(f"config.DATA.TRAIN.DATA_PATHS[0]={path!r} does not exist (config.DATA.TRAIN.DATA_SOURCES[0]="
-                         f"{name!r} needs {'an ImageFolder root' if name == 'disk_folder' else 'a .npy or .txt file'})")
+        needs = "an ImageFolder root" if name == "disk_folder" else "a .npy or .txt file"
+        raise ValueError(f"config.DATA.{split}.DATA_PATHS[0]={path!r} does not exist (config.DATA.{split}.DATA_SOURCES"
+                         f"[0]={name!r} needs {needs})")
     for p in list(t.LABEL_PATHS)[:1]:
         if name == "disk_filelist" and not os.path.exists(p):
-            raise ValueError(f"config.DATA.TRAIN.LABEL_PATHS[0]={p!r} does not exist")
+            raise ValueError(f"config.DATA.{split}.LABEL_PATHS[0]={p!r} does not exist")
     return path
+
+
+def build_split_source(c, split: str = "TRAIN"):
+    """The image source of ``config.DATA.<split>`` (``TRAIN`` | ``TEST``), catalog names resolved (TEST reads the
+    catalog's ``val`` entry; the synthetic TEST source draws with ``SEED_VALUE + 1``, i.e. other images)."""
+    t = c.DATA[split]
+    name = t.DATA_SOURCES[0]
+    kw: Dict[str, Any] = {}
+    if name == "synthetic":
+        kw = {"size": t.SYNTHETIC_IMAGE_SIZE, "seed": c.SEED_VALUE + (split == "TEST")}
+    elif name == "disk_filelist":
+        kw = {"mmap_mode": t.MMAP_MODE}
+        if t.LABEL_SOURCES and t.LABEL_PATHS:
+            kw["labels_path"] = t.LABEL_PATHS[0]
+    path = split_path(list(t.DATA_PATHS), list(t.DATASET_NAMES), name, split)
+    return build_source(name, path, data_limit=t.DATA_LIMIT, key=f"config.DATA.{split}.DATA_SOURCES[0]",
+                        path_key=f"config.DATA.{split}.DATA_PATHS[0]", **kw)
 
 
 def build_train_data(c, rank: int, world_size: int, start_method: Optional[str] = None
                      ) -> Tuple[SSLDataset, ShardedSampler, torch.utils.data.DataLoader]:
     t = c.DATA.TRAIN
-    name = t.DATA_SOURCES[0]
-    kw: Dict[str, Any] = {}
-    if name == "synthetic":
-        kw = {"size": t.SYNTHETIC_IMAGE_SIZE, "seed": c.SEED_VALUE}
-    elif name == "disk_filelist":
-        kw = {"mmap_mode": t.MMAP_MODE}
-        if t.LABEL_SOURCES and t.LABEL_PATHS:
-            kw["labels_path"] = t.LABEL_PATHS[0]
-    path = train_path(list(t.DATA_PATHS), list(t.DATASET_NAMES), name)
-    source = build_source(name, path, data_limit=t.DATA_LIMIT, **kw)
+    source = build_split_source(c, "TRAIN")
     dataset = SSLDataset(source, build_transforms(plain(t.TRANSFORMS)), seed=c.SEED_VALUE, label_type=t.LABEL_TYPE)
     sampler = ShardedSampler(len(dataset), world_size, rank, shuffle=True, seed=c.SEED_VALUE,
                              drop_last=t.DROP_LAST, batch_size=t.BATCHSIZE_PER_REPLICA)
@@ -158,6 +182,41 @@ def build_train_data(c, rank: int, world_size: int, start_method: Optional[str] 
                               get_collator(t.COLLATE_FUNCTION), sampler,
                               pin_memory=c.DATA.PIN_MEMORY and torch.cuda.is_available(),
                               multiprocessing_context=start_method)
+    return dataset, sampler, loader
+
+
+def build_eval_data(c, split: str, rank: int, world_size: int, start_method: Optional[str] = None
+                    ) -> Tuple[EvalDataset, ShardedSampler, torch.utils.data.DataLoader]:
+    """Labelled ``(images, labels)`` batches of ``config.DATA.<split>`` under its (deterministic) TRANSFORMS, for
+    the test phase of linear evaluation (``TEST``) or feature extraction (``TRAIN`` with PRECOMPUTE_FEATURES).
+
+    Every rank reads its contiguous slice of each global batch in dataset order (no shuffling), and every rank
+    gets the same number of full batches: the last global batch is padded by repeating the first images, which
+    the evaluation masks out by position (:func:`scaleclr.eval.linear.valid_rows`), so each image counts once.
+    """
+    t = c.DATA[split]
+    dataset = EvalDataset(build_split_source(c, split),
+                          build_transforms(plain(t.TRANSFORMS), key=f"config.DATA.{split}.TRANSFORMS"))
+    sampler = ShardedSampler(len(dataset), world_size, rank, shuffle=False, seed=c.SEED_VALUE, drop_last=False,
+                             batch_size=t.BATCHSIZE_PER_REPLICA)
+    loader = build_dataloader(dataset, t.BATCHSIZE_PER_REPLICA, c.DATA.NUM_DATALOADER_WORKERS, None, sampler,
+                              pin_memory=c.DATA.PIN_MEMORY and torch.cuda.is_available(),
+                              multiprocessing_context=start_method)
+    return dataset, sampler, loader
+
+
+def build_feature_data(c, split: str, num_images: int, rank: int, world_size: int, shuffle: bool
+                       ) -> Tuple[Any, ShardedSampler, torch.utils.data.DataLoader]:
+    """Batches of precomputed features of ``config.DATA.<split>`` (``PRECOMPUTE_FEATURES``): a
+    :class:`scaleclr.eval.linear.FeatureDataset` (filled once the features are extracted), the split's sampler
+    (``shuffle`` and DROP_LAST for TRAIN, unshuffled and padded for TEST) and an in-process loader."""
+    from scaleclr.eval.linear import FeatureDataset, collate_feature_batch
+
+    t = c.DATA[split]
+    dataset = FeatureDataset(num_images)
+    sampler = ShardedSampler(num_images, world_size, rank, shuffle=shuffle, seed=c.SEED_VALUE,
+                             drop_last=bool(t.DROP_LAST) and split == "TRAIN", batch_size=t.BATCHSIZE_PER_REPLICA)
+    loader = build_dataloader(dataset, t.BATCHSIZE_PER_REPLICA, 0, collate_feature_batch, sampler)
     return dataset, sampler, loader
 
 

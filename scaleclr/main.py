@@ -6,6 +6,8 @@
     deepspeed --num_gpus 2 train.py --deepspeed_config ds_configs/zero2.json config=...
     srun python train.py config=...                       # one task per GPU
     srun --ntasks-per-node 1 python train.py config=...   # one task per node: each spawns NUM_PROC_PER_NODE
+    python train.py config=benchmark/linear_image_classification/... config.MODEL.WEIGHTS_INIT.PARAMS_FILE=...
+                                                          # linear evaluation (scaleclr.tasks), same launchers
 
 Everything that can be checked before a worker starts is checked here: the config (schema, values,
 inferred values), the launcher's world against NUM_NODES x NUM_PROC_PER_NODE, optional dependencies the
@@ -33,6 +35,8 @@ EPILOG = """examples:
       config.DISTRIBUTED.NUM_PROC_PER_NODE=8 config.DATA.TRAIN.DATA_PATHS=[/data/imagenet/train]
   python train.py config=pretrain/simclr/simclr_8node_resnet +config/pretrain/simclr/transforms=multicrop_2x160_4x96
   python train.py config=test/integration_test/quick_simclr_synthetic config.DISTRIBUTED.NUM_PROC_PER_NODE=2
+  python train.py config=benchmark/linear_image_classification/imagenet1k/eval_resnet_8gpu_transfer_in1k_linear \
+      config.MODEL.WEIGHTS_INIT.PARAMS_FILE=runs/x/model_final_checkpoint_phase99.torch   # linear evaluation
   torchrun --nproc_per_node 2 train.py config=test/integration_test/quick_simclr_synthetic \\
       config.DISTRIBUTED.NUM_PROC_PER_NODE=2
 """
@@ -45,9 +49,9 @@ def setup_logging(rank: int = 0, verbose: bool = False) -> None:
 
 
 def parse_args(argv: Optional[List[str]]):
-    p = argparse.ArgumentParser(prog="train.py", description="scaleclr: SimCLR pretraining with VISSL configs. "
-                                "Positional arguments are Hydra overrides (config=..., config.X.Y=v, "
-                                "+config/group=option).", epilog=EPILOG,
+    p = argparse.ArgumentParser(prog="train.py", description="scaleclr: SimCLR pretraining and linear evaluation "
+                                "with VISSL configs. Positional arguments are Hydra overrides (config=..., "
+                                "config.X.Y=v, +config/group=option).", epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help="set by the deepspeed / torch.distributed.launch launchers")
@@ -112,6 +116,8 @@ def preflight(root, env: Optional[DistEnv]) -> None:
         check_deepspeed_config(root)
     from scaleclr.builders import resolve_train_data_path
     resolve_train_data_path(c)  # checks the path (prepares the demo cache once, here) without scanning it
+    if c.MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON and (c.TEST_MODEL or c.TEST_ONLY):
+        resolve_train_data_path(c, "TEST")  # linear evaluation's labelled test split
 
 
 def already_finished(root) -> bool:
@@ -153,7 +159,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             sys.stdout.write(to_yaml(root))
             return 0
         logger.info("inferred: %s", info)
-        if env is None and already_finished(root):  # one launcher process decides; workers agree via rank 0
+        # one launcher process decides; workers agree via rank 0 (TEST_ONLY trains nothing: it always runs)
+        if env is None and not root.config.TEST_ONLY and already_finished(root):
             return 0
         try:
             preflight(root, env)

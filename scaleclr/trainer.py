@@ -2,7 +2,9 @@
 
 One step reads top to bottom: views -> forward (trunk + projection head) -> InfoNCE over the gathered
 batch -> backward -> LARC/SGD step. The LR is a pure function of the step (``where = step / total_steps``,
-VISSL's per-step update), so a resumed run continues on the same curve.
+VISSL's per-step update), so a resumed run continues on the same curve. What differs for linear evaluation
+(frozen trunk + classifier, cross-entropy on labels, top-k test phases) is a task chosen from the config
+(``scaleclr.tasks``), not a second loop.
 
 No host synchronisation in the hot path: the loss is accumulated on the device; every ``LOG_FREQUENCY``
 steps (and before every checkpoint and at every epoch end) one all-reduce brings the window's loss sums,
@@ -29,6 +31,7 @@ from scaleclr.distributed.sync_bn import convert_sync_batchnorm, create_sync_bn_
 from scaleclr.engines import build_engine
 from scaleclr.eval.knn import extract_features, knn_top1
 from scaleclr.metrics import METRICS_FILE, MetricLogger
+from scaleclr.tasks import build_task
 
 logger = logging.getLogger(__name__)
 
@@ -112,17 +115,18 @@ class Trainer:
         self.out_dir = c.CHECKPOINT.DIR
         self.is_main = rank == 0
 
+        self.task = build_task(self)  # SimCLR pretraining or linear evaluation
         model = builders.build_model(c)
         sbn = c.MODEL.SYNC_BN_CONFIG
         if sbn.CONVERT_BN_TO_SYNC_BN and world_size > 1:
             group = create_sync_bn_process_group(sbn.GROUP_SIZE, num_proc_per_node=local_world_size)
-            model = convert_sync_batchnorm(model, sbn.SYNC_BN_TYPE, process_group=group,
-                                           device=self.device)
+            convert_sync_batchnorm(self.task.sync_bn_scope(model), sbn.SYNC_BN_TYPE, process_group=group,
+                                   device=self.device)  # in place
         logger.info("BatchNorm: %s", describe_sync_bn(model))
         self.engine = build_engine(builders.build_engine_spec(c, world_size), self.device, rank, world_size)
         self.engine.setup(model, builders.make_optimizer_factory(c))
-        self.loss_fn = builders.build_loss(c)
-        self.dataset, self.sampler, self.loader = builders.build_train_data(c, rank, world_size)
+        self.loss_fn = self.task.loss_fn
+        self.dataset, self.sampler, self.loader = self.task.build_train_data()
         self.lr_at, self.head_lr_at = builders.build_lr_schedules(c)
         self.steps_per_epoch = self.sampler.num_batches
         self.total_steps = c.OPTIMIZER.num_epochs * self.steps_per_epoch
@@ -139,7 +143,7 @@ class Trainer:
     def train(self) -> Dict[str, Any]:
         c = self.c
         results: Dict[str, Any] = {}
-        resumed = self.maybe_resume()
+        resumed = False if c.TEST_ONLY else self.maybe_resume()
         if resumed == "finished":
             return results
         if self.is_main:
@@ -150,6 +154,9 @@ class Trainer:
                                     tensorboard=c.HOOKS.TENSORBOARD_SETUP.USE_TENSORBOARD,
                                     resume_step=self.state.step if resumed else None)
         try:
+            self.task.start()
+            if c.TEST_ONLY:
+                return self.task.test_only()
             if c.KNN_EVAL.ENABLED and not resumed:
                 results["knn_top1_init"] = self.knn_eval()
                 self.metrics.write({"step": 0, "epoch": 0, "knn_top1_init": results["knn_top1_init"]})
@@ -157,6 +164,7 @@ class Trainer:
                 logger.info("nothing to train: %s", self.stop_reason())
             while not self.should_stop():
                 self.run_epoch(results)
+            self.task.finish(results)
             if c.KNN_EVAL.ENABLED:
                 self.report_knn(results)
         finally:
@@ -200,6 +208,7 @@ class Trainer:
             self.save_checkpoint(end_of_epoch=False)
             return
         self.state.epochs_done, self.state.step_in_epoch = epoch + 1, 0
+        self.task.end_epoch(results)  # linear evaluation's test phase, before the epoch's checkpoint
         last = self.state.epochs_done == c.OPTIMIZER.num_epochs
         # VISSL's rule: after phase `epoch` when epoch % CHECKPOINT_FREQUENCY == 0, and after the last one
         if last or epoch % c.CHECKPOINT.CHECKPOINT_FREQUENCY == 0 or self.should_stop():
@@ -220,7 +229,7 @@ class Trainer:
 
         with self.engine.autocast():
             embedding = self.engine.model(views)  # [num_crops * B, D], crop-major
-        loss = self.loss_fn(embedding.float())  # own-anchor mean; fp32 even under autocast
+        loss = self.task.loss(embedding, batch)  # the rank's mean loss (InfoNCE / cross-entropy), fp32
         self.engine.backward(loss)
         self.engine.step()
         self.engine.zero_grad()

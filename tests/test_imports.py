@@ -18,7 +18,8 @@ import pytest
 PKG = pathlib.Path(__file__).resolve().parents[1] / "scaleclr"
 ALLOWED = {"deepspeed": {"engines/deepspeed.py"}, "triton": {"kernels/infonce_triton.py"},
            "apex": {"distributed/sync_bn.py"}}
-TRAINER_LEVEL = ("scaleclr.trainer", "scaleclr.checkpoint", "scaleclr.metrics", "scaleclr.builders", "scaleclr.main")
+TRAINER_LEVEL = ("scaleclr.trainer", "scaleclr.checkpoint", "scaleclr.metrics", "scaleclr.builders", "scaleclr.main",
+                 "scaleclr.tasks", "scaleclr.summary")
 CONFIG = ("scaleclr.config", "hydra", "omegaconf")
 RULES = {  # package folder -> forbidden module prefixes
     "models": TRAINER_LEVEL + CONFIG + ("torch.distributed", "scaleclr.distributed", "scaleclr.engines"),

@@ -1,0 +1,207 @@
+"""What the Trainer's one loop optimises, chosen from the config (DESIGN.md: "Evaluation reuses the Trainer,
+engines, launchers, checkpoints and logging: what differs is chosen from the config, not written as a second loop").
+
+* :class:`SimCLRTask` (pretraining; arXiv 2002.05709, Alg. 1): views -> trunk + projection head -> InfoNCE over
+  the gathered batch.
+* :class:`LinearEvalTask` (``config.MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON`` + ``FREEZE_TRUNK_ONLY``; arXiv
+  2002.05709 Sec. 4 / Appendix B.6, VISSL's ``benchmark/linear_image_classification``): labelled images -> frozen
+  trunk (eval-mode BatchNorm, no gradient, under the engine's autocast) -> final average pool -> classifier
+  (``mlp`` = Linear, or ``eval_mlp`` = BatchNorm + Linear) -> cross-entropy on the labels; test phases on
+  ``config.DATA.TEST`` write exact ``linear_top1`` / ``linear_top5`` to ``metrics.jsonl`` and TensorBoard.
+
+The Trainer calls a task at these points (everything else, engines, checkpoints, resume, logging, launchers,
+is shared):
+
+1. ``sync_bn_scope(model)``: the part of the model SyncBN converts, before the engine wraps it;
+2. ``build_train_data()``: ``(dataset, sampler, loader)``, after the engine is set up;
+3. ``start()``: once per run, after resuming and opening the metrics (linear evaluation: builds the test split
+   and, with ``PRECOMPUTE_FEATURES``, extracts the frozen features through the engine's model);
+4. ``loss(output, batch)`` every step: the rank's mean loss as a device tensor (no host synchronisation);
+5. ``end_epoch(results)`` after each complete epoch, before its checkpoint (the test phase);
+6. ``finish(results)`` after the last epoch; ``test_only()`` for ``config.TEST_ONLY``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Dict, List, Tuple
+
+import torch
+
+from scaleclr import builders
+from scaleclr.eval.linear import check_labels, evaluate_topk, extract_sharded_features, topk_percent
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SimCLRTask", "LinearEvalTask", "build_task", "classifier_outputs"]
+
+
+class SimCLRTask:
+    """SimCLR pretraining: ``loss = InfoNCE(model(views))`` (``config.LOSS.name``: the 2-crop or multicrop loss).
+
+    Args:
+        trainer: the :class:`scaleclr.trainer.Trainer` being built (its config, rank, device, engine, metrics).
+    """
+
+    name = "simclr_pretraining"
+
+    def __init__(self, trainer) -> None:
+        self.t = trainer
+        self.c = trainer.c
+        self.loss_fn = builders.build_loss(self.c)
+
+    def sync_bn_scope(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def build_train_data(self) -> Tuple[Any, Any, Any]:
+        return builders.build_train_data(self.c, self.t.rank, self.t.world_size)
+
+    def start(self) -> None:
+        """Nothing to prepare."""
+
+    def loss(self, output: torch.Tensor, batch: Dict[str, Any]) -> torch.Tensor:
+        """The own-anchor mean InfoNCE of the embeddings ``[num_crops·B, D]``, in fp32 even under autocast."""
+        return self.loss_fn(output.float())
+
+    def end_epoch(self, results: Dict[str, Any]) -> None:
+        """Pretraining has no test phase (the kNN evaluation runs at the start and the end of the run)."""
+
+    def finish(self, results: Dict[str, Any]) -> None:
+        """Nothing to report beyond the kNN figures."""
+
+    def test_only(self) -> Dict[str, Any]:
+        raise ValueError("config.TEST_ONLY needs linear evaluation (config.MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON)")
+
+
+def classifier_outputs(c) -> int:
+    """``C``: the classifier's output width, the last ``dims`` entry of ``config.MODEL.HEAD.PARAMS[0]``."""
+    params = builders.plain(c.MODEL.HEAD.PARAMS)
+    head = params[0]
+    if isinstance(head[0], list):  # a composite head: its last module
+        head = head[-1]
+    return int(head[1]["dims"][-1])
+
+
+class LinearEvalTask(SimCLRTask):
+    """Linear evaluation of a frozen trunk (see the module docstring).
+
+    Training batches are labelled images (``config.DATA.TRAIN``, ``LABEL_TYPE: standard``, one view) or, with
+    ``PRECOMPUTE_FEATURES``, rows of features extracted once. The test phase runs after every
+    ``config.TEST_EVERY_NUM_EPOCH`` epochs and after the last one (``config.TEST_MODEL``), on every rank's
+    unshuffled shard of ``config.DATA.TEST``, in eval mode (the classifier's BatchNorm uses its running
+    statistics) under the engine's autocast; the correct counts are summed over ranks (exact top-k).
+    """
+
+    name = "linear_evaluation"
+
+    def __init__(self, trainer) -> None:
+        super().__init__(trainer)
+        c = self.c
+        self.ks: List[int] = [int(k) for k in c.METERS.accuracy_list_meter.topk_values]
+        self.num_classes = classifier_outputs(c)
+        self.precompute = bool(c.MODEL.FEATURE_EVAL_SETTINGS.PRECOMPUTE_FEATURES)
+        self.test_data = None  # (dataset, sampler, loader) of DATA.TEST, built by start()
+        self._to_extract: Dict[str, Tuple[Any, Any, Any]] = {}  # split -> (image sampler, loader, feature dataset)
+
+    def sync_bn_scope(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The classifier only: the frozen trunk runs in eval mode, with no batch statistics to synchronise."""
+        return model.heads
+
+    def build_train_data(self) -> Tuple[Any, Any, Any]:
+        c, t = self.c, self.t
+        if not self.precompute:
+            dataset, sampler, loader = builders.build_train_data(c, t.rank, t.world_size)
+            check_labels(dataset.source.labels, self.num_classes, "config.DATA.TRAIN")
+            return dataset, sampler, loader
+        images, image_sampler, image_loader = builders.build_eval_data(c, "TRAIN", t.rank, t.world_size)
+        check_labels(images.source.labels, self.num_classes, "config.DATA.TRAIN")
+        feats, sampler, loader = builders.build_feature_data(c, "TRAIN", len(images), t.rank, t.world_size,
+                                                             shuffle=True)
+        if not c.TEST_ONLY:
+            self._to_extract["TRAIN"] = (image_sampler, image_loader, feats)
+        return feats, sampler, loader
+
+    def _build_test_data(self) -> None:
+        c, t = self.c, self.t
+        images, sampler, loader = builders.build_eval_data(c, "TEST", t.rank, t.world_size)
+        check_labels(images.source.labels, self.num_classes, "config.DATA.TEST")
+        if self.precompute:
+            feats, f_sampler, f_loader = builders.build_feature_data(c, "TEST", len(images), t.rank, t.world_size,
+                                                                     shuffle=False)
+            self._to_extract["TEST"] = (sampler, loader, feats)
+            self.test_data = (feats, f_sampler, f_loader)
+        else:
+            self.test_data = (images, sampler, loader)
+
+    def start(self) -> None:
+        """Build the test split; with PRECOMPUTE_FEATURES extract the frozen features of each split once, through
+        the engine's model (``forward(images, features_only=True)``), from the trunk the run actually holds
+        (after resuming)."""
+        if self.c.TEST_MODEL or self.c.TEST_ONLY:
+            self._build_test_data()
+        for split, (sampler, loader, feats) in list(self._to_extract.items()):
+            t0 = time.perf_counter()
+            model = self.t.engine.model
+            with torch.no_grad(), self.t.engine.autocast():
+                f, y = extract_sharded_features(lambda x: model(x, features_only=True), loader, sampler,
+                                                self.t.device, non_blocking=self.t.non_blocking)
+            feats.fill(f, y)
+            logger.info("PRECOMPUTE_FEATURES: %d x %d frozen features of config.DATA.%s extracted once (%.1f s); the "
+                        "classifier trains on them", f.shape[0], f.shape[1], split, time.perf_counter() - t0)
+        self._to_extract.clear()  # drops the image loaders (and their workers)
+
+    def loss(self, output: torch.Tensor, batch: Dict[str, Any]) -> torch.Tensor:
+        """Cross-entropy of the logits ``[B, C]`` against ``batch["label"]`` ``[B]``, mean over the rank's rows."""
+        target = batch["label"].to(self.t.device, non_blocking=self.t.non_blocking)
+        return self.loss_fn(output, target)
+
+    def end_epoch(self, results: Dict[str, Any]) -> None:
+        c, done = self.c, self.t.state.epochs_done
+        if c.TEST_MODEL and (done % c.TEST_EVERY_NUM_EPOCH == 0 or done == c.OPTIMIZER.num_epochs):
+            results.update(self.test(epoch=done - 1))
+
+    def test(self, epoch: int) -> Dict[str, Any]:
+        """One test phase: ``{"linear_top1": %, "linear_top5": %, ...}``, also written to metrics.jsonl (rank 0)."""
+        _, sampler, loader = self.test_data  # built by start()
+        model = self.t.engine.model
+        was_training = model.training
+        model.eval()
+        t0 = time.perf_counter()
+        with torch.no_grad(), self.t.engine.autocast():
+            counts = evaluate_topk(model, loader, sampler, self.ks, self.t.device, non_blocking=self.t.non_blocking)
+        model.train(was_training)
+        acc = topk_percent(counts, self.ks)  # the one collective of the phase
+        rec = {f"linear_top{k}": acc[f"top{k}"] for k in self.ks}
+        self.t.metrics.write({"step": self.t.state.step, "epoch": epoch, **rec, "test_images": acc["images"],
+                              "test_time": round(time.perf_counter() - t0, 3)})
+        logger.info("test phase (epoch %d): %s on %d images of config.DATA.TEST", epoch,
+                    ", ".join(f"{k} {v:.2f}%" for k, v in rec.items()), acc["images"])
+        return {**rec, "test_images": acc["images"]}
+
+    def describe(self) -> str:
+        head = self.t.engine.module.heads[0]
+        kind = "BatchNorm + Linear" if hasattr(head, "channel_bn") else "Linear"
+        return (f"{kind} on the frozen final average pool{', precomputed features' if self.precompute else ''}")
+
+    def _print(self, results: Dict[str, Any]) -> None:
+        if self.t.is_main:
+            figures = ", ".join(f"top-{k} {results[f'linear_top{k}']:.2f}%" for k in self.ks)
+            print(f"linear evaluation on config.DATA.TEST ({results['test_images']} images): {figures} "
+                  f"({self.describe()})", flush=True)
+
+    def finish(self, results: Dict[str, Any]) -> None:
+        """Print the last test phase's figures once all epochs are done."""
+        if "linear_top1" in results and self.t.state.epochs_done >= self.c.OPTIMIZER.num_epochs:
+            self._print(results)
+
+    def test_only(self) -> Dict[str, Any]:
+        """``config.TEST_ONLY``: one test phase of the model as built (WEIGHTS_INIT, with EVAL_TRUNK_AND_HEAD the
+        classifier too), nothing trained or checkpointed."""
+        results = self.test(epoch=self.t.state.epochs_done)
+        self._print(results)
+        return results
+
+
+def build_task(trainer) -> SimCLRTask:
+    """:class:`LinearEvalTask` when ``config.MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON``, else :class:`SimCLRTask`."""
+    return LinearEvalTask(trainer) if builders.is_linear_eval(trainer.c) else SimCLRTask(trainer)

@@ -1,4 +1,4 @@
-# Two commands: `make train` (SimCLR on the bundled demo data) and `make test`.
+# Two commands: `make train` (SimCLR on the bundled demo data, then linear evaluation of its trunk) and `make test`.
 # Both create .venv and install scaleclr with its extras when missing or stale.
 PYTHON ?= python3
 VENV := .venv
@@ -7,6 +7,11 @@ STAMP := $(VENV)/.scaleclr-installed
 # Several torch processes on few cores: no OpenMP spin-waiting.
 export OMP_WAIT_POLICY ?= PASSIVE
 ARGS ?=
+# `make train`: pretraining (ARGS go to it), then the demo's linear evaluation on its final trunk and on the trunk at
+# initialisation (each in its own run directory: a finished run is not repeated; delete $(RUN)_linear to evaluate a
+# longer pretraining again), then the figures side by side.
+RUN := runs/quickstart
+LINEAR := config=benchmark/linear_image_classification/demo_digits_linear
 
 .PHONY: train test test-all setup clean
 
@@ -20,6 +25,10 @@ $(STAMP): setup.py
 
 train: $(STAMP)
 	$(PY) train.py config=quickstart $(ARGS)
+	final=$$($(PY) -m scaleclr.checkpoint $(RUN) --final) && $(PY) train.py $(LINEAR) \
+		config.CHECKPOINT.DIR=$(RUN)_linear config.MODEL.WEIGHTS_INIT.PARAMS_FILE=$$final
+	$(PY) train.py $(LINEAR) config.CHECKPOINT.DIR=$(RUN)_linear_init
+	@$(PY) -m scaleclr.summary $(RUN) --linear $(RUN)_linear --linear-init $(RUN)_linear_init
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(ARGS)

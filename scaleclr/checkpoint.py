@@ -67,3 +67,27 @@ class CheckpointManager:
     def final(self) -> Optional[Dict[str, Any]]:
         latest = self.latest()
         return latest if latest and latest["final"] else None
+
+
+def main(argv: Optional[list] = None) -> int:
+    """``python -m scaleclr.checkpoint RUN_DIR [--final]``: print the path of the run's latest (or final) recorded
+    checkpoint; exit status 2 when there is none (e.g. ``make train`` hands the pretraining's final checkpoint to
+    the linear evaluation)."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m scaleclr.checkpoint", description=main.__doc__)
+    p.add_argument("run_dir", help="a config.CHECKPOINT.DIR")
+    p.add_argument("--final", action="store_true", help="only a finished run's final checkpoint")
+    args = p.parse_args(argv)
+    manager = CheckpointManager(args.run_dir)
+    entry = manager.final() if args.final else manager.latest()
+    if entry is None:
+        print(f"{args.run_dir}: no {'final ' if args.final else ''}checkpoint recorded in {POINTER}", file=sys.stderr)
+        return 2
+    print(entry["abspath"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

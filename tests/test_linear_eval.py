@@ -1,0 +1,546 @@
+"""Linear evaluation (frozen trunk + classifier) through the one Trainer: CPU, gloo.
+
+Data: ``quick_linear_eval`` (labelled synthetic images, the full protocol: augmented images through the frozen
+trunk every step) for most tests, in this process or a 2-process gloo job; the demo config itself
+(``demo_digits_linear``, the digit scans, precomputed features) through ``train.py``'s launchers.
+
+Covered: exact top-k counts (crafted logits; uneven, padded shards for 1-4 ranks); the trunk is really frozen
+(parameters and BatchNorm buffers bit-identical, no gradients, not in the optimizer); 2 processes == 1 process step
+for step and test phase for test phase (DDP full protocol in a gloo job and through train.py's spawn launcher,
+precomputed features with sharded extraction; the demo config through spawn and torchrun, and DeepSpeed ZeRO 0/2/3,
+in the slow set); FSDP2 with a frozen trunk ==
+DDP; stop + resume == uninterrupted; TEST_ONLY reproduces the final test phase; WEIGHTS_INIT loads the trunk only
+(or the classifier too with EVAL_TRUNK_AND_HEAD); a linear-evaluation checkpoint exports to torchvision and loads
+with strict=True with the same logits (ResNet-18 BatchNorm + Linear from a real run, ResNet-50 plain Linear,
+non-affine BatchNorm); the ImageNet configs' values (LR after auto-scaling, epochs, head dims for w2/w4) and
+catalog paths in --dry-run; config errors. The demo figure (linear top-1 after pretraining beats the same protocol
+at initialisation) is the slow ``test_demo_linear_eval_beats_its_init_figure`` and what ``make train`` prints.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from dist_helpers import free_port, run_distributed  # noqa: E402
+from test_train import assert_states_close, final_state, step_losses  # noqa: E402
+
+QUICK = "config=test/integration_test/quick_linear_eval"
+BENCH = "config=benchmark/linear_image_classification/imagenet1k/"
+VISSL_CFG = BENCH + "eval_resnet_8gpu_transfer_in1k_linear"
+SIMCLR_CFG = BENCH + "simclr_linear_in1k"
+DEMO_CFG = "config=benchmark/linear_image_classification/demo_digits_linear"
+EVAL_TF = ("config.DATA.TRAIN.TRANSFORMS=[{name:Resize,size:37},{name:CenterCrop,size:32},{name:ToTensor},"
+           "{name:Normalize,mean:[0.5,0.5,0.5],std:[0.5,0.5,0.5]}]")
+PRECOMPUTED = ["config.MODEL.FEATURE_EVAL_SETTINGS.PRECOMPUTE_FEATURES=True", EVAL_TF]
+ENV = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", CUDA_VISIBLE_DEVICES="")
+
+
+def run(out_dir, *overrides, config=QUICK, launcher=(), check=True, timeout=600):
+    cmd = [*launcher] if launcher else [sys.executable]
+    cmd += [str(ROOT / "train.py"), config, f"config.CHECKPOINT.DIR={out_dir}", *overrides]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=timeout)
+    if check:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    return r
+
+
+def records(out_dir, key):
+    return [json.loads(line) for line in open(Path(out_dir) / "metrics.jsonl") if key in json.loads(line)]
+
+
+def phases_of(out_dir):
+    return [(r["step"], r["linear_top1"], r["linear_top5"], r["test_images"]) for r in records(out_dir, "linear_top1")]
+
+
+def make_trainer(overrides, rank=0, world=1):
+    from scaleclr.config import load_config
+    from scaleclr.trainer import Trainer
+
+    root, _ = load_config(overrides, world_size=world)
+    return Trainer(root, rank=rank, world_size=world, local_rank=rank, local_world_size=world)
+
+
+def quick(out_dir, *extra):
+    return [QUICK, f"config.CHECKPOINT.DIR={out_dir}", "config.HOOKS.TENSORBOARD_SETUP.USE_TENSORBOARD=False", *extra]
+
+
+def train_recording(overrides, rank=0, world=1, checkpoints=True):
+    """Train in this process; returns (results, per-step losses averaged over ranks, trainer)."""
+    from scaleclr.distributed.collectives import all_reduce_sum
+
+    tr = make_trainer(overrides, rank, world)
+    if not checkpoints:
+        tr.save_checkpoint = lambda *a, **k: None
+    losses, step = [], tr.train_step
+
+    def recording(batch, data_time):
+        loss = step(batch, data_time)
+        losses.append(float(all_reduce_sum(loss.detach())) / tr.world_size)
+        return loss
+
+    tr.train_step = recording
+    return tr.train(), losses, tr
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
+    """Reference, in this process: 1 process x 16 images, 2 epochs x 4 steps, test phases on 45 images."""
+    out = tmp_path_factory.mktemp("linear_single")
+    results, losses, _ = train_recording(quick(out, "config.HOOKS.TENSORBOARD_SETUP.USE_TENSORBOARD=True"))
+    return out, results, losses
+
+
+# ------------------------------------------------------------------------------------------- top-k counts
+def test_topk_counts_exact_on_crafted_logits():
+    from scaleclr.eval.linear import topk_correct
+
+    logits = torch.tensor([[0.1, 0.9, 0.0, 0.3],    # target 1: top-1
+                           [0.8, 0.1, 0.7, 0.2],    # target 2: 2nd
+                           [0.1, 0.2, 0.3, 0.4],    # target 0: 4th
+                           [0.5, 0.6, 0.7, 0.1]])   # target 0: 3rd
+    targets = torch.tensor([1, 2, 0, 0])
+    assert topk_correct(logits, targets, [1, 2, 3, 4]).tolist() == [1, 2, 3, 4]
+    valid = torch.tensor([True, False, True, True])
+    assert topk_correct(logits, targets, [1, 2, 3], valid).tolist() == [1, 1, 2]
+    with pytest.raises(ValueError, match="top-k values"):
+        topk_correct(logits, targets, [5])
+
+
+@pytest.mark.parametrize("world,batch", [(1, 3), (2, 2), (3, 2), (4, 1)])
+def test_sharded_topk_counts_every_image_once(world, batch):
+    """11 images over `world` ranks with padded last global batches: summed counts == the direct count."""
+    from scaleclr.data.sampler import ShardedSampler
+    from scaleclr.eval.linear import evaluate_topk, topk_correct
+
+    gen = torch.Generator().manual_seed(0)
+    n, classes = 11, 6
+    logits = torch.randn(n, classes, generator=gen)
+    labels = torch.randint(0, classes, (n,), generator=gen)
+    data = torch.utils.data.TensorDataset(torch.arange(n), labels)
+    total = torch.zeros(3, dtype=torch.float64)
+    seen = []
+    for rank in range(world):
+        sampler = ShardedSampler(n, world, rank, shuffle=False, drop_last=False, batch_size=batch)
+        loader = torch.utils.data.DataLoader(data, batch_size=batch, sampler=sampler)
+        seen += list(sampler)
+        total += evaluate_topk(lambda idx: logits[idx], loader, sampler, [1, 3], torch.device("cpu"))
+    assert len(seen) == -(-n // (world * batch)) * world * batch > n  # the last global batch was padded
+    assert total[0].item() == n
+    assert total[1:].tolist() == topk_correct(logits, labels, [1, 3]).tolist()
+
+
+# ------------------------------------------------------------------------------------------ frozen trunk
+def test_trunk_is_frozen_and_only_the_classifier_trains(tmp_path):
+    tr = make_trainer(quick(tmp_path, "config.OPTIMIZER.num_epochs=1", "config.TEST_MODEL=False"))
+    model = tr.engine.module
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimised = {id(p) for g in tr.engine.optimizer.param_groups for p in g["params"]}
+    assert optimised == {id(p) for p in model.heads.parameters()}
+    assert not any(p.requires_grad for p in model.trunk.parameters())
+    tr.train()
+    after = model.state_dict()
+    for k in before:
+        if k.startswith("trunk."):
+            assert torch.equal(before[k], after[k]), k  # weights, running_mean/var and num_batches_tracked
+    assert all(p.grad is None for p in model.trunk.parameters())
+    assert not model.trunk.training and model.heads.training
+    changed = [k for k in before if k.startswith("heads.") and not torch.equal(before[k], after[k])]
+    assert set(changed) == {"heads.0.channel_bn.weight", "heads.0.channel_bn.bias", "heads.0.channel_bn.running_mean",
+                            "heads.0.channel_bn.running_var", "heads.0.channel_bn.num_batches_tracked",
+                            "heads.0.clf.clf.0.weight", "heads.0.clf.clf.0.bias"}
+
+
+def test_linear_eval_checkpoint_holds_trunk_and_classifier(single_run):
+    single_run, _, _ = single_run
+    state = final_state(single_run)
+    heads = sorted(k for k in state["model"] if k.startswith("heads."))
+    assert heads == ["heads.0.channel_bn.bias", "heads.0.channel_bn.num_batches_tracked",
+                     "heads.0.channel_bn.running_mean", "heads.0.channel_bn.running_var", "heads.0.channel_bn.weight",
+                     "heads.0.clf.clf.0.bias", "heads.0.clf.clf.0.weight"]
+    assert state["model"]["heads.0.clf.clf.0.weight"].shape == (10, 512)
+    assert state["client_state"]["train_state"] == {"epochs_done": 2, "step": 8, "step_in_epoch": 0}
+    # a test phase after each epoch, in metrics.jsonl and TensorBoard
+    assert [t[0] for t in phases_of(single_run)] == [4, 8] and all(t[3] == 45 for t in phases_of(single_run))
+    assert any(f.startswith("events") for f in os.listdir(single_run / "tb"))
+
+
+# --------------------------------------------------------------------------------- processes and resume
+DEMO_SHORT = ("config.OPTIMIZER.num_epochs=2", "config.TEST_EVERY_NUM_EPOCH=1", "config.LOG_FREQUENCY=1")
+DEMO_TWO = ("config.DISTRIBUTED.NUM_PROC_PER_NODE=2", "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=32",
+            "config.DATA.TEST.BATCHSIZE_PER_REPLICA=64")
+
+
+@pytest.mark.dist
+def test_two_processes_equal_one_process_spawn(single_run, tmp_path):
+    """train.py's spawn launcher: 2 processes x 8 images == 1 x 16 (the in-process reference), step for step and
+    test phase for test phase (45 test images: a padded last batch)."""
+    ref_dir, _, _ = single_run
+    run(tmp_path, "config.DISTRIBUTED.NUM_PROC_PER_NODE=2", "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=8",
+        "config.DATA.TEST.BATCHSIZE_PER_REPLICA=8")
+    ref, got = step_losses(ref_dir), step_losses(tmp_path)
+    assert got.keys() == ref.keys() == set(range(1, 9))
+    for s in ref:
+        assert got[s] == pytest.approx(ref[s], rel=1e-5), s
+    assert phases_of(tmp_path) == phases_of(ref_dir)
+    got_state = final_state(tmp_path)
+    assert got_state["client_state"]["world_size"] == 2
+    assert_states_close(got_state["model"], final_state(ref_dir)["model"], rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def demo_one(tmp_path_factory):
+    """The demo config through train.py, 1 process, 2 epochs (precomputed features of the 1437 + 360 scans)."""
+    out = tmp_path_factory.mktemp("demo_one")
+    r = run(out, *DEMO_SHORT, config=DEMO_CFG)
+    assert "linear evaluation on config.DATA.TEST (360 images): top-1" in r.stdout
+    return out
+
+
+@pytest.mark.slow  # the 2-process code is covered by test_two_processes_equal_one_process_spawn (synthetic data)
+@pytest.mark.dist
+@pytest.mark.parametrize("launcher", ["spawn", "torchrun"])
+def test_demo_two_processes_equal_one_process(demo_one, launcher, tmp_path):
+    """The demo config itself, 2 processes x 32 images == 1 x 64, through train.py's spawn launcher and torchrun."""
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(free_port()))
+    run(tmp_path, *DEMO_SHORT, *DEMO_TWO, config=DEMO_CFG, launcher=torchrun if launcher == "torchrun" else ())
+    ref, got = step_losses(demo_one), step_losses(tmp_path)
+    assert got.keys() == ref.keys() and len(ref) == 44
+    for s in ref:
+        assert got[s] == pytest.approx(ref[s], rel=1e-5), s
+    assert phases_of(tmp_path) == phases_of(demo_one)
+    assert final_state(tmp_path)["client_state"]["world_size"] == 2
+
+
+def test_resume_mid_epoch_equals_uninterrupted(single_run, tmp_path):
+    ref_dir, _, _ = single_run
+    cut_dir = tmp_path / "cut"
+    make_trainer(quick(cut_dir, "config.TRAINER.MAX_ITERATIONS=3")).train()  # stops mid-epoch 0
+    assert (cut_dir / "model_iteration3.torch").exists() and not records(cut_dir, "linear_top1")
+    make_trainer(quick(cut_dir)).train()  # AUTO_RESUME from iteration 3
+    ref, got = step_losses(ref_dir), step_losses(cut_dir)
+    assert got.keys() == ref.keys()
+    for s in ref:
+        assert got[s] == pytest.approx(ref[s], rel=1e-6, abs=1e-7), s
+    assert phases_of(cut_dir) == phases_of(ref_dir)
+    assert_states_close(final_state(cut_dir)["model"], final_state(ref_dir)["model"], rtol=1e-6, atol=1e-7)
+
+
+def test_test_only_reproduces_the_final_test_phase(single_run, tmp_path):
+    single_run, _, _ = single_run
+    ckpt = single_run / "model_final_checkpoint_phase1.torch"
+    tr = make_trainer(quick(tmp_path, "config.TEST_ONLY=True", f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={ckpt}",
+                            "config.MODEL.FEATURE_EVAL_SETTINGS.EVAL_TRUNK_AND_HEAD=True"))
+    got = tr.train()
+    last = phases_of(single_run)[-1]
+    assert (got["linear_top1"], got["linear_top5"], got["test_images"]) == last[1:]
+    assert tr.state.step == 0 and not [f for f in os.listdir(tmp_path) if f.startswith("model_")]
+
+
+def _engines_and_precompute(rank, world, out):
+    """2-process job: DDP and FSDP2 with the frozen trunk (full protocol), and precomputed features."""
+    results = {}
+    for name, extra in (("ddp", []), ("fsdp", ["config.DISTRIBUTED.ENGINE=fsdp"]), ("precomputed", PRECOMPUTED)):
+        res, losses, tr = train_recording(quick(f"{out}/{name}", f"config.DISTRIBUTED.NUM_PROC_PER_NODE={world}",
+                                                "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=8",
+                                                "config.DATA.TEST.BATCHSIZE_PER_REPLICA=8", *extra), rank, world,
+                                          checkpoints=False)
+        results[name] = {"losses": losses, "phases": (res["linear_top1"], res["linear_top5"]),
+                         "state": tr.engine.full_state_dict(),
+                         "trunk_frozen": not any(p.requires_grad for p in tr.engine.module.trunk.parameters())}
+    return results
+
+
+@pytest.mark.dist
+def test_two_processes_ddp_fsdp_and_precomputed_equal_one_process(single_run, tmp_path):
+    """2 processes x 8 images == 1 x 16 with the full protocol (DDP; 45 test images: a padded last batch); FSDP2 with
+    a frozen trunk == DDP (the trunk unchanged); precomputed features on 2 processes (sharded extraction +
+    all-gather) == 1 process."""
+    from scaleclr.builders import build_model
+    from scaleclr.config import load_config
+
+    single_dir, single_res, single_losses = single_run
+    pre_res, pre_losses, _ = train_recording(quick(tmp_path / "ref_pre", *PRECOMPUTED), checkpoints=False)
+    r0, _ = run_distributed(_engines_and_precompute, 2, str(tmp_path))
+    ddp, fsdp, pre = r0["ddp"], r0["fsdp"], r0["precomputed"]
+    assert ddp["losses"] == pytest.approx(single_losses, rel=1e-5)
+    assert ddp["phases"] == (single_res["linear_top1"], single_res["linear_top5"])
+    assert_states_close(ddp["state"], final_state(single_dir)["model"], rtol=1e-4, atol=1e-6)
+    assert fsdp["losses"] == pytest.approx(ddp["losses"], rel=1e-5) and fsdp["phases"] == ddp["phases"]
+    assert_states_close(fsdp["state"], ddp["state"], rtol=1e-5, atol=1e-6)
+    init_state = build_model(load_config(quick(tmp_path / "x"))[0].config).state_dict()
+    for k, v in fsdp["state"].items():
+        if k.startswith("trunk."):
+            assert torch.equal(v, init_state[k]), k
+    assert fsdp["trunk_frozen"] and ddp["trunk_frozen"]
+    assert pre["losses"] == pytest.approx(pre_losses, rel=1e-5)
+    assert pre["phases"] == (pre_res["linear_top1"], pre_res["linear_top5"])
+
+
+# ------------------------------------------------------------------------------------- export to torchvision
+def _export_and_compare(ckpt, tv_ctor, model, tmp_path, num_classes=10):
+    import torchvision
+
+    from scaleclr.export import export
+
+    out = tmp_path / "tv.pth"
+    assert "fc from the linear-evaluation classifier" in export(str(ckpt), str(out), "torchvision")
+    tv = getattr(torchvision.models, tv_ctor)(num_classes=num_classes)
+    tv.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    tv.eval()
+    model.eval()
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(tv(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_export_linear_eval_checkpoint_to_torchvision_strict(single_run, tmp_path):
+    """The trained run's checkpoint (ResNet-18, BatchNorm + Linear folded into fc) -> torchvision resnet18."""
+    from scaleclr.builders import build_model
+    from scaleclr.config import load_config
+
+    single_run, _, _ = single_run
+    ckpt = single_run / "model_final_checkpoint_phase1.torch"
+    root, _ = load_config(quick(tmp_path))
+    model = build_model(root.config)
+    model.load_state_dict(torch.load(ckpt, weights_only=True)["model"])
+    _export_and_compare(ckpt, "resnet18", model, tmp_path)
+
+
+@pytest.mark.parametrize("depth,head,arch", [
+    (50, '[["mlp", {"dims": [2048, 7]}]]', "resnet50"),
+    (18, '[["eval_mlp", {"in_channels": 512, "dims": [512, 7], "affine": False}]]', "resnet18")])
+def test_export_plain_and_non_affine_classifiers_to_torchvision_strict(depth, head, arch, tmp_path):
+    """ResNet-50 with SimCLR's plain Linear; a non-affine BatchNorm + Linear (mmselfsup's head); random BN
+    statistics everywhere so that the folding is exercised."""
+    from scaleclr.builders import build_model
+    from scaleclr.config import load_config
+    from scaleclr.io import atomic_torch_save
+
+    root, _ = load_config([VISSL_CFG, f"config.MODEL.TRUNK.RESNETS.DEPTH={depth}", f"config.MODEL.HEAD.PARAMS={head}"])
+    model = build_model(root.config)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+    ckpt = tmp_path / "model_final_checkpoint_phase0.torch"
+    atomic_torch_save({"engine": "ddp", "model": model.state_dict(), "optimizer": {}, "client_state": {}}, str(ckpt))
+    _export_and_compare(ckpt, arch, model, tmp_path, num_classes=7)
+
+
+# ------------------------------------------------------------------------------------------------ configs
+def test_imagenet_configs_compose_with_their_protocols():
+    from scaleclr.config import load_config
+
+    root, info = load_config([VISSL_CFG])
+    c = root.config
+    lr = c.OPTIMIZER.param_schedulers.lr
+    assert info["global_batch_size"] == 256 and c.DATA.TRAIN.BATCHSIZE_PER_REPLICA == 32
+    assert lr.name == "multistep" and list(lr["values"]) == [0.01, 0.001, 0.0001, 0.00001]
+    assert list(lr.milestones) == [8, 16, 24] and c.OPTIMIZER.num_epochs == 28
+    assert (c.OPTIMIZER.nesterov, c.OPTIMIZER.momentum, c.OPTIMIZER.weight_decay, c.OPTIMIZER.regularize_bn) == \
+        (True, 0.9, 0.0005, False)
+    assert c.SEED_VALUE == 1 and c.TEST_EVERY_NUM_EPOCH == 1 and c.METERS.accuracy_list_meter.num_meters == 1
+    assert c.MODEL.HEAD.PARAMS[0][0] == "eval_mlp" and list(c.MODEL.HEAD.PARAMS[0][1]["dims"]) == [2048, 1000]
+    assert [t["name"] for t in c.DATA.TEST.TRANSFORMS] == ["Resize", "CenterCrop", "ToTensor", "Normalize"]
+    assert not c.MODEL.FEATURE_EVAL_SETTINGS.PRECOMPUTE_FEATURES
+    for extra, dim in (("+config/benchmark/linear_image_classification/imagenet1k/models=resnet50_w2", 4096),
+                       ("config.MODEL.TRUNK.RESNETS.WIDTH_MULTIPLIER=4", 8192)):
+        head = load_config([VISSL_CFG, extra])[0].config.MODEL.HEAD.PARAMS[0][1]
+        assert head["in_channels"] == dim and list(head["dims"]) == [dim, 1000]
+
+    root, info = load_config([SIMCLR_CFG])
+    c = root.config
+    lr = c.OPTIMIZER.param_schedulers.lr
+    assert info["global_batch_size"] == 4096 and lr.name == "cosine"
+    assert lr.start_value == pytest.approx(1.6) and lr.end_value == 0.0  # 0.1 x 4096 / 256, no warmup
+    assert (c.OPTIMIZER.num_epochs, c.OPTIMIZER.weight_decay, c.OPTIMIZER.nesterov, c.OPTIMIZER.use_larc) == \
+        (90, 0.0, True, False)
+    assert list(c.MODEL.HEAD.PARAMS[0]) == ["mlp", {"dims": [2048, 1000]}] and c.MODEL.HEAD.PARAMS_MULTIPLIER == 0.0
+    assert not c.MODEL.FEATURE_EVAL_SETTINGS.PRECOMPUTE_FEATURES
+    w4 = load_config([SIMCLR_CFG, "+config/benchmark/linear_image_classification/imagenet1k/models=resnet50_w4"])[0]
+    assert list(w4.config.MODEL.HEAD.PARAMS[0][1]["dims"]) == [8192, 1000]
+
+
+def test_dry_run_prints_catalog_data_paths():
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), VISSL_CFG, "--dry-run"], capture_output=True,
+                       text=True, cwd=ROOT, env=ENV, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    catalog = json.load(open(ROOT / "configs" / "dataset_catalog.json"))["imagenet1k_folder"]
+    assert f"{catalog['train'][0]} (dataset catalog: imagenet1k_folder)" in r.stderr
+    assert f"{catalog['val'][0]} (dataset catalog: imagenet1k_folder)" in r.stderr
+    assert "EVAL_MODE_ON: true" in r.stdout and "accuracy_list_meter" in r.stdout
+
+
+def test_classifier_init_from_any_checkpoint_loads_the_trunk_only(single_run, tmp_path):
+    """PARAMS_FILE = a linear-eval checkpoint: the trunk is loaded, the classifier is new (unless
+    EVAL_TRUNK_AND_HEAD)."""
+    from scaleclr.builders import build_model
+    from scaleclr.config import load_config
+
+    single_run, _, _ = single_run
+    ckpt = single_run / "model_final_checkpoint_phase1.torch"
+    saved = torch.load(ckpt, weights_only=True)["model"]
+    for both, heads_equal in ((False, False), (True, True)):
+        root, _ = load_config(quick(tmp_path, f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={ckpt}",
+                                    f"config.MODEL.FEATURE_EVAL_SETTINGS.EVAL_TRUNK_AND_HEAD={both}"))
+        state = build_model(root.config).state_dict()
+        assert torch.equal(state["trunk.layer4.1.bn2.running_var"], saved["trunk.layer4.1.bn2.running_var"])
+        assert torch.equal(state["heads.0.clf.clf.0.weight"], saved["heads.0.clf.clf.0.weight"]) == heads_equal
+
+
+@pytest.fixture(scope="module")
+def composed():
+    """The VISSL linear-eval config and a pretraining config, composed once (validation cases mutate copies)."""
+    from scaleclr.config import compose
+
+    return {"linear": compose([VISSL_CFG]), "pretrain": compose(["config=test/integration_test/quick_simclr_synthetic"])}
+
+
+def _validate(root, changes, explicit=()):
+    """validate + infer on a copy of ``root`` with ``changes`` ({key: python value}) applied, as load_config does."""
+    import copy
+
+    from omegaconf import OmegaConf
+
+    from scaleclr.config.infer import infer
+    from scaleclr.config.validate import validate
+
+    root = copy.deepcopy(root)
+    for key, value in changes.items():
+        OmegaConf.update(root, key, value, merge=False)
+    validate(root)
+    infer(root, explicit={k: "" for k in explicit})
+
+
+FE = "config.MODEL.FEATURE_EVAL_SETTINGS."
+
+
+@pytest.mark.parametrize("changes,key,message", [
+    ({FE + "LINEAR_EVAL_FEAT_POOL_OPS_MAP": [["res4", ["AvgPool2d", [[8, 8], 3, 0]]]]},
+     FE + "LINEAR_EVAL_FEAT_POOL_OPS_MAP[0]", "only .*res5avg.* is implemented"),
+    ({FE + "LINEAR_EVAL_FEAT_POOL_OPS_MAP": [["res5avg", ["Identity", []]]] * 2}, FE + "LINEAR_EVAL_FEAT_POOL_OPS_MAP",
+     "pairs them one to one"),
+    ({FE + "FREEZE_TRUNK_ONLY": False}, FE + "FREEZE_TRUNK_ONLY", "fine-tuning"),
+    ({FE + "FREEZE_TRUNK_AND_HEAD": True}, FE + "FREEZE_TRUNK_AND_HEAD", "not implemented"),
+    ({"config.LOSS.name": "simclr_info_nce_loss"}, "config.LOSS.name", "cross_entropy_multiple_output_single_target"),
+    ({"config.METERS.accuracy_list_meter.topk_values": [1, 1001]}, "topk_values", "k <= 1000"),
+    ({"config.METERS.name": ""}, "config.METERS.name", "accuracy_list_meter"),
+    ({"config.TEST_ONLY": True}, "config.TEST_ONLY", "EVAL_TRUNK_AND_HEAD=True"),
+    ({"config.DATA.TEST.DROP_LAST": True}, "config.DATA.TEST.DROP_LAST", "evaluated in full"),
+    ({"config.DATA.TEST.LABEL_TYPE": "sample_index"}, "config.DATA.TEST.LABEL_TYPE", "standard"),
+    ({"config.DATA.TEST.DATA_SOURCES": ["lmdb"]}, "config.DATA.TEST.DATA_SOURCES[0]", "allowed sources"),
+    ({FE + "PRECOMPUTE_FEATURES": True}, "config.DATA.TRAIN.TRANSFORMS[0]", "deterministic"),
+    ({"config.MODEL.HEAD.PARAMS": [["mlp", {"dims": [2048, 512, 1000]}]]}, "config.MODEL.HEAD.PARAMS[0]", "dims"),
+    ({"config.MODEL.HEAD.PARAMS": [["mlp", {"dims": [2048, 1000], "use_relu": True}]]}, "config.MODEL.HEAD.PARAMS[0]",
+     "eval_mlp"),
+    ({"config.LOSS.cross_entropy_multiple_output_single_target.temperature": 0.0}, "temperature", "> 0"),
+    ({"config.TEST_EVERY_NUM_EPOCH": 0}, "config.TEST_EVERY_NUM_EPOCH", "> 0"),
+])
+def test_linear_eval_config_errors_name_the_key(composed, changes, key, message):
+    import re
+
+    from scaleclr.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(key)) as e:
+        _validate(composed["linear"], changes)
+    assert re.search(message, str(e.value)), str(e.value)
+
+
+@pytest.mark.parametrize("override,message", [
+    ('config.MODEL.HEAD.PARAMS=[["eval_mlp", {"in_channels": 2048, "dims": [2048, 1000]}], ["mlp", {"dims": '
+     '[2048, 1000]}]]', "has 2 heads"),
+    ('config.MODEL.HEAD.PARAMS=[["mlp", {"dims": [1024, 1000]}]]', "contradicts the trunk"),
+])
+def test_classifier_on_the_command_line_must_fit(override, message):
+    """VISSL's JSON-style head on the command line: one classifier, and its input must be the trunk's features."""
+    from scaleclr.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"config\.MODEL\.HEAD\.PARAMS: .*" + message):
+        load_config([VISSL_CFG, override])
+
+
+@pytest.mark.parametrize("changes,key", [
+    ({"config.TEST_ONLY": True}, "config.TEST_ONLY"),
+    ({"config.METERS.name": "accuracy_list_meter"}, "config.METERS.name"),
+    ({FE + "FREEZE_TRUNK_ONLY": True}, FE + "FREEZE_TRUNK_ONLY"),
+    ({FE + "PRECOMPUTE_FEATURES": True}, FE + "PRECOMPUTE_FEATURES"),
+    ({"config.LOSS.name": "cross_entropy_multiple_output_single_target"}, "config.LOSS.name"),
+])
+def test_linear_eval_keys_in_pretraining_are_errors(composed, changes, key):
+    import re
+
+    from scaleclr.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        _validate(composed["pretrain"], changes)
+
+
+def test_test_model_in_pretraining_warns(caplog):
+    import logging
+
+    from scaleclr.config import load_config
+
+    with caplog.at_level(logging.WARNING):
+        load_config(["config=test/integration_test/quick_simclr_synthetic", "config.TEST_MODEL=True"])
+    assert any("config.TEST_MODEL=True has no effect in pretraining" in r.getMessage() for r in caplog.records)
+
+
+def test_labels_beyond_the_classifier_are_an_error(tmp_path):
+    with pytest.raises(ValueError, match=r"config\.DATA\.TRAIN: labels reach 9 but the classifier"):
+        make_trainer(quick(tmp_path, 'config.MODEL.HEAD.PARAMS=[["mlp", {"dims": [512, 5]}]]',
+                           "config.METERS.accuracy_list_meter.topk_values=[1]"))
+
+
+# ------------------------------------------------------------------------------------------- the demo figure
+@pytest.mark.slow
+def test_demo_linear_eval_beats_its_init_figure(tmp_path):
+    """A short pretraining (3 epochs of config=quickstart), then the demo protocol (precomputed features) on its
+    trunk and on the trunk at initialisation: pretraining must help."""
+    pre = tmp_path / "pre"
+    subprocess.run([sys.executable, str(ROOT / "train.py"), "config=quickstart", f"config.CHECKPOINT.DIR={pre}",
+                    "config.OPTIMIZER.num_epochs=3", "config.KNN_EVAL.ENABLED=False"], check=True, cwd=ROOT, env=ENV,
+                   capture_output=True, timeout=1800)
+    run(tmp_path / "lin", f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={pre}/model_final_checkpoint_phase2.torch",
+        config=DEMO_CFG)
+    run(tmp_path / "init", config=DEMO_CFG)
+    after, init = phases_of(tmp_path / "lin")[-1][1], phases_of(tmp_path / "init")[-1][1]
+    assert after > init, (after, init)
+
+
+def _deepspeed_stages(rank, world, out):
+    results = {}
+    for stage in (0, 2, 3):
+        res, losses, tr = train_recording(quick(f"{out}/z{stage}", f"config.DISTRIBUTED.NUM_PROC_PER_NODE={world}",
+                                                "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=8",
+                                                "config.DATA.TEST.BATCHSIZE_PER_REPLICA=8",
+                                                "config.DISTRIBUTED.ENGINE=deepspeed",
+                                                f"config.DISTRIBUTED.DEEPSPEED_CONFIG=ds_configs/zero{stage}.json"),
+                                          rank, world)
+        results[stage] = {"losses": losses, "phases": (res["linear_top1"], res["linear_top5"]),
+                          "state": tr.engine.full_state_dict()}
+    return results
+
+
+@pytest.mark.slow  # ~75 s; the engine code is the pretraining one (test_deepspeed_engine), the task's is covered above
+@pytest.mark.deepspeed
+@pytest.mark.dist
+def test_deepspeed_zero_stages_with_a_frozen_trunk_equal_one_process(single_run, tmp_path):
+    """ZeRO 0/2/3 hold only the classifier in the optimizer (ZeRO-3 also partitions the frozen trunk): same losses,
+    test phases and weights as 1 process (DDP)."""
+    pytest.importorskip("deepspeed")
+    single_dir, single_res, single_losses = single_run
+    r0, _ = run_distributed(_deepspeed_stages, 2, str(tmp_path))
+    ref_state = final_state(single_dir)["model"]
+    for stage, got in r0.items():
+        assert got["losses"] == pytest.approx(single_losses, rel=1e-4), stage
+        assert got["phases"] == (single_res["linear_top1"], single_res["linear_top5"]), stage
+        assert_states_close(got["state"], ref_state, rtol=1e-4, atol=1e-5)

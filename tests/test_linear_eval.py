@@ -503,13 +503,14 @@ def test_labels_beyond_the_classifier_are_an_error(tmp_path):
 # ------------------------------------------------------------------------------------------- the demo figure
 @pytest.mark.slow
 def test_demo_linear_eval_beats_its_init_figure(tmp_path):
-    """A short pretraining (3 epochs of config=quickstart), then the demo protocol (precomputed features) on its
-    trunk and on the trunk at initialisation: pretraining must help."""
+    """make train's claim: config=quickstart's pretraining (15 epochs, several minutes on 2 cores), then the demo
+    protocol (precomputed features) on its trunk and on the trunk at initialisation: pretraining must help. (3
+    epochs of pretraining do not: 93.06 % vs 94.17 % at initialisation, measured.)"""
     pre = tmp_path / "pre"
     subprocess.run([sys.executable, str(ROOT / "train.py"), "config=quickstart", f"config.CHECKPOINT.DIR={pre}",
-                    "config.OPTIMIZER.num_epochs=3", "config.KNN_EVAL.ENABLED=False"], check=True, cwd=ROOT, env=ENV,
-                   capture_output=True, timeout=1800)
-    run(tmp_path / "lin", f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={pre}/model_final_checkpoint_phase2.torch",
+                    "config.KNN_EVAL.ENABLED=False"], check=True, cwd=ROOT, env=ENV, capture_output=True,
+                   timeout=3600)
+    run(tmp_path / "lin", f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={pre}/model_final_checkpoint_phase14.torch",
         config=DEMO_CFG)
     run(tmp_path / "init", config=DEMO_CFG)
     after, init = phases_of(tmp_path / "lin")[-1][1], phases_of(tmp_path / "init")[-1][1]

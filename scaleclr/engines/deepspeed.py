@@ -183,7 +183,8 @@ class ZeroLARC(LARC):
         """Full L2 norms of the original parameters/gradients whose local fragments are ``tensors``.
 
         ``tensors`` is ``params + grads`` (LARC's call); fragments of partitioned layouts are reduced with
-        one all-reduce of their squared norms per process group.
+        ONE all-reduce of their squared norms per step (DeepSpeed keeps one process-group object per param
+        group; groups with the same ranks share the collective).
         """
         n = len(tensors)
         if n == 0:
@@ -192,10 +193,12 @@ class ZeroLARC(LARC):
             [t.detach().float() if t.dtype not in (torch.float32, torch.float64) else t.detach()
              for t in tensors])]) ** 2
         layouts = self._entry_layouts * 2  # params then grads
-        by_group: Dict[int, Tuple[Any, List[int]]] = {}
+        by_group: Dict[Any, Tuple[Any, List[int]]] = {}
         for i, lay in enumerate(layouts):
             if lay is not None and lay.partitioned:
-                by_group.setdefault(id(lay.group), (lay.group, []))[1].append(i)
+                key = tuple(dist.get_process_group_ranks(lay.group)) if dist.is_initialized() and \
+                    lay.group is not None else id(lay.group)
+                by_group.setdefault(key, (lay.group, []))[1].append(i)
         for group, idx in by_group.values():
             part = sq[idx].clone()
             if dist.is_initialized() and dist.get_world_size(group) > 1:
@@ -232,10 +235,8 @@ class ZeroLARC(LARC):
                 self._entry_layouts.append(lay)
         return entries
 
-    def _adapt_gradients(self, entries) -> None:
-        super()._adapt_gradients(entries)
-        by_view = {id(e[0]): o for e, o in zip(entries, self._owners)}
-        self._last_trust_ratios = {by_view[id(v)]: f for v, f in self._last_trust_ratios.items()}
+    def _entry_keys(self, entries) -> List[Any]:
+        return list(self._owners)  # trust_ratios() keyed by the original parameters, not fragment views
 
     def _finish_step(self) -> None:
         for view in self._views:  # drop the fragment views' grads: they would keep DeepSpeed's flat grads alive

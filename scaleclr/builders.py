@@ -95,8 +95,9 @@ def build_lr_schedules(c) -> Tuple[Callable[[float], float], Optional[Callable[[
     return main, head
 
 
-def build_engine_spec(c, world_size: int) -> EngineSpec:
-    """Everything the engine reads from the config (engines never see the config tree)."""
+def build_engine_spec(c, world_size: int, device: Optional[torch.device] = None) -> EngineSpec:
+    """Everything the engine reads from the config (engines never see the config tree). ``device`` resolves
+    ``config.MODEL.CHANNELS_LAST=auto`` (on with CUDA)."""
     d, m = c.DISTRIBUTED, c.MODEL
     amp = m.AMP_PARAMS
     autocast_dtype = DTYPES[amp.AMP_DTYPE] if amp.USE_AMP else None
@@ -112,7 +113,11 @@ def build_engine_spec(c, world_size: int) -> EngineSpec:
         from scaleclr.config.deepspeed_json import build_deepspeed_config
         ds_config = build_deepspeed_config(c, world_size)
         param_dtype = autocast_dtype
-    return EngineSpec(name=d.ENGINE, precision=PrecisionSpec(autocast_dtype=autocast_dtype, param_dtype=param_dtype),
+    channels_last = m.CHANNELS_LAST == "on" or (m.CHANNELS_LAST == "auto" and device is not None and
+                                                 device.type == "cuda")
+    precision = PrecisionSpec(autocast_dtype=autocast_dtype, param_dtype=param_dtype, channels_last=channels_last,
+                              compile=bool(m.TORCH_COMPILE), compile_mode=str(m.TORCH_COMPILE_MODE))
+    return EngineSpec(name=d.ENGINE, precision=precision,
                       gradient_clipping=float(c.OPTIMIZER.gradient_clipping),
                       activation_checkpointing=bool(m.ACTIVATION_CHECKPOINTING.USE_ACTIVATION_CHECKPOINTING),
                       broadcast_buffers=bool(d.BROADCAST_BUFFERS), ddp_bucket_cap_mb=int(c.DATA.DDP_BUCKET_CAP_MB),

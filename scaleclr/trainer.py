@@ -119,7 +119,8 @@ class Trainer:
             model = convert_sync_batchnorm(model, sbn.SYNC_BN_TYPE, process_group=group,
                                            device=self.device)
         logger.info("BatchNorm: %s", describe_sync_bn(model))
-        self.engine = build_engine(builders.build_engine_spec(c, world_size), self.device, rank, world_size)
+        self.engine = build_engine(builders.build_engine_spec(c, world_size, self.device), self.device, rank,
+                                   world_size)
         self.engine.setup(model, builders.make_optimizer_factory(c))
         self.loss_fn = builders.build_loss(c)
         self.dataset, self.sampler, self.loader = builders.build_train_data(c, rank, world_size)
@@ -130,6 +131,8 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.out_dir)
         self.images_per_step = c.DATA.TRAIN.BATCHSIZE_PER_REPLICA * world_size
         self.non_blocking = bool(c.DATA.ENABLE_ASYNC_GPU_COPY)
+        self.memory_format = torch.channels_last if self.engine.spec.precision.channels_last else \
+            torch.contiguous_format
         self.skipped_images = 0  # this rank's count; summed over ranks when logged
         self.stats = StepStats(self.device)
         self.metrics: Optional[MetricLogger] = None
@@ -206,11 +209,11 @@ class Trainer:
             self.save_checkpoint(end_of_epoch=True, final=last)
 
     def prepare_views(self, batch: Dict[str, Any]):
-        """The batch's views on the training device: ``[V*B, 3, H, W]`` or a list of ``C`` crops."""
+        """The batch's views on the training device (in the model's memory format): ``[V*B, 3, H, W]`` or a
+        list of ``C`` crops ``[B, 3, H_c, W_c]``."""
         views = batch["data"]
-        if isinstance(views, list):
-            return [v.to(self.device, non_blocking=self.non_blocking) for v in views]
-        return views.to(self.device, non_blocking=self.non_blocking)
+        move = lambda v: v.to(self.device, non_blocking=self.non_blocking, memory_format=self.memory_format)  # noqa
+        return [move(v) for v in views] if isinstance(views, list) else move(views)
 
     def train_step(self, batch: Dict[str, Any], data_time: float) -> torch.Tensor:
         """One optimizer step on ``batch``; returns the rank's loss as a device tensor (no host sync)."""

@@ -141,6 +141,9 @@ class ModelConfig:
     WEIGHTS_INIT: WeightsInitConfig = field(default_factory=WeightsInitConfig)
     NON_TRAINABLE_PARAMS: List[str] = field(default_factory=list)
     INPUT_TYPE: str = "rgb"
+    CHANNELS_LAST: str = "auto"  # auto (on with CUDA) | on | off: model and input batches in channels_last
+    TORCH_COMPILE: bool = False  # torch.compile the trunk and heads (DDP, FSDP2; not DeepSpeed)
+    TORCH_COMPILE_MODE: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
 
 
 # ----------------------------------------------------------------------------------------------- LOSS

@@ -25,6 +25,8 @@ ALLOWED = {
     "config.MODEL.AMP_PARAMS.AMP_TYPE": ("apex", "pytorch"),
     "config.MODEL.AMP_PARAMS.AMP_DTYPE": ("float16", "bfloat16"),
     "config.MODEL.FSDP_CONFIG.SHARD_UNIT": ("block", "stage"),
+    "config.MODEL.CHANNELS_LAST": ("auto", "on", "off"),
+    "config.MODEL.TORCH_COMPILE_MODE": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "config.MODEL.FSDP_CONFIG.MIXED_PRECISION": ("none", "bfloat16", "float16"),
     "config.OPTIMIZER.name": ("sgd",),
     "config.DISTRIBUTED.ENGINE": ("ddp", "deepspeed", "fsdp"),

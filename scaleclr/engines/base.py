@@ -55,6 +55,13 @@ class Engine(ABC):
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
         """Move `model` to the device, wrap it, and build the optimizer for the wrapped parameters."""
 
+    def place(self, model: nn.Module) -> nn.Module:
+        """Move ``model`` to the device in the spec's memory format (``channels_last``: 4-d weights NHWC)."""
+        model.to(self.device)
+        if self.spec.precision.channels_last:
+            model.to(memory_format=torch.channels_last)
+        return model
+
     def autocast(self):
         """The forward's autocast context (``spec.precision.autocast_dtype``; none in fp32)."""
         return autocast(self.device, self.spec.precision.autocast_dtype)

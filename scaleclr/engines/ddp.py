@@ -24,7 +24,7 @@ class DDPEngine(Engine):
     name = "ddp"
 
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
-        model.to(self.device)
+        self.place(model)
         if self.spec.activation_checkpointing:
             from scaleclr.distributed.parallelize import apply_activation_checkpointing
             apply_activation_checkpointing(model)  # per residual block; same values, less activation memory

@@ -286,7 +286,7 @@ class DeepSpeedEngine(Engine):
         self.bf16 = bool(self.ds_config["bf16"]["enabled"])
         self.fp16 = bool(self.ds_config["fp16"]["enabled"])
         ensure_process_group(self.device)
-        model.to(self.device)
+        self.place(model)
         if self.spec.activation_checkpointing:
             from scaleclr.distributed.parallelize import apply_activation_checkpointing
             apply_activation_checkpointing(model)  # before initialize: ZeRO-3's hooks then wrap the recompute too

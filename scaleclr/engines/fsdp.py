@@ -123,7 +123,7 @@ class FSDPEngine(Engine):
                              f"has {world} ranks")
         self.param_dtype = self.spec.precision.param_dtype
         self.mesh = build_mesh(self.device.type, world, fs.hsdp_replicate)
-        model.to(self.device)
+        self.place(model)
         parallelize(model, self.mesh, shard_unit=fs.shard_unit, reshard_after_forward=fs.reshard_after_forward,
                     param_dtype=self.param_dtype, activation_checkpointing=self.spec.activation_checkpointing)
         self.module = model
@@ -146,18 +146,18 @@ class FSDPEngine(Engine):
     def _params_with_grad(self) -> List[torch.Tensor]:
         return [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
 
-    def clip_grad_norm(self, max_norm: float) -> float:
-        """``torch.nn.utils.clip_grad_norm_`` semantics with the full (all-reduced) gradient norm."""
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` semantics with the full (all-reduced) gradient norm; returns the
+        norm as a device tensor (no host sync: the clip coefficient reaches the shards as a 0-d tensor)."""
         params = self._params_with_grad()
         if not params:
-            return 0.0
+            return torch.zeros(())
         norms = dtensor_norms([p.grad for p in params])
-        total = float(norms.double().pow(2).sum().sqrt())
-        coef = min(max_norm / (total + 1e-6), 1.0)
-        if coef < 1.0:
-            with torch.no_grad():
-                for p in params:
-                    p.grad.mul_(coef)
+        total = norms.double().pow(2).sum().sqrt()
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]
+        with torch.no_grad():
+            torch._foreach_mul_(grads, coef.to(device=grads[0].device, dtype=grads[0].dtype))
         return total
 
     def step(self) -> None:

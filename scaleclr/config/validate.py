@@ -31,6 +31,7 @@ ALLOWED = {
     "config.DISTRIBUTED.INIT_METHOD": ("tcp", "env", "file"),
     "config.MACHINE.DEVICE": ("gpu", "cpu"),
     "config.DATA.TRAIN.COLLATE_FUNCTION": ("simclr_collator", "multicrop_collator"),
+    "config.DATA.TRAIN.DEVICE_AUGMENTATION": ("auto", "on", "off"),
     "config.LOSS.simclr_info_nce_loss.impl": ("reference", "streaming", "triton", "auto"),
     "config.LOSS.multicrop_simclr_info_nce_loss.impl": ("reference", "streaming", "triton", "auto"),
     "config.LOSS.multicrop_simclr_info_nce_loss.negatives": ("global", "local"),

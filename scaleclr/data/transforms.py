@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -59,12 +60,24 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return generator
 
 
+_SCRATCH = threading.local()
+
+
+def _rand01(generator: torch.Generator) -> float:
+    """One U[0, 1) float64 draw: the value and generator state of ``torch.rand((), dtype=float64)`` (which
+    is ``uniform_(0, 1)`` on a new tensor), into a reused per-thread scalar (about half the overhead)."""
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None:
+        buf = _SCRATCH.buf = torch.empty((), dtype=torch.float64)
+    return buf.uniform_(0.0, 1.0, generator=generator).item()
+
+
 def _uniform(generator: torch.Generator, low: float, high: float) -> float:
-    return low + (high - low) * torch.rand((), generator=generator, dtype=torch.float64).item()
+    return low + (high - low) * _rand01(generator)
 
 
 def _coin(generator: torch.Generator, p: float) -> bool:
-    return torch.rand((), generator=generator, dtype=torch.float64).item() < p
+    return _rand01(generator) < p
 
 
 def _size_pair(size: int | Sequence[int], name: str) -> list[int]:

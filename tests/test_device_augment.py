@@ -586,3 +586,15 @@ def test_builders_switch_the_dataset(tmp_path):
     assert "aug_params" not in off and builders.build_device_augmentation(c, False)(off) is off["data"]
     assert _levels(views, off["data"]).mean() <= 1.5 * 4.5  # same views (normalised: levels / std)
     assert device_augment.SETTINGS == ("auto", "on", "off")
+
+
+def test_config_key_values():
+    from scaleclr.config import ConfigError, load_config
+
+    quick = "config=test/integration_test/quick_simclr_synthetic"
+    assert load_config([quick])[0].config.DATA.TRAIN.DEVICE_AUGMENTATION == "auto"
+    with pytest.raises(ConfigError, match=r"DEVICE_AUGMENTATION.*allowed values: auto, on, off"):
+        load_config([quick, "config.DATA.TRAIN.DEVICE_AUGMENTATION=maybe"])
+    with pytest.raises(ConfigError, match=r"DEVICE_AUGMENTATION.*YAML reads unquoted on/off.*quotes"):
+        load_config([quick, "config.DATA.TRAIN.DEVICE_AUGMENTATION=false"])
+

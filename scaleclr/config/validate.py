@@ -99,6 +99,10 @@ def _check_transforms(root) -> None:
 def validate(root: DictConfig) -> None:
     """Raise ConfigError for the first problem found in the composed tree `root`."""
     check_unknown_keys(root, OmegaConf.structured(schema.Root), "")
+    key = "config.DATA.TRAIN.DEVICE_AUGMENTATION"
+    if _get(root, key) in ("True", "False"):  # YAML 1.1 reads unquoted on / off as booleans
+        raise ConfigError(key, f"= {_get(root, key)} (a boolean: YAML reads unquoted on/off as true/false); "
+                          "write 'on' or 'off' in quotes, or auto.")
     for key, allowed in ALLOWED.items():
         v = _get(root, key)
         if v not in allowed:

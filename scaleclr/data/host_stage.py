@@ -135,10 +135,16 @@ def decode_rgb(img: Image.Image, scale: int = 1) -> tuple[Image.Image, int]:
     return img, used
 
 
-def _to_tensor(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> uint8 ``[3, H, W]`` (a channels-last view of one copy of the pixels)."""
+def _to_tensor(img: Image.Image, padded: bool = False) -> torch.Tensor:
+    """RGB PIL image -> uint8 ``[3, H, W]``, a channels-last view of one copy of the pixels. With ``padded``
+    ``[4, H, W]`` with a fourth filler channel: Pillow's own 4-byte pixel layout copies out twice as fast,
+    and torch's uint8 antialiased resize runs as fast on 4 channels (the filler is dropped at the end)."""
     with warnings.catch_warnings():  # read-only buffer: the views below never write into it
         warnings.simplefilter("ignore", UserWarning)
+        if padded:
+            width, height = img.size
+            return torch.from_numpy(np.frombuffer(img.tobytes("raw", "RGBX"), np.uint8).reshape(height, width, 4)
+                                    ).permute(2, 0, 1)
         return torch.from_numpy(np.asarray(img)).permute(2, 0, 1)
 
 
@@ -267,11 +273,11 @@ class HostStage:
                 x = _to_tensor(self._reduced_crop(img, scale, steps[0]))
                 steps = steps[1:]
             else:
-                base = _to_tensor(img) if base is None else base
+                base = _to_tensor(img, padded=True) if base is None else base
                 x = base
             for step in steps:
                 x = _apply_tensor(step, x)
-            views.append(x.contiguous())
+            views.append(x[:3].contiguous())
         return views, prepared.params
 
     @staticmethod

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from scaleclr import builders
 from scaleclr.checkpoint import CheckpointManager, tag_for
 from scaleclr.config import to_yaml
+from scaleclr.data.device_augment import batch_to_device, resolve_device_augmentation
 from scaleclr.distributed.sync_bn import convert_sync_batchnorm, create_sync_bn_process_group, describe_sync_bn
 from scaleclr.engines import build_engine
 from scaleclr.eval.knn import extract_features, knn_top1
@@ -75,7 +76,10 @@ class Trainer:
         self.engine = build_engine(c.DISTRIBUTED.ENGINE, c, self.device, rank, world_size)
         self.engine.setup(model, builders.make_optimizer_factory(c))
         self.loss_fn = builders.build_loss(c)
-        self.dataset, self.sampler, self.loader = builders.build_train_data(c, rank, world_size)
+        self.device_augmentation = resolve_device_augmentation(c.DATA.TRAIN.DEVICE_AUGMENTATION, self.device)
+        self.dataset, self.sampler, self.loader = builders.build_train_data(
+            c, rank, world_size, device_augmentation=self.device_augmentation)
+        self.device_stage = builders.build_device_augmentation(c, self.device_augmentation)
         self.lr_at = builders.build_lr_schedule(c)
         self.iters_per_epoch = self.sampler.num_batches
         self.total_iters = c.OPTIMIZER.num_epochs * self.iters_per_epoch
@@ -154,9 +158,8 @@ class Trainer:
     def train_step(self, batch: Dict[str, Any], data_time: float) -> float:
         start = time.perf_counter()
         _maybe_inject_failure(self.rank, self.state.iteration)
-        views = batch["data"]
-        views = [v.to(self.device, non_blocking=True) for v in views] if isinstance(views, list) \
-            else views.to(self.device, non_blocking=True)
+        batch = batch_to_device(batch, self.device)  # data (uint8 with device augmentation) + aug_params
+        views = self.device_stage(batch)  # colour, blur, normalisation on the device; identity when off
         lr = self.lr_at(self.state.iteration / self.total_iters)
         self.engine.set_lr(lr)
 

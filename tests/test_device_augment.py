@@ -598,3 +598,25 @@ def test_config_key_values():
     with pytest.raises(ConfigError, match=r"DEVICE_AUGMENTATION.*YAML reads unquoted on/off.*quotes"):
         load_config([quick, "config.DATA.TRAIN.DEVICE_AUGMENTATION=false"])
 
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("config", ["quick_simclr_synthetic",
+                                    pytest.param("quick_simclr_multicrop", marks=pytest.mark.slow)])
+def test_train_py_with_device_augmentation_on(tmp_path, config):
+    """End to end on CPU: train.py with the host stage in the loader and the device stage in train_step."""
+    import json
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"config=test/integration_test/{config}",
+           "config.DATA.TRAIN.DEVICE_AUGMENTATION=on", f"config.CHECKPOINT.DIR={tmp_path}"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    steps = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    losses = [s["loss"] for s in steps if "loss" in s]
+    assert len(losses) == 8 and all(np.isfinite(losses))
+    assert "DEVICE_AUGMENTATION: 'on'" in (tmp_path / "train_config.yaml").read_text()

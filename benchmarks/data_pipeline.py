@@ -29,7 +29,8 @@ Usage::
     python benchmarks/data_pipeline.py --blur
 
 ``benchmark_device_stage(device, views=256, size=224)`` returns the device stage's views/s on any device
-(``benchmarks/gpu_check.py`` calls it on CUDA).
+and ``device_stage_parity(device)`` its largest difference from the CPU result in uint8 levels
+(``benchmarks/gpu_check.py`` calls them on CUDA).
 """
 from __future__ import annotations
 
@@ -161,6 +162,17 @@ def benchmark_device_stage(device: torch.device | str = "cpu", views: int = 256,
         sync()
         times.append(time.perf_counter() - start)
     return views / statistics.median(times)
+
+
+def device_stage_parity(device: torch.device | str, views: int = 64, size: int = 64) -> float:
+    """Max |device - CPU| of the SimCLR device stage (without Normalize) on one batch, in uint8 levels: the
+    check to run next to :func:`benchmark_device_stage` on CUDA (float rounding only; TF32 matmuls, if
+    enabled, add ~0.1 level in the blur)."""
+    specs = RECIPES["simclr_224"][0][:3] + COLOUR_BLUR[:3]
+    data, params = _device_batch(views, size, "cpu")
+    ref = DeviceAugmentation.from_specs(specs)(data, params)
+    got = DeviceAugmentation.from_specs(specs)(data.to(device), params.to(device)).cpu()
+    return float((got - ref).abs().max()) * 255
 
 
 # ----------------------------------------------------------------------------------------------- blur

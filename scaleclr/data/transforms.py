@@ -11,6 +11,9 @@ so a sample's views do not depend on the number of data workers, the world size 
 Every transform is a callable ``t(x, generator)``. "Copy" transforms (``ImgReplicatePil``,
 ``ImgPilToMultiCrop``; ``is_copy = True``) return a list of outputs; :class:`SSLTransforms` flattens them
 and applies every other transform independently to each element, like VISSL's ``SSLTransformsWrapper``.
+The random transforms separate drawing from applying (``draw(generator)`` / ``apply(img, params)``,
+``RandomResizedCrop.params_for_size``), so the two-stage data path (``scaleclr.data.host_stage``) draws
+exactly the numbers this path draws, in the same order, and applies them elsewhere.
 """
 from __future__ import annotations
 

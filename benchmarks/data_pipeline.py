@@ -14,8 +14,8 @@ for the SimCLR recipe at 224 px (2 views) and the multi-crop recipe (2 x 160 + 4
 include reading the file, decoding and collating a batch; they report images/s per core. (c) reports
 views/s per core. "Per core" is measured as this process's CPU time (``time.process_time``, one intra-op
 thread), so other load on a shared machine inflates the figures less than wall time would; the ratios
-are the median of the per-round ratios. It also prints the bytes per image handed to the device (float32 views for (a), uint8
-views + float32 parameters for (b)) and the ratios (b)/(a).
+are the median of the per-round ratios. It also prints the bytes per image handed to the device
+(float32 views for (a), uint8 views + float32 parameters for (b)) and the ratios (b)/(a).
 
 ``--blur`` times the per-sample-radius blur three ways on a batch (``views`` at ``size``, about half of them
 blurred): (i) per-sample kernels padded to the largest size, one grouped convolution (groups = N*C) per
@@ -235,8 +235,9 @@ def run_recipe(name: str, root: str, rounds: int, batch: int, views: int) -> dic
         t_c = CLOCK() - start
         t_d = time_lightly(source, batch) if name == "simclr_224" else None
         if r == 0:
-            bytes_a = _nbytes(batch_a["data"]) / (len(batch_a["data_idx"]) // num_views)
-            bytes_b = (_nbytes(batch_b["data"]) + _nbytes(batch_b["aug_params"])) / (len(batch_b["data_idx"]) // num_views)
+            images = len(batch_a["data_idx"]) // num_views  # the last batch (same size in both)
+            bytes_a = _nbytes(batch_a["data"]) / images
+            bytes_b = (_nbytes(batch_b["data"]) + _nbytes(batch_b["aug_params"])) / images
             continue
         times["a"].append(t_a)
         times["b"].append(t_b)

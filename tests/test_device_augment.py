@@ -385,6 +385,17 @@ def test_device_stage_has_no_loop_over_samples(monkeypatch):
     assert sum(counts[0].values()) <= sum(counts[2].values())
 
 
+def test_a_views_output_does_not_depend_on_the_rest_of_the_batch(patches):
+    """Bit for bit the same view whether the batch is split across ranks or reordered (the world-size and
+    worker-count invariance carries through the device stage)."""
+    _, batch, augment = _two_paths(patches[:32], SIMCLR_NORM)
+    data, params = batch["data"], batch["aug_params"]
+    full = augment(data, params)
+    halves = torch.cat([augment(data[:24], params[:24]), augment(data[24:], params[24:])])
+    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(full, halves) and torch.equal(augment(data[perm], params[perm]), full[perm])
+
+
 def test_device_stage_leaves_inputs_alone_and_checks_shapes():
     augment = DeviceAugmentation.from_specs(SIMCLR_NORM)
     data = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)

@@ -10,8 +10,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from scaleclr.data import (EvalDataset, ShardedSampler, SSLDataset, build_dataloader, build_source,
-                           build_transforms, eval_transform_specs, get_collator)
+from scaleclr.data import (DeviceAugmentation, DeviceStage, EvalDataset, HostStage, ShardedSampler, SSLDataset,
+                           build_dataloader, build_source, build_transforms, eval_transform_specs, get_collator)
 from scaleclr.data.catalog import DEMO, resolve_path, train_path
 from scaleclr.engines.spec import DTYPES, EngineSpec, FSDPSpec, PrecisionSpec
 from scaleclr.interchange import init_model_from_weights
@@ -143,8 +143,15 @@ def resolve_train_data_path(c) -> Optional[str]:
     return path
 
 
-def build_train_data(c, rank: int, world_size: int, start_method: Optional[str] = None
+def build_train_data(c, rank: int, world_size: int, start_method: Optional[str] = None, *,
+                     device_augmentation: bool = False
                      ) -> Tuple[SSLDataset, ShardedSampler, torch.utils.data.DataLoader]:
+    """Dataset, sampler and loader of the training split.
+
+    With ``device_augmentation`` (``resolve_device_augmentation(config.DATA.TRAIN.DEVICE_AUGMENTATION,
+    device)``) the dataset runs only the host stage of ``config.DATA.TRAIN.TRANSFORMS``: batches carry
+    uint8 ``data`` and ``aug_params``, for :func:`build_device_augmentation` to finish on the device.
+    """
     t = c.DATA.TRAIN
     name = t.DATA_SOURCES[0]
     kw: Dict[str, Any] = {}
@@ -156,7 +163,9 @@ def build_train_data(c, rank: int, world_size: int, start_method: Optional[str] 
             kw["labels_path"] = t.LABEL_PATHS[0]
     path = train_path(list(t.DATA_PATHS), list(t.DATASET_NAMES), name)
     source = build_source(name, path, data_limit=t.DATA_LIMIT, **kw)
-    dataset = SSLDataset(source, build_transforms(plain(t.TRANSFORMS)), seed=c.SEED_VALUE, label_type=t.LABEL_TYPE)
+    transforms = HostStage.from_specs(plain(t.TRANSFORMS)) if device_augmentation \
+        else build_transforms(plain(t.TRANSFORMS))
+    dataset = SSLDataset(source, transforms, seed=c.SEED_VALUE, label_type=t.LABEL_TYPE)
     sampler = ShardedSampler(len(dataset), world_size, rank, shuffle=True, seed=c.SEED_VALUE,
                              drop_last=t.DROP_LAST, batch_size=t.BATCHSIZE_PER_REPLICA)
     loader = build_dataloader(dataset, t.BATCHSIZE_PER_REPLICA, c.DATA.NUM_DATALOADER_WORKERS,
@@ -164,6 +173,27 @@ def build_train_data(c, rank: int, world_size: int, start_method: Optional[str] 
                               pin_memory=c.DATA.PIN_MEMORY and torch.cuda.is_available(),
                               multiprocessing_context=start_method)
     return dataset, sampler, loader
+
+
+def build_device_augmentation(c, enabled: Optional[bool] = None) -> DeviceStage:
+    """The callable the trainer applies to a batch after moving it to the device: ``stage(batch) -> views``.
+
+    ``enabled`` must be the value given to ``build_train_data(..., device_augmentation=...)``; None resolves
+    ``config.DATA.TRAIN.DEVICE_AUGMENTATION`` for the training device (``auto``: on with CUDA). Off: returns
+    ``batch["data"]`` (the host path made the float views). On: the device part of
+    ``config.DATA.TRAIN.TRANSFORMS`` applied to ``batch["data"]`` (uint8) with ``batch["aug_params"]``.
+
+    Raises:
+        ValueError: (on) a transform without a device implementation or an order that cannot be split,
+            naming ``config.DATA.TRAIN.TRANSFORMS[i]``.
+    """
+    if enabled is None:
+        from scaleclr.data.device_augment import resolve_device_augmentation
+        cuda = c.MACHINE.DEVICE == "gpu" and torch.cuda.is_available()
+        enabled = resolve_device_augmentation(c.DATA.TRAIN.DEVICE_AUGMENTATION, "cuda" if cuda else "cpu")
+    if not enabled:
+        return DeviceStage(None)
+    return DeviceStage(DeviceAugmentation.from_specs(plain(c.DATA.TRAIN.TRANSFORMS)))
 
 
 def build_knn_loaders(c) -> Tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:

@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 from scaleclr import builders
 from scaleclr.checkpoint import CheckpointManager, tag_for
 from scaleclr.config import to_yaml
+from scaleclr.data.device_augment import resolve_device_augmentation
 from scaleclr.distributed.collectives import all_reduce_sum, collective_device, is_distributed
 from scaleclr.distributed.sync_bn import convert_sync_batchnorm, create_sync_bn_process_group, describe_sync_bn
 from scaleclr.engines import build_engine
@@ -123,7 +124,10 @@ class Trainer:
                                    world_size)
         self.engine.setup(model, builders.make_optimizer_factory(c))
         self.loss_fn = builders.build_loss(c)
-        self.dataset, self.sampler, self.loader = builders.build_train_data(c, rank, world_size)
+        self.device_augmentation = resolve_device_augmentation(c.DATA.TRAIN.DEVICE_AUGMENTATION, self.device)
+        self.dataset, self.sampler, self.loader = builders.build_train_data(
+            c, rank, world_size, device_augmentation=self.device_augmentation)
+        self.device_stage = builders.build_device_augmentation(c, self.device_augmentation)
         self.lr_at, self.head_lr_at = builders.build_lr_schedules(c)
         self.steps_per_epoch = self.sampler.num_batches
         self.total_steps = c.OPTIMIZER.num_epochs * self.steps_per_epoch
@@ -209,11 +213,21 @@ class Trainer:
             self.save_checkpoint(end_of_epoch=True, final=last)
 
     def prepare_views(self, batch: Dict[str, Any]):
-        """The batch's views on the training device (in the model's memory format): ``[V*B, 3, H, W]`` or a
-        list of ``C`` crops ``[B, 3, H_c, W_c]``."""
-        views = batch["data"]
-        move = lambda v: v.to(self.device, non_blocking=self.non_blocking, memory_format=self.memory_format)  # noqa
-        return [move(v) for v in views] if isinstance(views, list) else move(views)
+        """The batch's views on the training device, in the model's memory format: ``[V*B, 3, H, W]`` or a
+        list of ``C`` crops ``[B, 3, H_c, W_c]``. With device augmentation the batch holds uint8 views and
+        their parameters (``aug_params``): both are copied, and the device stage (colour distortion, blur,
+        normalisation) runs here, with the loader's CPU copy of the parameters for its host-side grouping."""
+        def move(v, **kw):
+            if isinstance(v, (list, tuple)):
+                return [move(t, **kw) for t in v]
+            return v.to(self.device, non_blocking=self.non_blocking, **kw)
+
+        if not self.device_stage.enabled:
+            return move(batch["data"], memory_format=self.memory_format)
+        views = self.device_stage({"data": move(batch["data"]), "aug_params": move(batch["aug_params"]),
+                                   "aug_params_host": batch["aug_params"]})
+        fmt = lambda v: v.contiguous(memory_format=self.memory_format)  # noqa: E731
+        return [fmt(v) for v in views] if isinstance(views, list) else fmt(views)
 
     def train_step(self, batch: Dict[str, Any], data_time: float) -> torch.Tensor:
         """One optimizer step on ``batch``; returns the rank's loss as a device tensor (no host sync)."""

@@ -47,6 +47,9 @@ class DataSplitConfig:
     DROP_LAST: bool = True
     DATA_LIMIT: int = -1  # > 0: keep the first N images (synthetic: number of images)
     SYNTHETIC_IMAGE_SIZE: int = 64  # side of the images the synthetic source draws
+    # auto | on | off: two-stage data path (host: decode + crops + flips to uint8; device: batched colour,
+    # blur, normalisation). auto = on exactly when training on CUDA.
+    DEVICE_AUGMENTATION: str = "auto"
 
 
 @dataclass

@@ -1,0 +1,122 @@
+"""The training step's collectives and host synchronisations, counted, so a regression shows.
+
+A steady-state step (after the first, which checks shapes and builds cached plans) of a real Trainer on 2
+gloo ranks is run under counting wrappers around the ``torch.distributed`` collectives and the tensor methods
+that read a value on the host (``item``, ``__bool__``, ``tolist``, ``__float__``, ``__int__``, ``__index__``).
+On a GPU every such read stalls the host until the queued work finishes; on the CPU nothing stalls, but the
+same calls would, so counting them here guards the CUDA hot path. Expected counts are derived from the model:
+scaleclr's SyncBN does one all-gather (forward) and one all-reduce (backward) per BatchNorm layer, the loss's
+gather one all-gather and one all-reduce; DDP's gradient all-reduces run inside its C++ reducer (not counted).
+"""
+import contextlib
+import os
+
+import pytest
+import torch
+
+from dist_helpers import run_distributed
+
+pytestmark = pytest.mark.dist
+
+QUICK = "config=test/integration_test/quick_simclr_synthetic"
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "broadcast",
+               "reduce_scatter_tensor", "barrier", "all_gather_object", "broadcast_object_list", "reduce")
+SYNCS = ("item", "__bool__", "tolist", "__float__", "__int__", "__index__")
+
+
+@contextlib.contextmanager
+def counting():
+    """Counts calls of the collectives and of the host-reading tensor methods while active."""
+    import torch.distributed as dist
+
+    counts = {}
+    saved = []
+
+    def wrap(owner, name, label):
+        fn = getattr(owner, name, None)
+        if fn is None:
+            return
+        saved.append((owner, name, fn))
+
+        def counted(*a, **k):
+            counts[label] = counts.get(label, 0) + 1
+            return fn(*a, **k)
+
+        setattr(owner, name, counted)
+
+    for name in COLLECTIVES:
+        wrap(dist, name, f"dist.{name}")
+    for name in SYNCS:
+        wrap(torch.Tensor, name, f"Tensor.{name}")
+    try:
+        yield counts
+    finally:
+        for owner, name, fn in reversed(saved):
+            setattr(owner, name, fn)
+
+
+def _batches(trainer, n):
+    trainer.sampler.set_epoch(0)
+    trainer.dataset.set_epoch(0)
+    it = iter(trainer.loader)
+    return [next(it) for _ in range(n)]
+
+
+def _count_steps(rank, world, overrides, steps=2):
+    """Counts per steady-state step, after one warm-up step (shape checks, cached tiling plans)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    from scaleclr.config import load_config
+    from scaleclr.trainer import Trainer
+
+    root, _ = load_config([QUICK, f"config.DISTRIBUTED.NUM_PROC_PER_NODE={world}",
+                           "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=4", "config.LOG_FREQUENCY=1000",
+                           "config.HOOKS.TENSORBOARD_SETUP.USE_TENSORBOARD=False", "config.CHECKPOINT.DIR=/tmp/unused",
+                           *overrides], world_size=world)
+    tr = Trainer(root, rank=rank, world_size=world, local_rank=rank, local_world_size=world)
+    batches = _batches(tr, steps + 1)
+    tr.train_step(batches[0], 0.0)
+    with counting() as counts:
+        for b in batches[1:]:
+            tr.train_step(b, 0.0)
+    n_bn = sum(isinstance(m, _BatchNorm) for m in tr.engine.module.modules())
+    return {k: v / steps for k, v in counts.items()}, n_bn
+
+
+def _hot_path_body(rank, world):
+    out = {}
+    out["ddp"], out["n_bn"] = _count_steps(rank, world, [])
+    out["ddp_streaming"], _ = _count_steps(rank, world, ["config.LOSS.simclr_info_nce_loss.impl=streaming"])
+    out["ddp_clip_bf16"], _ = _count_steps(rank, world, [
+        "config.OPTIMIZER.gradient_clipping=0.5", "config.MODEL.AMP_PARAMS.USE_AMP=True",
+        "config.MODEL.AMP_PARAMS.AMP_TYPE=pytorch", "config.MODEL.AMP_PARAMS.AMP_DTYPE=bfloat16"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def counts():
+    return run_distributed(_hot_path_body, 2)[0]
+
+
+def test_ddp_step_has_no_host_sync(counts):
+    for case in ("ddp", "ddp_streaming", "ddp_clip_bf16"):
+        syncs = {k: v for k, v in counts[case].items() if k.startswith("Tensor.")}
+        assert syncs == {}, (case, syncs)
+
+
+def test_ddp_step_collectives_are_syncbn_and_the_loss_gather(counts):
+    n_bn = counts["n_bn"]
+    ddp = {k: v for k, v in counts["ddp"].items() if k.startswith("dist.")}
+    gathers = ddp.get("dist.all_gather_single", 0) + ddp.get("dist.all_gather_into_tensor", 0)
+    assert gathers == n_bn + 1  # one per SyncBN forward + the embeddings
+    assert ddp.get("dist.all_reduce", 0) == n_bn + 1  # one per SyncBN backward + the gather's backward
+    assert set(ddp) <= {"dist.all_gather_single", "dist.all_gather_into_tensor", "dist.all_reduce"}, ddp
+
+
+def test_streaming_loss_collectives(counts):
+    """Streaming: the embeddings gathered without autograd, two floats per row gathered in backward."""
+    n_bn = counts["n_bn"]
+    s = {k: v for k, v in counts["ddp_streaming"].items() if k.startswith("dist.")}
+    gathers = s.get("dist.all_gather_single", 0) + s.get("dist.all_gather_into_tensor", 0)
+    assert gathers == n_bn + 2 and s.get("dist.all_reduce", 0) == n_bn

@@ -68,17 +68,31 @@ def make_optimizer_factory(c) -> Callable[..., torch.optim.Optimizer]:
     """SGD (+ LARC) over VISSL's param groups; engines call it on the (possibly wrapped) module."""
     o = c.OPTIMIZER
 
-    def make(module: nn.Module, norm_fn=None) -> torch.optim.Optimizer:
+    def make(module: nn.Module, norm_fn=None, split: Optional[Callable[[nn.Parameter], str]] = None
+             ) -> torch.optim.Optimizer:
+        """``norm_fn``: LARC's sharding-aware norms; ``split``: parameter -> kind, each group is cut into one
+        group per kind with the same hyperparameters (FSDP: DTensor shards and replicated plain tensors, which
+        foreach kernels cannot mix)."""
         head_wd = o.head_optimizer_params.weight_decay if o.head_optimizer_params.use_different_wd else None
         groups = build_param_groups(module, weight_decay=o.weight_decay, regularize_bn=o.regularize_bn,
                                     regularize_bias=o.regularize_bias,
                                     exclude_bias_and_norm=o.larc_config.exclude_bias_and_norm,
                                     head_weight_decay=head_wd,
                                     non_regularized_parameters=list(o.non_regularized_parameters))
+        if split is not None:
+            groups = [{**g, "params": ps, "name": f"{g['name']}_{kind}"} for g in groups
+                      for kind, ps in _split(g["params"], split).items()]
         return build_optimizer(groups, name=o.name, lr=0.0, momentum=o.momentum, nesterov=o.nesterov,
                                use_larc=o.use_larc, larc_config=plain(o.larc_config), norm_fn=norm_fn)
 
     return make
+
+
+def _split(params, kind_of) -> Dict[str, list]:
+    out: Dict[str, list] = {}
+    for p in params:
+        out.setdefault(kind_of(p), []).append(p)
+    return out
 
 
 def build_lr_schedules(c) -> Tuple[Callable[[float], float], Optional[Callable[[float], float]]]:

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.dist
 
 QUICK = "config=test/integration_test/quick_simclr_synthetic"
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "broadcast",
-               "reduce_scatter_tensor", "barrier", "all_gather_object", "broadcast_object_list", "reduce")
+               "reduce_scatter_tensor", "reduce_scatter_single", "reduce_scatter", "barrier", "all_gather_object",
+               "broadcast_object_list", "reduce", "all_reduce_coalesced", "all_gather_coalesced")
 SYNCS = ("item", "__bool__", "tolist", "__float__", "__int__", "__index__")
 
 
@@ -86,6 +87,8 @@ def _count_steps(rank, world, overrides, steps=2):
 
 def _hot_path_body(rank, world):
     out = {}
+    out["fsdp_bf16"], _ = _count_steps(rank, world, ["config.DISTRIBUTED.ENGINE=fsdp",
+                                                     "config.MODEL.FSDP_CONFIG.MIXED_PRECISION=bfloat16"])
     out["ddp"], out["n_bn"] = _count_steps(rank, world, [])
     out["ddp_streaming"], _ = _count_steps(rank, world, ["config.LOSS.simclr_info_nce_loss.impl=streaming"])
     out["ddp_clip_bf16"], _ = _count_steps(rank, world, [
@@ -100,7 +103,7 @@ def counts():
 
 
 def test_ddp_step_has_no_host_sync(counts):
-    for case in ("ddp", "ddp_streaming", "ddp_clip_bf16"):
+    for case in ("ddp", "ddp_streaming", "ddp_clip_bf16", "fsdp_bf16"):
         syncs = {k: v for k, v in counts[case].items() if k.startswith("Tensor.")}
         assert syncs == {}, (case, syncs)
 
@@ -120,3 +123,16 @@ def test_streaming_loss_collectives(counts):
     s = {k: v for k, v in counts["ddp_streaming"].items() if k.startswith("dist.")}
     gathers = s.get("dist.all_gather_single", 0) + s.get("dist.all_gather_into_tensor", 0)
     assert gathers == n_bn + 2 and s.get("dist.all_reduce", 0) == n_bn
+
+
+def test_fsdp_collectives_one_pair_per_unit(counts):
+    """FSDP2 (bf16): per unit (8 residual blocks, 2 heads, root) one all-gather in forward, one more in backward
+    (RESHARD_AFTER_FORWARD, the root included), one reduce-scatter; BatchNorm parameters are
+    replicated: ONE all-reduce of their gradients, not a unit (and collectives) per BatchNorm. Plus SyncBN's and
+    the loss gather's collectives (as DDP) and one all-reduce of the LARC norms."""
+    n_bn, units = counts["n_bn"], 8 + 2 + 1
+    f = counts["fsdp_bf16"]
+    gathers = f.get("dist.all_gather_single", 0) + f.get("dist.all_gather_into_tensor", 0)
+    assert f.get("dist.reduce_scatter_single", 0) + f.get("dist.reduce_scatter_tensor", 0) == units
+    assert gathers == 2 * units + n_bn + 1
+    assert f.get("dist.all_reduce", 0) == 1 + 1 + n_bn + 1  # BN grads, LARC norms, SyncBN backward, gather

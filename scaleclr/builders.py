@@ -130,7 +130,8 @@ def build_engine_spec(c, world_size: int, device: Optional[torch.device] = None)
     channels_last = m.CHANNELS_LAST == "on" or (m.CHANNELS_LAST == "auto" and device is not None and
                                                  device.type == "cuda")
     precision = PrecisionSpec(autocast_dtype=autocast_dtype, param_dtype=param_dtype, channels_last=channels_last,
-                              compile=bool(m.TORCH_COMPILE), compile_mode=str(m.TORCH_COMPILE_MODE))
+                              compile=bool(m.TORCH_COMPILE), compile_mode=str(m.TORCH_COMPILE_MODE),
+                              compile_backend=str(m.TORCH_COMPILE_BACKEND))
     return EngineSpec(name=d.ENGINE, precision=precision,
                       gradient_clipping=float(c.OPTIMIZER.gradient_clipping),
                       activation_checkpointing=bool(m.ACTIVATION_CHECKPOINTING.USE_ACTIVATION_CHECKPOINTING),

@@ -231,6 +231,8 @@ class Trainer:
 
     def train_step(self, batch: Dict[str, Any], data_time: float) -> torch.Tensor:
         """One optimizer step on ``batch``; returns the rank's loss as a device tensor (no host sync)."""
+        timed = self.engine.spec.precision.compile and self.state.step < 2  # torch.compile compiles lazily
+        t0 = time.perf_counter()
         views = self.prepare_views(batch)
         where = self.state.step / self.total_steps
         self.engine.set_lr(self.lr_at(where), self.head_lr_at(where) if self.head_lr_at else None)
@@ -244,6 +246,9 @@ class Trainer:
 
         self.state.step += 1
         self.state.step_in_epoch += 1
+        if timed:
+            logger.info("step %d took %.1f s%s", self.state.step, time.perf_counter() - t0,
+                        " (includes torch.compile's compilation)" if self.state.step == 1 else "")
         self.skipped_images += int(batch.get("skipped", 0))
         self.stats.add(loss, self.state.step, data_time)
         if self.metrics is not None:

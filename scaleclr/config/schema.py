@@ -147,6 +147,7 @@ class ModelConfig:
     CHANNELS_LAST: str = "auto"  # auto (on with CUDA) | on | off: model and input batches in channels_last
     TORCH_COMPILE: bool = False  # torch.compile the trunk and heads (DDP, FSDP2; not DeepSpeed)
     TORCH_COMPILE_MODE: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
+    TORCH_COMPILE_BACKEND: str = "inductor"  # inductor | aot_eager (traces, no code generation: debugging)
 
 
 # ----------------------------------------------------------------------------------------------- LOSS

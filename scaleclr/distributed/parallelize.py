@@ -2,7 +2,8 @@
 
 The model (single-device code) only *names* its units: ``ResNet.shard_units()`` (residual blocks),
 ``ResNet.stages()`` (``layer1`` .. ``layer4``) and the heads of :class:`scaleclr.models.SimCLRModel`. This module
-applies, in one fixed order (SyncBN conversion is done before, by the trainer):
+applies, in one fixed order (SyncBN conversion is done before, by the trainer; ``torch.compile`` of the blocks,
+:mod:`scaleclr.distributed.compile`, between 1 and 2):
 
 1. activation checkpointing, one region per residual block (:func:`apply_activation_checkpointing`, also used by
    the DDP and DeepSpeed engines);
@@ -166,8 +167,9 @@ def batchnorm_params(model: nn.Module) -> List[nn.Parameter]:
 
 
 def parallelize(model: nn.Module, mesh, *, shard_unit: str, reshard_after_forward: bool,
-                param_dtype: Optional[torch.dtype], activation_checkpointing: bool) -> List[nn.Parameter]:
-    """Shard ``model`` with FSDP2 in place (order: checkpointing -> units -> root).
+                param_dtype: Optional[torch.dtype]) -> List[nn.Parameter]:
+    """Shard ``model`` with FSDP2 in place: every unit, then the root. Activation checkpointing and
+    ``torch.compile`` are applied before, by the engine (``Engine.place``), in that order.
 
     BatchNorm parameters are not sharded: they stay plain fp32 tensors, replicated on every rank
     (``fully_shard(..., ignored_params=...)``), so BN keeps fp32 weights under any ``param_dtype`` and costs no
@@ -186,7 +188,6 @@ def parallelize(model: nn.Module, mesh, *, shard_unit: str, reshard_after_forwar
             parameters stay fp32. The forward then runs under ``torch.autocast(device, param_dtype)``
             (``FSDPEngine.autocast``), so BN sees low-precision activations with its fp32 weights and statistics:
             the BatchNorm policy of :mod:`scaleclr.engines.precision`, as in the DDP engine.
-        activation_checkpointing: checkpoint every residual block (:func:`apply_activation_checkpointing`).
 
     Returns:
         The replicated BatchNorm parameters, in a rank-independent order (the caller reduces their gradients).
@@ -194,8 +195,6 @@ def parallelize(model: nn.Module, mesh, *, shard_unit: str, reshard_after_forwar
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     units = shard_units(model, shard_unit)  # validates before anything is changed
-    if activation_checkpointing:
-        apply_activation_checkpointing(model)
     replicated = batchnorm_params(model)
     kw = dict(mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=set(replicated))
     if param_dtype is not None and param_dtype != torch.float32:

@@ -25,9 +25,6 @@ class DDPEngine(Engine):
 
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
         self.place(model)
-        if self.spec.activation_checkpointing:
-            from scaleclr.distributed.parallelize import apply_activation_checkpointing
-            apply_activation_checkpointing(model)  # per residual block; same values, less activation memory
         self.module = model
         if self.world_size > 1:
             kw = dict(bucket_cap_mb=self.spec.ddp_bucket_cap_mb)

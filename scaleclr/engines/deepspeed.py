@@ -277,6 +277,7 @@ def check_resumable(path: str, meta: Dict[str, Any], now: Dict[str, Any]) -> Non
 # ------------------------------------------------------------------------------------------------ engine
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
+    channels_last_weights = False  # ZeRO flattens parameters into contiguous buffers
 
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
         import deepspeed
@@ -287,9 +288,6 @@ class DeepSpeedEngine(Engine):
         self.fp16 = bool(self.ds_config["fp16"]["enabled"])
         ensure_process_group(self.device)
         self.place(model)
-        if self.spec.activation_checkpointing:
-            from scaleclr.distributed.parallelize import apply_activation_checkpointing
-            apply_activation_checkpointing(model)  # before initialize: ZeRO-3's hooks then wrap the recompute too
         if self.spec.broadcast_buffers and self.world_size > 1:
             # ZeRO never partitions buffers; like DDP's BROADCAST_BUFFERS, rank 0's are sent before every forward
             model.register_forward_pre_hook(lambda module, args: broadcast_buffers(module))

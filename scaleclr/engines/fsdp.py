@@ -115,6 +115,7 @@ class FSDPEngine(Engine):
     """FSDP2 engine; see the module docstring."""
 
     name = "fsdp"
+    channels_last_weights = False  # FSDP2 shards contiguous parameters only
 
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
         fs = self.spec.fsdp
@@ -127,8 +128,7 @@ class FSDPEngine(Engine):
         self.mesh = build_mesh(self.device.type, world, fs.hsdp_replicate)
         self.place(model)
         self.replicated = parallelize(model, self.mesh, shard_unit=fs.shard_unit,
-                                      reshard_after_forward=fs.reshard_after_forward, param_dtype=self.param_dtype,
-                                      activation_checkpointing=self.spec.activation_checkpointing)
+                                      reshard_after_forward=fs.reshard_after_forward, param_dtype=self.param_dtype)
         self.module = model
         self.model = model
         # norms looked up at call time: tests replace module-level dtensor_norms for their negative control;

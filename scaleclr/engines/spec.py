@@ -24,7 +24,7 @@ class PrecisionSpec:
             parameters, running statistics and statistic accumulation; its activations stay in this dtype.
         param_dtype: dtype parameters are all-gathered in (FSDP) or stored in (DeepSpeed bf16/fp16); None = fp32.
         channels_last: model weights and input batches in ``torch.channels_last`` (NHWC) memory format.
-        compile: ``torch.compile`` the trunk's blocks and the heads; ``compile_mode`` is its ``mode``.
+        compile: ``torch.compile`` the trunk's blocks and the heads, with ``compile_mode`` and ``compile_backend``.
     """
 
     autocast_dtype: Optional[torch.dtype]
@@ -32,6 +32,7 @@ class PrecisionSpec:
     channels_last: bool
     compile: bool
     compile_mode: str
+    compile_backend: str
 
     @property
     def grad_scaler(self) -> bool:
@@ -46,7 +47,7 @@ class PrecisionSpec:
             p = str(self.param_dtype).replace("torch.", "") if self.param_dtype else "float32"
             text = f"autocast {a}, parameters {p}, BatchNorm statistics fp32"
         text += ", channels_last" if self.channels_last else ", contiguous"
-        return text + (f", torch.compile ({self.compile_mode})" if self.compile else "")
+        return text + (f", torch.compile ({self.compile_mode}, {self.compile_backend})" if self.compile else "")
 
 
 @dataclass(frozen=True)

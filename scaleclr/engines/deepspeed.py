@@ -182,9 +182,11 @@ class ZeroLARC(LARC):
     def _full_norms(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """Full L2 norms of the original parameters/gradients whose local fragments are ``tensors``.
 
-        ``tensors`` is ``params + grads`` (LARC's call); fragments of partitioned layouts are reduced with
-        ONE all-reduce of their squared norms per step (DeepSpeed keeps one process-group object per param
-        group; groups with the same ranks share the collective).
+        ``tensors`` is ``params + grads`` (LARC's call); fragments of partitioned layouts are reduced with ONE
+        all-reduce of their squared norms per call (DeepSpeed keeps one process-group object per param group;
+        groups with the same ranks share the collective). ZeRO 1-3 call the client optimizer once per param group
+        (sub-group), creating that group's fp32 gradient partition just before, so under ZeRO the count is one
+        all-reduce per LARC-adapted param group and step (2 with VISSL's SimCLR groups: trunk and head).
         """
         n = len(tensors)
         if n == 0:
@@ -196,8 +198,8 @@ class ZeroLARC(LARC):
         by_group: Dict[Any, Tuple[Any, List[int]]] = {}
         for i, lay in enumerate(layouts):
             if lay is not None and lay.partitioned:
-                key = tuple(dist.get_process_group_ranks(lay.group)) if dist.is_initialized() and \
-                    lay.group is not None else id(lay.group)
+                key = tuple(dist.get_process_group_ranks(lay.group if lay.group is not None else dist.group.WORLD)) \
+                    if dist.is_initialized() else None
                 by_group.setdefault(key, (lay.group, []))[1].append(i)
         for group, idx in by_group.values():
             part = sq[idx].clone()

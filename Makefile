@@ -13,7 +13,7 @@ ARGS ?=
 RUN := runs/quickstart
 LINEAR := config=benchmark/linear_image_classification/demo_digits_linear
 
-.PHONY: train test test-all setup clean
+.PHONY: train test test-all test-isa setup clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,14 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
+
+# Low-precision and distributed tests on older CPU instruction sets (this machine's AVX-512/AMX kernels round
+# bf16 and oneDNN results differently): AVX2 through oneDNN and ATen, then ATen's portable kernels.
+ISA_TESTS := tests/test_deepspeed_engine.py tests/test_fsdp_engine.py tests/test_train.py tests/test_sync_bn.py \
+	tests/test_losses_distributed.py tests/test_streaming_loss.py tests/test_engine_precision.py
+test-isa: $(STAMP)
+	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 $(PY) -m pytest -q -m "not slow" $(ISA_TESTS) $(ARGS)
+	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q -m "not slow" $(ISA_TESTS) $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

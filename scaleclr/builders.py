@@ -10,8 +10,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from scaleclr.data import (EvalDataset, ShardedSampler, SSLDataset, build_dataloader, build_source,
-                           build_transforms, eval_transform_specs, get_collator)
+from scaleclr.data import (DeviceAugmentation, DeviceStage, EvalDataset, HostStage, ShardedSampler, SSLDataset,
+                           build_dataloader, build_source, build_transforms, eval_transform_specs, get_collator)
 from scaleclr.data.catalog import DEMO, resolve_path, split_path
 from scaleclr.engines.spec import DTYPES, EngineSpec, FSDPSpec, PrecisionSpec
 from scaleclr.interchange import init_model_from_weights
@@ -83,17 +83,31 @@ def make_optimizer_factory(c) -> Callable[..., torch.optim.Optimizer]:
     """SGD (+ LARC) over VISSL's param groups; engines call it on the (possibly wrapped) module."""
     o = c.OPTIMIZER
 
-    def make(module: nn.Module, norm_fn=None) -> torch.optim.Optimizer:
+    def make(module: nn.Module, norm_fn=None, split: Optional[Callable[[nn.Parameter], str]] = None
+             ) -> torch.optim.Optimizer:
+        """``norm_fn``: LARC's sharding-aware norms; ``split``: parameter -> kind, each group is cut into one
+        group per kind with the same hyperparameters (FSDP: DTensor shards and replicated plain tensors, which
+        foreach kernels cannot mix)."""
         head_wd = o.head_optimizer_params.weight_decay if o.head_optimizer_params.use_different_wd else None
         groups = build_param_groups(module, weight_decay=o.weight_decay, regularize_bn=o.regularize_bn,
                                     regularize_bias=o.regularize_bias,
                                     exclude_bias_and_norm=o.larc_config.exclude_bias_and_norm,
                                     head_weight_decay=head_wd,
                                     non_regularized_parameters=list(o.non_regularized_parameters))
+        if split is not None:
+            groups = [{**g, "params": ps, "name": f"{g['name']}_{kind}"} for g in groups
+                      for kind, ps in _split(g["params"], split).items()]
         return build_optimizer(groups, name=o.name, lr=0.0, momentum=o.momentum, nesterov=o.nesterov,
                                use_larc=o.use_larc, larc_config=plain(o.larc_config), norm_fn=norm_fn)
 
     return make
+
+
+def _split(params, kind_of) -> Dict[str, list]:
+    out: Dict[str, list] = {}
+    for p in params:
+        out.setdefault(kind_of(p), []).append(p)
+    return out
 
 
 def build_lr_schedules(c) -> Tuple[Callable[[float], float], Optional[Callable[[float], float]]]:
@@ -110,8 +124,9 @@ def build_lr_schedules(c) -> Tuple[Callable[[float], float], Optional[Callable[[
     return main, head
 
 
-def build_engine_spec(c, world_size: int) -> EngineSpec:
-    """Everything the engine reads from the config (engines never see the config tree)."""
+def build_engine_spec(c, world_size: int, device: Optional[torch.device] = None) -> EngineSpec:
+    """Everything the engine reads from the config (engines never see the config tree). ``device`` resolves
+    ``config.MODEL.CHANNELS_LAST=auto`` (on with CUDA)."""
     d, m = c.DISTRIBUTED, c.MODEL
     amp = m.AMP_PARAMS
     autocast_dtype = DTYPES[amp.AMP_DTYPE] if amp.USE_AMP else None
@@ -127,7 +142,12 @@ def build_engine_spec(c, world_size: int) -> EngineSpec:
         from scaleclr.config.deepspeed_json import build_deepspeed_config
         ds_config = build_deepspeed_config(c, world_size)
         param_dtype = autocast_dtype
-    return EngineSpec(name=d.ENGINE, precision=PrecisionSpec(autocast_dtype=autocast_dtype, param_dtype=param_dtype),
+    channels_last = m.CHANNELS_LAST == "on" or (m.CHANNELS_LAST == "auto" and device is not None and
+                                                 device.type == "cuda")
+    precision = PrecisionSpec(autocast_dtype=autocast_dtype, param_dtype=param_dtype, channels_last=channels_last,
+                              compile=bool(m.TORCH_COMPILE), compile_mode=str(m.TORCH_COMPILE_MODE),
+                              compile_backend=str(m.TORCH_COMPILE_BACKEND))
+    return EngineSpec(name=d.ENGINE, precision=precision,
                       gradient_clipping=float(c.OPTIMIZER.gradient_clipping),
                       activation_checkpointing=bool(m.ACTIVATION_CHECKPOINTING.USE_ACTIVATION_CHECKPOINTING),
                       broadcast_buffers=bool(d.BROADCAST_BUFFERS), ddp_bucket_cap_mb=int(c.DATA.DDP_BUCKET_CAP_MB),
@@ -171,11 +191,20 @@ def build_split_source(c, split: str = "TRAIN"):
                         path_key=f"config.DATA.{split}.DATA_PATHS[0]", **kw)
 
 
-def build_train_data(c, rank: int, world_size: int, start_method: Optional[str] = None
+def build_train_data(c, rank: int, world_size: int, start_method: Optional[str] = None, *,
+                     device_augmentation: bool = False
                      ) -> Tuple[SSLDataset, ShardedSampler, torch.utils.data.DataLoader]:
+    """Dataset, sampler and loader of the training split.
+
+    With ``device_augmentation`` (``resolve_device_augmentation(config.DATA.TRAIN.DEVICE_AUGMENTATION,
+    device)``) the dataset runs only the host stage of ``config.DATA.TRAIN.TRANSFORMS``: batches carry
+    uint8 ``data`` and ``aug_params``, for :func:`build_device_augmentation` to finish on the device.
+    """
     t = c.DATA.TRAIN
     source = build_split_source(c, "TRAIN")
-    dataset = SSLDataset(source, build_transforms(plain(t.TRANSFORMS)), seed=c.SEED_VALUE, label_type=t.LABEL_TYPE)
+    transforms = HostStage.from_specs(plain(t.TRANSFORMS)) if device_augmentation \
+        else build_transforms(plain(t.TRANSFORMS))
+    dataset = SSLDataset(source, transforms, seed=c.SEED_VALUE, label_type=t.LABEL_TYPE)
     sampler = ShardedSampler(len(dataset), world_size, rank, shuffle=True, seed=c.SEED_VALUE,
                              drop_last=t.DROP_LAST, batch_size=t.BATCHSIZE_PER_REPLICA)
     loader = build_dataloader(dataset, t.BATCHSIZE_PER_REPLICA, c.DATA.NUM_DATALOADER_WORKERS,
@@ -183,6 +212,27 @@ def build_train_data(c, rank: int, world_size: int, start_method: Optional[str] 
                               pin_memory=c.DATA.PIN_MEMORY and torch.cuda.is_available(),
                               multiprocessing_context=start_method)
     return dataset, sampler, loader
+
+
+def build_device_augmentation(c, enabled: Optional[bool] = None) -> DeviceStage:
+    """The callable the trainer applies to a batch after moving it to the device: ``stage(batch) -> views``.
+
+    ``enabled`` must be the value given to ``build_train_data(..., device_augmentation=...)``; None resolves
+    ``config.DATA.TRAIN.DEVICE_AUGMENTATION`` for the training device (``auto``: on with CUDA). Off: returns
+    ``batch["data"]`` (the host path made the float views). On: the device part of
+    ``config.DATA.TRAIN.TRANSFORMS`` applied to ``batch["data"]`` (uint8) with ``batch["aug_params"]``.
+
+    Raises:
+        ValueError: (on) a transform without a device implementation or an order that cannot be split,
+            naming ``config.DATA.TRAIN.TRANSFORMS[i]``.
+    """
+    if enabled is None:
+        from scaleclr.data.device_augment import resolve_device_augmentation
+        cuda = c.MACHINE.DEVICE == "gpu" and torch.cuda.is_available()
+        enabled = resolve_device_augmentation(c.DATA.TRAIN.DEVICE_AUGMENTATION, "cuda" if cuda else "cpu")
+    if not enabled:
+        return DeviceStage(None)
+    return DeviceStage(DeviceAugmentation.from_specs(plain(c.DATA.TRAIN.TRANSFORMS)))
 
 
 def build_eval_data(c, split: str, rank: int, world_size: int, start_method: Optional[str] = None

@@ -54,7 +54,8 @@ class SimCLRTask:
         return model
 
     def build_train_data(self) -> Tuple[Any, Any, Any]:
-        return builders.build_train_data(self.c, self.t.rank, self.t.world_size)
+        return builders.build_train_data(self.c, self.t.rank, self.t.world_size,
+                                         device_augmentation=self.t.device_augmentation)
 
     def start(self) -> None:
         """Nothing to prepare."""
@@ -110,7 +111,8 @@ class LinearEvalTask(SimCLRTask):
     def build_train_data(self) -> Tuple[Any, Any, Any]:
         c, t = self.c, self.t
         if not self.precompute:
-            dataset, sampler, loader = builders.build_train_data(c, t.rank, t.world_size)
+            dataset, sampler, loader = builders.build_train_data(c, t.rank, t.world_size,
+                                                                 device_augmentation=t.device_augmentation)
             check_labels(dataset.source.labels, self.num_classes, "config.DATA.TRAIN")
             return dataset, sampler, loader
         images, image_sampler, image_loader = builders.build_eval_data(c, "TRAIN", t.rank, t.world_size)
@@ -143,12 +145,17 @@ class LinearEvalTask(SimCLRTask):
             t0 = time.perf_counter()
             model = self.t.engine.model
             with torch.no_grad(), self.t.engine.autocast():
-                f, y = extract_sharded_features(lambda x: model(x, features_only=True), loader, sampler,
-                                                self.t.device, non_blocking=self.t.non_blocking)
+                f, y = extract_sharded_features(lambda x: model(self._formatted(x), features_only=True), loader,
+                                                sampler, self.t.device, non_blocking=self.t.non_blocking)
             feats.fill(f, y)
             logger.info("PRECOMPUTE_FEATURES: %d x %d frozen features of config.DATA.%s extracted once (%.1f s); the "
                         "classifier trains on them", f.shape[0], f.shape[1], split, time.perf_counter() - t0)
         self._to_extract.clear()  # drops the image loaders (and their workers)
+
+    def _formatted(self, x: torch.Tensor) -> torch.Tensor:
+        """Image batches in the model's memory format (``config.MODEL.CHANNELS_LAST``); features as they are."""
+        fmt = getattr(self.t, "memory_format", torch.contiguous_format)
+        return x.contiguous(memory_format=fmt) if x.dim() == 4 else x
 
     def loss(self, output: torch.Tensor, batch: Dict[str, Any]) -> torch.Tensor:
         """Cross-entropy of the logits ``[B, C]`` against ``batch["label"]`` ``[B]``, mean over the rank's rows."""
@@ -168,7 +175,8 @@ class LinearEvalTask(SimCLRTask):
         model.eval()
         t0 = time.perf_counter()
         with torch.no_grad(), self.t.engine.autocast():
-            counts = evaluate_topk(model, loader, sampler, self.ks, self.t.device, non_blocking=self.t.non_blocking)
+            counts = evaluate_topk(lambda x: model(self._formatted(x)), loader, sampler, self.ks, self.t.device,
+                                   non_blocking=self.t.non_blocking)
         model.train(was_training)
         acc = topk_percent(counts, self.ks)  # the one collective of the phase
         rec = {f"linear_top{k}": acc[f"top{k}"] for k in self.ks}

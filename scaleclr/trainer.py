@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 from scaleclr import builders
 from scaleclr.checkpoint import CheckpointManager, tag_for
 from scaleclr.config import to_yaml
+from scaleclr.data.device_augment import resolve_device_augmentation
 from scaleclr.distributed.collectives import all_reduce_sum, collective_device, is_distributed
 from scaleclr.distributed.sync_bn import convert_sync_batchnorm, create_sync_bn_process_group, describe_sync_bn
 from scaleclr.engines import build_engine
@@ -123,10 +124,13 @@ class Trainer:
             convert_sync_batchnorm(self.task.sync_bn_scope(model), sbn.SYNC_BN_TYPE, process_group=group,
                                    device=self.device)  # in place
         logger.info("BatchNorm: %s", describe_sync_bn(model))
-        self.engine = build_engine(builders.build_engine_spec(c, world_size), self.device, rank, world_size)
+        self.engine = build_engine(builders.build_engine_spec(c, world_size, self.device), self.device, rank,
+                                   world_size)
         self.engine.setup(model, builders.make_optimizer_factory(c))
         self.loss_fn = self.task.loss_fn
+        self.device_augmentation = resolve_device_augmentation(c.DATA.TRAIN.DEVICE_AUGMENTATION, self.device)
         self.dataset, self.sampler, self.loader = self.task.build_train_data()
+        self.device_stage = builders.build_device_augmentation(c, self.device_augmentation)
         self.lr_at, self.head_lr_at = builders.build_lr_schedules(c)
         self.steps_per_epoch = self.sampler.num_batches
         self.total_steps = c.OPTIMIZER.num_epochs * self.steps_per_epoch
@@ -134,6 +138,8 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.out_dir)
         self.images_per_step = c.DATA.TRAIN.BATCHSIZE_PER_REPLICA * world_size
         self.non_blocking = bool(c.DATA.ENABLE_ASYNC_GPU_COPY)
+        self.memory_format = torch.channels_last if self.engine.spec.precision.channels_last else \
+            torch.contiguous_format
         self.skipped_images = 0  # this rank's count; summed over ranks when logged
         self.stats = StepStats(self.device)
         self.metrics: Optional[MetricLogger] = None
@@ -215,14 +221,28 @@ class Trainer:
             self.save_checkpoint(end_of_epoch=True, final=last)
 
     def prepare_views(self, batch: Dict[str, Any]):
-        """The batch's views on the training device: ``[V*B, 3, H, W]`` or a list of ``C`` crops."""
-        views = batch["data"]
-        if isinstance(views, list):
-            return [v.to(self.device, non_blocking=self.non_blocking) for v in views]
-        return views.to(self.device, non_blocking=self.non_blocking)
+        """The batch's views on the training device, in the model's memory format: ``[V*B, 3, H, W]`` or a
+        list of ``C`` crops ``[B, 3, H_c, W_c]``. With device augmentation the batch holds uint8 views and
+        their parameters (``aug_params``): both are copied, and the device stage (colour distortion, blur,
+        normalisation) runs here, with the loader's CPU copy of the parameters for its host-side grouping."""
+        def move(v, **kw):
+            if isinstance(v, (list, tuple)):
+                return [move(t, **kw) for t in v]
+            if v.dim() != 4:  # e.g. precomputed features [B, F] (linear evaluation): no memory format
+                kw.pop("memory_format", None)
+            return v.to(self.device, non_blocking=self.non_blocking, **kw)
+
+        if not self.device_stage.enabled:
+            return move(batch["data"], memory_format=self.memory_format)
+        views = self.device_stage({"data": move(batch["data"]), "aug_params": move(batch["aug_params"]),
+                                   "aug_params_host": batch["aug_params"]})
+        fmt = lambda v: v.contiguous(memory_format=self.memory_format)  # noqa: E731
+        return [fmt(v) for v in views] if isinstance(views, list) else fmt(views)
 
     def train_step(self, batch: Dict[str, Any], data_time: float) -> torch.Tensor:
         """One optimizer step on ``batch``; returns the rank's loss as a device tensor (no host sync)."""
+        timed = self.engine.spec.precision.compile and self.state.step < 2  # torch.compile compiles lazily
+        t0 = time.perf_counter()
         views = self.prepare_views(batch)
         where = self.state.step / self.total_steps
         self.engine.set_lr(self.lr_at(where), self.head_lr_at(where) if self.head_lr_at else None)
@@ -236,6 +256,9 @@ class Trainer:
 
         self.state.step += 1
         self.state.step_in_epoch += 1
+        if timed:
+            logger.info("step %d took %.1f s%s", self.state.step, time.perf_counter() - t0,
+                        " (includes torch.compile's compilation)" if self.state.step == 1 else "")
         self.skipped_images += int(batch.get("skipped", 0))
         self.stats.add(loss, self.state.step, data_time)
         if self.metrics is not None:

@@ -323,12 +323,12 @@ def test_all_unreadable_raises(tmp_path):
 def test_disk_folder_labels_and_data_limit(tmp_path):
     root = _image_folder(tmp_path / "f", per_class=4)
     source = build_source("disk_folder", str(root))
-    assert len(source) == 8 and source.labels == [0] * 4 + [1] * 4
+    assert len(source) == 8 and source.labels.tolist() == [0] * 4 + [1] * 4
     assert source.load(5).mode == "RGB" and source.load(5).size == (12, 10)
     limited = build_source("disk_folder", str(root), data_limit=5)
-    assert len(limited) == 5 and limited.labels == source.labels[:5]
+    assert len(limited) == 5 and limited.labels.tolist() == source.labels[:5].tolist()
     assert [limited.path(i) for i in range(5)] == [source.path(i) for i in range(5)]
-    assert build_source("synthetic", None, data_limit=7).labels == list(range(7))
+    assert build_source("synthetic", None, data_limit=7).labels.tolist() == list(range(7))
 
 
 def test_disk_filelist_npy_and_txt(tmp_path):
@@ -338,7 +338,7 @@ def test_disk_filelist_npy_and_txt(tmp_path):
     np.save(tmp_path / "list.npy", np.array(paths, dtype=str))
     npy = build_source("disk_filelist", str(tmp_path / "list.npy"), mmap_mode=True)
     assert isinstance(npy._paths, np.memmap)
-    assert len(npy) == 6 and npy.labels == [-1] * 6 and npy.path(4) == paths[4]
+    assert len(npy) == 6 and npy.labels.tolist() == [-1] * 6 and npy.path(4) == paths[4]
     assert np.array_equal(np.asarray(npy.load(4)), np.asarray(folder.load(4)))
     in_memory = build_source("disk_filelist", str(tmp_path / "list.npy"), data_limit=2, mmap_mode=False)
     assert len(in_memory) == 2 and in_memory.path(1) == paths[1]

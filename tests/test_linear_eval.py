@@ -243,9 +243,32 @@ def test_test_only_reproduces_the_final_test_phase(single_run, tmp_path):
     assert tr.state.step == 0 and not [f for f in os.listdir(tmp_path) if f.startswith("model_")]
 
 
+def _steady_state_counts(tr, steps=2):
+    """Host reads and collectives per training step after a warm-up step (tests/test_hot_path.py's counters)."""
+    from test_hot_path import counting
+
+    tr.sampler.set_epoch(0)
+    tr.dataset.set_epoch(0)
+    it = iter(tr.loader)
+    batches = [next(it) for _ in range(steps + 1)]
+    tr.train_step(batches[0], 0.0)
+    with counting() as counts:
+        for b in batches[1:]:
+            tr.train_step(b, 0.0)
+    return {k: v / steps for k, v in counts.items()}
+
+
 def _engines_and_precompute(rank, world, out):
-    """2-process job: DDP and FSDP2 with the frozen trunk (full protocol), and precomputed features."""
-    results = {}
+    """2-process job: DDP and FSDP2 with the frozen trunk (full protocol), precomputed features, and the step's host
+    reads and collectives."""
+    results = {"hot": {}}
+    for name, extra in (("ddp", []), ("precomputed", PRECOMPUTED)):
+        tr = make_trainer(quick(f"{out}/hot_{name}", f"config.DISTRIBUTED.NUM_PROC_PER_NODE={world}",
+                                "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=8", "config.LOG_FREQUENCY=1000", *extra),
+                          rank, world)
+        if name == "precomputed":
+            tr.task.start()  # extracts the features (collective), as train() does
+        results["hot"][name] = _steady_state_counts(tr)
     for name, extra in (("ddp", []), ("fsdp", ["config.DISTRIBUTED.ENGINE=fsdp"]), ("precomputed", PRECOMPUTED)):
         res, losses, tr = train_recording(quick(f"{out}/{name}", f"config.DISTRIBUTED.NUM_PROC_PER_NODE={world}",
                                                 "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=8",
@@ -281,6 +304,12 @@ def test_two_processes_ddp_fsdp_and_precomputed_equal_one_process(single_run, tm
     assert fsdp["trunk_frozen"] and ddp["trunk_frozen"]
     assert pre["losses"] == pytest.approx(pre_losses, rel=1e-5)
     assert pre["phases"] == (pre_res["linear_top1"], pre_res["linear_top5"])
+    # the step reads nothing on the host; its only collective is the classifier's SyncBN forward all-gather (its
+    # backward all-reduce is for the input gradient, which the frozen trunk's features do not need; DDP's gradient
+    # all-reduce runs in its C++ reducer, not counted)
+    for case, counts in r0["hot"].items():
+        assert {k: v for k, v in counts.items() if k.startswith("Tensor.")} == {}, (case, counts)
+        assert counts == {"dist.all_gather_single": 1.0} or counts == {"dist.all_gather_into_tensor": 1.0}, counts
 
 
 # ------------------------------------------------------------------------------------- export to torchvision

@@ -300,3 +300,28 @@ def test_rerun_after_max_iterations_and_overwrite_existing(tmp_path):
     run(tmp_path, "config.TRAINER.MAX_ITERATIONS=2", "config.CHECKPOINT.OVERWRITE_EXISTING=True")
     assert sorted(step_losses(tmp_path)) == [1, 2]  # a fresh run, not a resume
     assert step_losses(tmp_path)[1] == pytest.approx(before[1], rel=1e-6)
+
+
+@pytest.mark.dist
+def test_device_augmentation_world_and_resume_invariance(tmp_path):
+    """DEVICE_AUGMENTATION=on (CPU: the device stage runs in the training process): 2 processes x 4 images ==
+    1 process x 8 images, and stop-at-step-3 + resume == uninterrupted, as on the all-host path. Views come
+    from per-sample generators on the host, so every rank and every restart sees the same parameters; the
+    comparisons are those of the host-path tests above (same tolerances, same reasons)."""
+    on = ["config.DATA.TRAIN.DEVICE_AUGMENTATION=on"]
+    ref = tmp_path / "ref"
+    run(ref, *on, "config.TRAINER.MAX_ITERATIONS=5")
+    two = tmp_path / "two"
+    run(two, *on, "config.DISTRIBUTED.NUM_PROC_PER_NODE=2", "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=4",
+        "config.TRAINER.MAX_ITERATIONS=3")
+    want, got = step_losses(ref), step_losses(two)
+    for s in (1, 2, 3):
+        assert got[s] == pytest.approx(want[s], rel=1e-5), s
+    resumed = tmp_path / "resumed"
+    run(resumed, *on, "config.TRAINER.MAX_ITERATIONS=3")
+    run(resumed, *on, "config.TRAINER.MAX_ITERATIONS=5")
+    got = step_losses(resumed)
+    assert got.keys() == want.keys()
+    for s in want:  # same process count, same kernels: the resumed run repeats the uninterrupted one exactly
+        assert got[s] == want[s], s
+    assert_states_close(final_state(resumed)["model"], final_state(ref)["model"], rtol=0, atol=0)

@@ -12,7 +12,8 @@
 - Linear evaluation (``MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON``): the classifier's input (``dims[0]``, and
   ``in_channels`` of ``eval_mlp``) follows the trunk (so ``+models=resnet50_w2`` gives 4096, w4 8192); its output
   (the classes) is the config's. ``METERS.accuracy_list_meter.num_meters`` = the number of heads (as VISSL).
-  The InfoNCE loss's inferred values are not computed (the loss is cross-entropy).
+  The InfoNCE loss's inferred values are not computed (the loss is cross-entropy). With PRECOMPUTE_FEATURES,
+  ``DATA.TRAIN.DEVICE_AUGMENTATION: auto`` becomes ``off`` (the batches are features).
 - The data paths each split will read (``DATA_PATHS[0]``, else the dataset catalog's entry for ``DATASET_NAMES[0]``;
   TEST reads the catalog's ``val``), reported in the ``inferred`` log line (``--dry-run`` prints it too).
 """
@@ -190,6 +191,8 @@ def infer(root: DictConfig, world_size: Optional[int] = None,
                             num_epochs=c.OPTIMIZER.num_epochs)
         except ValueError as e:
             raise ConfigError(f"config.OPTIMIZER.param_schedulers.{name}", str(e)) from e
+    if linear and c.MODEL.FEATURE_EVAL_SETTINGS.PRECOMPUTE_FEATURES and c.DATA.TRAIN.DEVICE_AUGMENTATION == "auto":
+        c.DATA.TRAIN.DEVICE_AUGMENTATION = "off"  # batches of precomputed features: no image stage on the device
     if linear:
         infer_classifier(c, explicit, info)
     else:

@@ -62,6 +62,8 @@ POLICIES: List[KeyPolicy] = [
               "in place"),
     KeyPolicy("config.DATA.TEST.COPY_DESTINATION_DIR", "warn", "images are read from config.DATA.TEST.DATA_PATHS "
               "in place (COPY_TO_LOCAL_DISK is not implemented)"),
+    KeyPolicy("config.DATA.TEST.DEVICE_AUGMENTATION", "warn", "the test split's deterministic transforms run on "
+              "the host (data-loader workers)"),
     KeyPolicy("config.DATA.TEST.COLLATE_FUNCTION", "warn", "the test split of linear evaluation is batched as "
               "(images [B, 3, H, W], labels [B]) with torch's default collation"),
     KeyPolicy("config.TRAINER.TRAIN_STEP_NAME", "error", "scaleclr has one train step (standard_train_step)"),

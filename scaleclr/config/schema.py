@@ -47,6 +47,9 @@ class DataSplitConfig:
     DROP_LAST: bool = True
     DATA_LIMIT: int = -1  # > 0: keep the first N images (synthetic: number of images)
     SYNTHETIC_IMAGE_SIZE: int = 64  # side of the images the synthetic source draws
+    # auto | on | off: two-stage data path (host: decode + crops + flips to uint8; device: batched colour,
+    # blur, normalisation). auto = on exactly when training on CUDA.
+    DEVICE_AUGMENTATION: str = "auto"
 
 
 def _default_test_split() -> DataSplitConfig:
@@ -168,6 +171,10 @@ class ModelConfig:
     FEATURE_EVAL_SETTINGS: FeatureEvalSettingsConfig = field(default_factory=FeatureEvalSettingsConfig)
     NON_TRAINABLE_PARAMS: List[str] = field(default_factory=list)
     INPUT_TYPE: str = "rgb"
+    CHANNELS_LAST: str = "auto"  # auto (on with CUDA) | on | off: model and input batches in channels_last
+    TORCH_COMPILE: bool = False  # torch.compile the trunk and heads (DDP, FSDP2; not DeepSpeed)
+    TORCH_COMPILE_MODE: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
+    TORCH_COMPILE_BACKEND: str = "inductor"  # inductor | aot_eager (traces, no code generation: debugging)
 
 
 # ----------------------------------------------------------------------------------------------- LOSS

@@ -28,6 +28,9 @@ ALLOWED = {
     "config.MODEL.AMP_PARAMS.AMP_TYPE": ("apex", "pytorch"),
     "config.MODEL.AMP_PARAMS.AMP_DTYPE": ("float16", "bfloat16"),
     "config.MODEL.FSDP_CONFIG.SHARD_UNIT": ("block", "stage"),
+    "config.MODEL.CHANNELS_LAST": ("auto", "on", "off"),
+    "config.MODEL.TORCH_COMPILE_MODE": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    "config.MODEL.TORCH_COMPILE_BACKEND": ("inductor", "aot_eager", "eager"),
     "config.MODEL.FSDP_CONFIG.MIXED_PRECISION": ("none", "bfloat16", "float16"),
     "config.OPTIMIZER.name": ("sgd",),
     "config.DISTRIBUTED.ENGINE": ("ddp", "deepspeed", "fsdp"),
@@ -35,6 +38,7 @@ ALLOWED = {
     "config.DISTRIBUTED.INIT_METHOD": ("tcp", "env", "file"),
     "config.MACHINE.DEVICE": ("gpu", "cpu"),
     "config.DATA.TRAIN.COLLATE_FUNCTION": ("simclr_collator", "multicrop_collator"),
+    "config.DATA.TRAIN.DEVICE_AUGMENTATION": ("auto", "on", "off"),
     "config.LOSS.simclr_info_nce_loss.impl": ("reference", "streaming", "triton", "auto"),
     "config.LOSS.multicrop_simclr_info_nce_loss.impl": ("reference", "streaming", "triton", "auto"),
     "config.LOSS.multicrop_simclr_info_nce_loss.negatives": ("global", "local"),
@@ -101,6 +105,10 @@ def _check_transforms(root) -> None:
 def validate(root: DictConfig) -> None:
     """Raise ConfigError for the first problem found in the composed tree `root`."""
     check_unknown_keys(root, OmegaConf.structured(schema.Root), "")
+    key = "config.DATA.TRAIN.DEVICE_AUGMENTATION"
+    if _get(root, key) in ("True", "False"):  # YAML 1.1 reads unquoted on / off as booleans
+        raise ConfigError(key, f"= {_get(root, key)} (a boolean: YAML reads unquoted on/off as true/false); "
+                          "write 'on' or 'off' in quotes, or auto.")
     for key, allowed in ALLOWED.items():
         v = _get(root, key)
         if v not in allowed:

@@ -198,6 +198,10 @@ def _check_linear_data(root) -> None:
                                   "counted once on any number of processes); set DROP_LAST=False.")
         if fe.PRECOMPUTE_FEATURES:
             _nonrandom(transforms, f"{key}.TRANSFORMS")
+    if fe.PRECOMPUTE_FEATURES and c.DATA.TRAIN.DEVICE_AUGMENTATION == "on":
+        raise ConfigError("config.DATA.TRAIN.DEVICE_AUGMENTATION", f"= on, but with {FEATURE_KEY}."
+                          "PRECOMPUTE_FEATURES=True the classifier trains on precomputed features, not images; use "
+                          "auto or off.")
     if c.DATA.TRAIN.COLLATE_FUNCTION != "simclr_collator":
         raise ConfigError("config.DATA.TRAIN.COLLATE_FUNCTION", f"= {c.DATA.TRAIN.COLLATE_FUNCTION!r}: linear "
                           "evaluation batches one view per image with simclr_collator ([B, 3, H, W]).")

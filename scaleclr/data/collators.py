@@ -2,7 +2,8 @@
 
 Both layouts are view-major: rows ``v * B + i`` hold view ``v`` of local image ``i``, so the SimCLR
 positives of row ``i`` are rows ``i + k * B`` (arXiv 2002.05709, Alg. 1: the 2N augmented examples).
-``label`` and ``data_idx`` are repeated in the same row order.
+``label`` and ``data_idx`` are repeated in the same row order. With the two-stage data path the views are
+uint8 and each sample also brings ``aug_params`` ``[V, P]``, stacked in the same layout (one row per view).
 """
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ def simclr_collator(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
     Returns:
         ``{"data": [V*B, 3, H, W], "label": [V*B], "data_idx": [V*B], "skipped": int}``; row ``v*B + i`` is
-        view ``v`` of sample ``i``; ``skipped`` is the number of unreadable files met in this batch.
+        view ``v`` of sample ``i``; ``skipped`` is the number of unreadable files met in this batch; plus
+        ``"aug_params": [V*B, P]`` (same rows) when the samples carry them.
 
     Raises:
         ValueError: views of different shapes (multi-crop needs ``multicrop_collator``).
@@ -46,9 +48,12 @@ def simclr_collator(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         raise ValueError(f"simclr_collator needs views of one shape, got {sorted(shapes)}; set "
                          "config.DATA.TRAIN.COLLATE_FUNCTION=multicrop_collator for multi-crop transforms")
     data = torch.stack([s["data"][v] for v in range(num_views) for s in samples])
-    return {"data": data, "label": _repeat(samples, "label", num_views),
-            "data_idx": _repeat(samples, "data_idx", num_views),
-            "skipped": sum(int(s.get("skipped", 0)) for s in samples)}
+    batch = {"data": data, "label": _repeat(samples, "label", num_views),
+             "data_idx": _repeat(samples, "data_idx", num_views),
+             "skipped": sum(int(s.get("skipped", 0)) for s in samples)}
+    if "aug_params" in samples[0]:  # [V*B, P], row v*B + i like data
+        batch["aug_params"] = torch.stack([s["aug_params"][v] for v in range(num_views) for s in samples])
+    return batch
 
 
 def multicrop_collator(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -60,7 +65,8 @@ def multicrop_collator(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
     Returns:
         ``{"data": [C tensors, tensor c shaped [B, 3, H_c, W_c]], "label": [C*B], "data_idx": [C*B],
-        "skipped": int}``; labels and indices are crop-major like the rows of ``torch.cat(data)``.
+        "skipped": int}``; labels and indices are crop-major like the rows of ``torch.cat(data)``; plus
+        ``"aug_params": [C tensors [B, P]]`` when the samples carry them.
     """
     num_crops = _check_views(samples, "multicrop_collator")
     data = []
@@ -69,9 +75,12 @@ def multicrop_collator(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if len(shapes) != 1:
             raise ValueError(f"multicrop_collator: crop {c} has different shapes across samples {sorted(shapes)}")
         data.append(torch.stack([s["data"][c] for s in samples]))
-    return {"data": data, "label": _repeat(samples, "label", num_crops),
-            "data_idx": _repeat(samples, "data_idx", num_crops),
-            "skipped": sum(int(s.get("skipped", 0)) for s in samples)}
+    batch = {"data": data, "label": _repeat(samples, "label", num_crops),
+             "data_idx": _repeat(samples, "data_idx", num_crops),
+             "skipped": sum(int(s.get("skipped", 0)) for s in samples)}
+    if "aug_params" in samples[0]:  # C tensors [B, P], like data
+        batch["aug_params"] = [torch.stack([s["aug_params"][c] for s in samples]) for c in range(num_crops)]
+    return batch
 
 
 COLLATORS: dict[str, Callable[[Sequence[dict[str, Any]]], dict[str, Any]]] = {

@@ -9,15 +9,21 @@ workers (which hold their own copy of the dataset) as long as it is called befor
 Unreadable images are skipped instead of crashing a long run (VISSL substitutes a gray image, spec 7.1):
 the next readable index (``idx + 1``, ``idx + 2``, ... modulo the length) is used instead, a warning names
 each bad file once per process, and ``skipped`` counts the bad files hit so the trainer can report them.
+
+With the two-stage data path (``transforms`` a :class:`scaleclr.data.host_stage.HostStage`) a sample is
+opened, planned and decoded inside the same skipping loop, so bad files meet the same rules, and each
+attempt starts from a fresh generator of the requested index, as on the host path.
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from PIL import Image
 
+from scaleclr.data.host_stage import HostStage
 from scaleclr.data.sources import ImageSource
 from scaleclr.data.transforms import SSLTransforms, sample_generator
 
@@ -40,19 +46,21 @@ class _SkippingLoader:
         self.max_attempts = max_attempts
         self._bad: set[int] = set()  # per process; a bad file is decoded (and warned about) once
 
-    def load(self, idx: int) -> tuple[Image.Image, int, int]:
-        """Returns ``(image, index actually loaded, number of bad files hit)``.
+    def load(self, idx: int, fetch: Callable[[int], Any] | None = None) -> tuple[Any, int, int]:
+        """Returns ``(fetch(j), index j actually loaded, number of bad files hit)``; ``fetch`` defaults to
+        ``source.load`` (the decoded image).
 
         Raises:
             RuntimeError: ``max_attempts`` consecutive images starting at ``idx`` are unreadable.
         """
+        fetch = self.source.load if fetch is None else fetch
         n = len(self.source)
         skipped = 0
         for attempt in range(min(self.max_attempts, n)):
             j = (idx + attempt) % n
             if j not in self._bad:
                 try:
-                    return self.source.load(j), j, skipped
+                    return fetch(j), j, skipped
                 except DECODE_ERRORS as e:
                     self._bad.add(j)
                     logger.warning("skipping unreadable image %s (index %d): %s: %s",
@@ -67,7 +75,8 @@ class SSLDataset(torch.utils.data.Dataset):
 
     Args:
         source: where the images come from (``scaleclr.data.sources.build_source``).
-        transforms: the view pipeline (``scaleclr.data.transforms.build_transforms``).
+        transforms: the view pipeline (``scaleclr.data.transforms.build_transforms``), or the host stage
+            of the two-stage path (``scaleclr.data.host_stage.HostStage``).
         seed: ``config.SEED_VALUE``.
         max_attempts: how many consecutive indices are tried when images are unreadable.
         label_type: ``config.DATA.TRAIN.LABEL_TYPE``: ``standard`` (the source's labels), ``sample_index``
@@ -77,10 +86,12 @@ class SSLDataset(torch.utils.data.Dataset):
         ``__getitem__`` returns ``{"data": [V tensors [3, H_v, W_v]], "label": int, "data_idx": int,
         "skipped": int}``. ``data_idx`` is the requested index (the sampler's), even when a following
         image was substituted for an unreadable one; ``label`` is the loaded image's label (-1 if unknown).
+        With a ``HostStage`` the views are uint8 and the dict also holds ``"aug_params"``: float32
+        ``[V, P]``, row ``v`` the device-stage parameters of view ``v``.
     """
 
-    def __init__(self, source: ImageSource, transforms: SSLTransforms, seed: int = 0, max_attempts: int = 16,
-                 label_type: str = "standard"):
+    def __init__(self, source: ImageSource, transforms: SSLTransforms | HostStage, seed: int = 0,
+                 max_attempts: int = 16, label_type: str = "standard"):
         if label_type not in LABEL_TYPES:
             raise ValueError(f"config.DATA.TRAIN.LABEL_TYPE={label_type!r}; allowed: {', '.join(LABEL_TYPES)}")
         self.label_type = label_type
@@ -103,10 +114,22 @@ class SSLDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
+    @property
+    def two_stage(self) -> bool:
+        """Whether this dataset is the host stage of the two-stage path (uint8 views + ``aug_params``)."""
+        return isinstance(self.transforms, HostStage)
+
     def __getitem__(self, idx: int) -> dict[str, Any]:
         idx = int(idx)
+        epoch = self.epoch
+        if self.two_stage:
+            prepared, loaded, skipped = self._loader.load(
+                idx, lambda j: self.transforms.load(self.source, j, sample_generator(self.seed, epoch, idx)))
+            views, params = self.transforms.finish(prepared)
+            return {"data": views, "aug_params": params, "label": self._label(loaded), "data_idx": idx,
+                    "skipped": skipped}
         img, loaded, skipped = self._loader.load(idx)
-        views = self.transforms(img, sample_generator(self.seed, self.epoch, idx))
+        views = self.transforms(img, sample_generator(self.seed, epoch, idx))
         return {"data": views, "label": self._label(loaded), "data_idx": idx, "skipped": skipped}
 
     def _label(self, loaded: int) -> int:
@@ -143,4 +166,4 @@ class EvalDataset(torch.utils.data.Dataset):
     def __getitem__(self, idx: int) -> tuple[torch.Tensor, int]:
         img, loaded, _ = self._loader.load(int(idx))
         (out,) = self.transforms(img, sample_generator(0, 0, int(idx)))
-        return out, self.source.labels[loaded]
+        return out, int(self.source.labels[loaded])

@@ -1,9 +1,15 @@
 """Image sources: where the pixels of ``config.DATA.TRAIN.DATA_SOURCES[i]`` come from (spec 7.1).
 
-A source is an indexed collection of RGB images: ``len(source)``, ``source.load(i) -> PIL.Image`` (RGB),
-``source.path(i)`` (for messages) and ``source.labels`` (``list[int]``, -1 where unknown). Sources hold
-only paths and labels; decoding happens in ``load`` inside the data workers, and a decode error propagates
-to the dataset, which skips the file (``scaleclr.data.dataset``).
+A source is an indexed collection of RGB images: ``len(source)``, ``source.load(i) -> PIL.Image`` (RGB,
+fully decoded), ``source.open(i) -> PIL.Image`` (header read, pixels not decoded yet: the two-stage host
+stage picks a reduced JPEG decode from the crop boxes first, ``scaleclr.data.host_stage``),
+``source.path(i)`` (for messages) and ``source.labels`` (int64 numpy array, -1 where unknown). Sources
+hold only paths and labels; decoding happens inside the data workers, and a decode error propagates to
+the dataset, which skips the file (``scaleclr.data.dataset``).
+
+At ImageNet scale the path list lives in numpy buffers (:class:`PathTable`, or the memory-mapped ``.npy``
+of ``disk_filelist``), never in Python lists: forked data workers read a list of 1.28M ``str`` objects
+and touch their reference counts, which copies every page they sit on into every worker (copy-on-read).
 
 - ``disk_folder``: a torchvision ``ImageFolder`` root (one sub-folder per class, labels from the sorted
   folder names).
@@ -14,12 +20,13 @@ to the dataset, which skips the file (``scaleclr.data.dataset``).
 """
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, UnidentifiedImageError
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 SOURCE_NAMES = ("disk_filelist", "disk_folder", "synthetic")
@@ -36,16 +43,64 @@ def load_rgb(path: str) -> Image.Image:
         return img.convert("RGB")  # convert() forces the decode while the file is open
 
 
+def open_image(path: str) -> Image.Image:
+    """Reads an image file and parses its header, leaving the pixels undecoded (``Image.open`` on the
+    file's bytes): size, mode and format are known, ``draft`` can still pick a reduced JPEG decode.
+
+    Raises:
+        OSError: unreadable file or unidentifiable image (``PIL.UnidentifiedImageError``), as ``load_rgb``.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+        try:
+            return Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            f.seek(0)
+            Image.open(f)  # raises what load_rgb raises, so the skip warning reads the same
+            raise
+
+
+class PathTable:
+    """An immutable list of paths in two numpy arrays (one byte buffer + offsets), so that forked data
+    workers share its pages: reading entry ``i`` touches no Python object of the table.
+
+    ``len(table)``, ``table[i] -> str``; paths round-trip through ``os.fsencode`` / ``os.fsdecode``.
+    """
+
+    def __init__(self, paths: Sequence[str]):
+        encoded = [os.fsencode(p) for p in paths]
+        self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(e) for e in encoded], out=self._offsets[1:])
+        self._buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8) if encoded else np.zeros(0, np.uint8)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, idx: int) -> str:
+        if not -len(self) <= idx < len(self):
+            raise IndexError(f"path index {idx} out of range [0, {len(self)})")
+        idx %= len(self)
+        return os.fsdecode(self._buffer[self._offsets[idx]:self._offsets[idx + 1]].tobytes())
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._buffer.nbytes + self._offsets.nbytes)
+
+
 class ImageSource:
     """Interface of an image source (see the module docstring)."""
 
-    labels: list[int]
+    labels: np.ndarray
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def load(self, idx: int) -> Image.Image:
         raise NotImplementedError
+
+    def open(self, idx: int) -> Image.Image:
+        """The image with its pixels possibly not decoded yet; sources without files decode here."""
+        return self.load(idx)
 
     def path(self, idx: int) -> str:
         raise NotImplementedError
@@ -67,11 +122,14 @@ class DiskFolderSource(ImageSource):
         except (FileNotFoundError, NotADirectoryError) as e:
             raise ValueError(f"disk_folder root {root!r} is not an ImageFolder tree: {e}") from e
         self.root = root
-        self._paths = [p for p, _ in samples]
-        self.labels = [int(label) for _, label in samples]
+        self._paths = PathTable([p for p, _ in samples])
+        self.labels = np.fromiter((label for _, label in samples), dtype=np.int64, count=len(samples))
 
     def load(self, idx: int) -> Image.Image:
         return load_rgb(self._paths[idx])
+
+    def open(self, idx: int) -> Image.Image:
+        return open_image(self._paths[idx])
 
     def path(self, idx: int) -> str:
         return self._paths[idx]
@@ -110,7 +168,7 @@ class DiskFilelistSource(ImageSource):
                                  f"{self._paths.dtype} and shape {self._paths.shape}")
         elif list_path.endswith(".txt"):
             with open(list_path) as f:
-                self._paths = [line.strip() for line in f if line.strip()]
+                self._paths = PathTable([line.strip() for line in f if line.strip()])
         else:
             raise ValueError(f"disk_filelist {list_path!r} must end in .npy or .txt")
         if labels_path:
@@ -118,9 +176,9 @@ class DiskFilelistSource(ImageSource):
             if labels.shape != (len(self._paths),):
                 raise ValueError(f"labels {labels_path!r} have shape {labels.shape}, expected "
                                  f"({len(self._paths)},) to match {list_path!r}")
-            self.labels = [int(v) for v in labels]
+            self.labels = labels.astype(np.int64)
         else:
-            self.labels = [-1] * len(self._paths)
+            self.labels = np.full(len(self._paths), -1, dtype=np.int64)
 
     def path(self, idx: int) -> str:
         p = self._paths[idx]
@@ -131,6 +189,9 @@ class DiskFilelistSource(ImageSource):
 
     def load(self, idx: int) -> Image.Image:
         return load_rgb(self.path(idx))
+
+    def open(self, idx: int) -> Image.Image:
+        return open_image(self.path(idx))
 
 
 class SyntheticSource(ImageSource):
@@ -153,7 +214,7 @@ class SyntheticSource(ImageSource):
             raise ValueError(f"synthetic source needs size >= 8, count >= 1 and 1 <= num_classes <= "
                              f"{self.NUM_SHAPES}, got size={size} count={count} num_classes={num_classes}")
         self.size, self.num_classes, self.seed = int(size), int(num_classes), int(seed)
-        self.labels = [i % self.num_classes for i in range(int(count))]
+        self.labels = np.arange(int(count), dtype=np.int64) % self.num_classes
 
     def path(self, idx: int) -> str:
         return f"synthetic://{self.seed}/{idx}"
@@ -208,12 +269,19 @@ class LimitedSource(ImageSource):
 
     def __init__(self, source: ImageSource, limit: int):
         self.source = source
-        self.labels = list(source.labels[:limit])
+        self.labels = np.asarray(source.labels[:limit])
 
-    def load(self, idx: int) -> Image.Image:
+    def _check(self, idx: int) -> None:
         if not 0 <= idx < len(self):
             raise IndexError(f"index {idx} out of range [0, {len(self)})")
+
+    def load(self, idx: int) -> Image.Image:
+        self._check(idx)
         return self.source.load(idx)
+
+    def open(self, idx: int) -> Image.Image:
+        self._check(idx)
+        return self.source.open(idx)
 
     def path(self, idx: int) -> str:
         return self.source.path(idx)

@@ -11,12 +11,16 @@ so a sample's views do not depend on the number of data workers, the world size 
 Every transform is a callable ``t(x, generator)``. "Copy" transforms (``ImgReplicatePil``,
 ``ImgPilToMultiCrop``; ``is_copy = True``) return a list of outputs; :class:`SSLTransforms` flattens them
 and applies every other transform independently to each element, like VISSL's ``SSLTransformsWrapper``.
+The random transforms separate drawing from applying (``draw(generator)`` / ``apply(img, params)``,
+``RandomResizedCrop.params_for_size``), so the two-stage data path (``scaleclr.data.host_stage``) draws
+exactly the numbers this path draws, in the same order, and applies them elsewhere.
 """
 from __future__ import annotations
 
 import difflib
 import inspect
 import math
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -59,12 +63,24 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return generator
 
 
+_SCRATCH = threading.local()
+
+
+def _rand01(generator: torch.Generator) -> float:
+    """One U[0, 1) float64 draw: the value and generator state of ``torch.rand((), dtype=float64)`` (which
+    is ``uniform_(0, 1)`` on a new tensor), into a reused per-thread scalar (about half the overhead)."""
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None:
+        buf = _SCRATCH.buf = torch.empty((), dtype=torch.float64)
+    return buf.uniform_(0.0, 1.0, generator=generator).item()
+
+
 def _uniform(generator: torch.Generator, low: float, high: float) -> float:
-    return low + (high - low) * torch.rand((), generator=generator, dtype=torch.float64).item()
+    return low + (high - low) * _rand01(generator)
 
 
 def _coin(generator: torch.Generator, p: float) -> bool:
-    return torch.rand((), generator=generator, dtype=torch.float64).item() < p
+    return _rand01(generator) < p
 
 
 def _size_pair(size: int | Sequence[int], name: str) -> list[int]:
@@ -135,6 +151,11 @@ class RandomResizedCrop:
     def get_params(self, img: Any, generator: torch.Generator) -> tuple[int, int, int, int]:
         """Draws the crop box ``(top, left, height, width)`` exactly like torchvision does."""
         _, height, width = F.get_dimensions(img)
+        return self.params_for_size(height, width, generator)
+
+    def params_for_size(self, height: int, width: int, generator: torch.Generator) -> tuple[int, int, int, int]:
+        """:meth:`get_params` for an image of ``height x width`` pixels, without the pixels (the two-stage
+        host stage draws every crop box from the header size before it decodes)."""
         area = height * width
         log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
         for _ in range(10):
@@ -207,8 +228,12 @@ class RandomHorizontalFlip:
     def __init__(self, p: float = 0.5):
         self.p = _check_probability(p)
 
+    def draw(self, generator: torch.Generator) -> bool:
+        """Whether to mirror (one draw)."""
+        return _coin(generator, self.p)
+
     def __call__(self, img: Any, generator: torch.Generator) -> Any:
-        return F.hflip(img) if _coin(generator, self.p) else img
+        return F.hflip(img) if self.draw(generator) else img
 
 
 class ColorJitter:
@@ -225,16 +250,27 @@ class ColorJitter:
         self.brightness, self.contrast = float(brightness), float(contrast)
         self.saturation, self.hue = float(saturation), float(hue)
 
-    def __call__(self, img: Any, generator: torch.Generator) -> Any:
+    def draw(self, generator: torch.Generator) -> tuple[list[int], list[float | None]]:
+        """Draws ``(order, factors)``: a permutation of the op ids 0..3 (brightness, contrast, saturation,
+        hue), then one factor per op with a non-zero strength (``None`` for the others), in that order."""
         order = torch.randperm(4, generator=generator).tolist()
         factors = [_uniform(generator, max(0.0, 1.0 - x), 1.0 + x) if x > 0 else None
                    for x in (self.brightness, self.contrast, self.saturation)]
         factors.append(_uniform(generator, -self.hue, self.hue) if self.hue > 0 else None)
+        return order, factors
+
+    @staticmethod
+    def apply(img: Any, params: tuple[list[int], list[float | None]]) -> Any:
+        """Applies the drawn ``(order, factors)`` with torchvision's functional ops (PIL or tensor)."""
+        order, factors = params
         ops = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
         for op_id in order:
             if factors[op_id] is not None:
                 img = ops[op_id](img, factors[op_id])
         return img
+
+    def __call__(self, img: Any, generator: torch.Generator) -> Any:
+        return self.apply(img, self.draw(generator))
 
 
 class RandomGrayscale:
@@ -243,10 +279,16 @@ class RandomGrayscale:
     def __init__(self, p: float = 0.1):
         self.p = _check_probability(p)
 
+    def draw(self, generator: torch.Generator) -> bool:
+        """Whether to convert (one draw)."""
+        return _coin(generator, self.p)
+
+    @staticmethod
+    def apply(img: Any, gray: bool) -> Any:
+        return F.rgb_to_grayscale(img, num_output_channels=3) if gray else img
+
     def __call__(self, img: Any, generator: torch.Generator) -> Any:
-        if not _coin(generator, self.p):
-            return img
-        return F.rgb_to_grayscale(img, num_output_channels=3)
+        return self.apply(img, self.draw(generator))
 
 
 class ImgPilColorDistortion:
@@ -266,10 +308,20 @@ class ImgPilColorDistortion:
         self.jitter = ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)
         self.grayscale = RandomGrayscale(p=0.2)
 
+    def draw(self, generator: torch.Generator) -> tuple[tuple | None, bool]:
+        """Draws ``(jitter params or None, gray)``: the p 0.8 coin, the jitter's ``(order, factors)`` only
+        when it comes up, then the grayscale coin."""
+        jitter = self.jitter.draw(generator) if _coin(generator, 0.8) else None
+        return jitter, self.grayscale.draw(generator)
+
+    def apply(self, img: Any, params: tuple[tuple | None, bool]) -> Any:
+        jitter, gray = params
+        if jitter is not None:
+            img = self.jitter.apply(img, jitter)
+        return self.grayscale.apply(img, gray)
+
     def __call__(self, img: Any, generator: torch.Generator) -> Any:
-        if _coin(generator, 0.8):
-            img = self.jitter(img, generator)
-        return self.grayscale(img, generator)
+        return self.apply(img, self.draw(generator))
 
     def __repr__(self) -> str:
         return f"ImgPilColorDistortion(strength={self.strength})"
@@ -287,14 +339,23 @@ class ImgPilGaussianBlur:
                              f"radius_max={radius_max}")
         self.radius_min, self.radius_max = float(radius_min), float(radius_max)
 
-    def __call__(self, img: Any, generator: torch.Generator) -> Any:
+    def draw(self, generator: torch.Generator) -> float | None:
+        """Draws the radius, or ``None`` when the p coin says no blur (then no radius is drawn)."""
         if not _coin(generator, self.p):
+            return None
+        return _uniform(generator, self.radius_min, self.radius_max)
+
+    @staticmethod
+    def apply(img: Any, radius: float | None) -> Any:
+        if radius is None:
             return img
         if not isinstance(img, Image.Image):
             raise TypeError("ImgPilGaussianBlur needs a PIL image: place it before ToTensor in "
                             "config.DATA.TRAIN.TRANSFORMS")
-        return img.filter(ImageFilter.GaussianBlur(radius=_uniform(generator, self.radius_min,
-                                                                    self.radius_max)))
+        return img.filter(ImageFilter.GaussianBlur(radius=radius))
+
+    def __call__(self, img: Any, generator: torch.Generator) -> Any:
+        return self.apply(img, self.draw(generator))
 
 
 # ----------------------------------------------------------------------------- deterministic transforms

@@ -33,8 +33,20 @@ def world_info(group: Optional[dist.ProcessGroup] = None) -> Tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+_CHECKED_SHAPES: set = set()
+
+
 def _check_equal_rows(x: torch.Tensor, world: int, group) -> None:
-    """Raise ``ValueError`` unless every rank passes the same shape (one tiny all-gather of the shape)."""
+    """Raise ``ValueError`` unless every rank passes the same shape (one tiny all-gather of the shape).
+
+    Checked once per (group, shape, dtype): training steps repeat the same shapes, and the check's host read
+    would otherwise stall every step. Equal per-rank batches (DROP_LAST) keep the shapes equal; should one
+    rank's shape change while the others' do not, its check no longer pairs with their collectives and the
+    backend reports the mismatch (gloo) or times out after DISTRIBUTED.TIMEOUT_SECONDS (NCCL).
+    """
+    key = (id(group), tuple(x.shape), x.dtype, x.device.type)
+    if key in _CHECKED_SHAPES:
+        return
     shape = torch.tensor([x.dim(), *x.shape, *([0] * (8 - x.dim()))], dtype=torch.int64, device=x.device)
     shapes = torch.empty(world, shape.numel(), dtype=torch.int64, device=x.device)
     _all_gather_flat(shapes, shape[None], group)
@@ -42,6 +54,7 @@ def _check_equal_rows(x: torch.Tensor, world: int, group) -> None:
         raise ValueError(
             "gather_with_grad needs the same tensor shape on every rank (equal per-rank batches, "
             f"DATA.TRAIN.DROP_LAST=True); got shapes {shapes[:, 1:].tolist()} (first column = ndim)")
+    _CHECKED_SHAPES.add(key)
 
 
 def _all_gather_flat(out: torch.Tensor, x: torch.Tensor, group) -> None:

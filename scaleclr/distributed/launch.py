@@ -90,7 +90,13 @@ def _spawn_entry(local_rank: int, worker: Worker, yaml_cfg: str, node: DistEnv, 
     root = OmegaConf.create(yaml_cfg)
     env = node.for_spawned_worker(local_rank, nproc)
     os.environ.update(RANK=str(env.rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(env.world_size))
-    rc = run_in_process(worker, root, env, backend, init_method)
+    try:
+        rc = run_in_process(worker, root, env, backend, init_method)
+    except BaseException:
+        # every failing rank says so (the launcher re-raises only the first failure it notices, which may be a
+        # rank that merely lost its peer)
+        logger.exception("worker rank %d failed", env.rank)
+        raise
     if rc:
         sys.exit(rc)
 

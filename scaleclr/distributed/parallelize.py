@@ -2,17 +2,15 @@
 
 The model (single-device code) only *names* its units: ``ResNet.shard_units()`` (residual blocks),
 ``ResNet.stages()`` (``layer1`` .. ``layer4``) and the heads of :class:`scaleclr.models.SimCLRModel`. This module
-applies, in one fixed order (SyncBN conversion is done before, by the trainer):
+applies, in one fixed order (SyncBN conversion is done before, by the trainer; ``torch.compile`` of the blocks,
+:mod:`scaleclr.distributed.compile`, between 1 and 2):
 
 1. activation checkpointing, one region per residual block (:func:`apply_activation_checkpointing`, also used by
-   the DDP engine);
-2. with mixed precision, ``fully_shard`` on every BatchNorm with an fp32 policy, so BN parameters are
-   all-gathered, used and reduced in fp32 and BN statistics and normalisation are computed in fp32 on fp32 inputs
-   (pytorch#75478, torchtitan#674); the other units all-gather bf16/fp16 parameters and the forward runs under
-   ``torch.autocast`` (the same op-level policy as the DDP engine's AMP, so both engines compute the same values);
-3. ``fully_shard`` per unit (``block``: every residual block and every head; ``stage``: every ResNet stage and
-   every head);
-4. ``fully_shard`` on the root (the stem ``conv1``/``bn1`` and anything not yet sharded).
+   the DDP and DeepSpeed engines);
+2. ``fully_shard`` per unit (``block``: every residual block and every head; ``stage``: every ResNet stage and
+   every head), BatchNorm parameters excluded (``ignored_params``: replicated in fp32, see :func:`parallelize`;
+   pytorch#75478, torchtitan#674 on BN under FSDP mixed precision);
+3. ``fully_shard`` on the root (the stem ``conv1`` and anything not yet sharded).
 
 Activation checkpointing and BatchNorm: a checkpointed region runs its forward twice (once more during backward),
 which would apply the running-statistics update twice. Each region therefore snapshots its BN buffers
@@ -32,7 +30,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 logger = logging.getLogger(__name__)
 
 __all__ = ["SHARD_UNITS", "residual_blocks", "shard_units", "apply_activation_checkpointing", "build_mesh",
-           "parallelize", "is_activation_checkpointed"]
+           "parallelize", "batchnorm_params", "is_activation_checkpointed"]
 
 SHARD_UNITS = ("block", "stage")
 
@@ -161,15 +159,23 @@ def build_mesh(device_type: str, world_size: int, replicate: int = 1):
                             mesh_dim_names=("replicate", "shard"))
 
 
-def _batchnorms(model: nn.Module) -> Iterator[_BatchNorm]:
-    for m in model.modules():
-        if isinstance(m, _BatchNorm) and any(True for _ in m.parameters(recurse=False)):
-            yield m
+def batchnorm_params(model: nn.Module) -> List[nn.Parameter]:
+    """The parameters of every BatchNorm (incl. SyncBN), in ``named_parameters`` order (the same on every rank:
+    collectives over them must never iterate a set)."""
+    owned = {id(p) for m in model.modules() if isinstance(m, _BatchNorm) for p in m.parameters(recurse=False)}
+    return [p for _, p in model.named_parameters() if id(p) in owned]
 
 
-def parallelize(model: nn.Module, mesh, *, shard_unit: str = "block", reshard_after_forward: bool = True,
-                param_dtype: Optional[torch.dtype] = None, activation_checkpointing: bool = False) -> nn.Module:
-    """Shard ``model`` with FSDP2 in place (order: checkpointing -> fp32 BN units -> units -> root); returns it.
+def parallelize(model: nn.Module, mesh, *, shard_unit: str, reshard_after_forward: bool,
+                param_dtype: Optional[torch.dtype]) -> List[nn.Parameter]:
+    """Shard ``model`` with FSDP2 in place: every unit, then the root. Activation checkpointing and
+    ``torch.compile`` are applied before, by the engine (``Engine.place``), in that order.
+
+    BatchNorm parameters are not sharded: they stay plain fp32 tensors, replicated on every rank
+    (``fully_shard(..., ignored_params=...)``), so BN keeps fp32 weights under any ``param_dtype`` and costs no
+    collective of its own in forward; their gradients are local and the caller averages them over the data-
+    parallel ranks with ONE all-reduce per step (``FSDPEngine.step``). Per step that leaves one all-gather (two
+    with ``reshard_after_forward``) and one reduce-scatter per unit, instead of a unit per BatchNorm.
 
     Args:
         model: a :class:`SimCLRModel` on its device, SyncBN already converted.
@@ -177,37 +183,29 @@ def parallelize(model: nn.Module, mesh, *, shard_unit: str = "block", reshard_af
         shard_unit: ``"block"`` or ``"stage"`` (see :func:`shard_units`).
         reshard_after_forward: free the unsharded parameters after each unit's forward (all-gather again in
             backward; ZeRO-3-like) or keep them until backward (ZeRO-2-like, more memory, less communication).
-        param_dtype: ``None`` (fp32) or ``torch.bfloat16`` / ``torch.float16``: parameters are all-gathered and
-            used in this dtype, gradients are reduced in fp32, the sharded master parameters stay fp32. Every
-            BatchNorm keeps fp32 parameters, buffers and computation (its own fp32 ``fully_shard`` unit). The
-            forward must then run under ``torch.autocast(device, param_dtype)`` (``FSDPEngine.autocast``): the
-            result is the DDP engine's AMP math with low-precision all-gathers.
-        activation_checkpointing: checkpoint every residual block (:func:`apply_activation_checkpointing`).
+        param_dtype: ``None`` (fp32) or ``torch.bfloat16`` / ``torch.float16``: convolution and linear
+            parameters are all-gathered and used in this dtype, gradients are reduced in fp32, the sharded master
+            parameters stay fp32. The forward then runs under ``torch.autocast(device, param_dtype)``
+            (``FSDPEngine.autocast``), so BN sees low-precision activations with its fp32 weights and statistics:
+            the BatchNorm policy of :mod:`scaleclr.engines.precision`, as in the DDP engine.
 
     Returns:
-        ``model`` (now an ``FSDPModule``; parameters are ``DTensor`` shards, names unchanged).
+        The replicated BatchNorm parameters, in a rank-independent order (the caller reduces their gradients).
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     units = shard_units(model, shard_unit)  # validates before anything is changed
-    if activation_checkpointing:
-        apply_activation_checkpointing(model)
-    kw = dict(mesh=mesh, reshard_after_forward=reshard_after_forward)
+    replicated = batchnorm_params(model)
+    kw = dict(mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=set(replicated))
     if param_dtype is not None and param_dtype != torch.float32:
-        # Units: parameters all-gathered in `param_dtype`; module inputs are NOT cast (the forward runs under
-        # torch.autocast(param_dtype), which casts at each conv/linear exactly like the DDP engine's AMP, so the
-        # residual additions and BN inputs stay fp32). BN units: fp32 parameters, fp32 inputs and outputs.
+        # module inputs are NOT cast: the forward runs under torch.autocast(param_dtype), which casts at each
+        # conv/linear exactly like the DDP engine's AMP
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
-        bn_mp = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32,
-                                     cast_forward_inputs=False)
-        bns = list(_batchnorms(model))
-        for bn in bns:
-            fully_shard(bn, mp_policy=bn_mp, **kw)
-        logger.info("FSDP mixed precision: %s parameters, fp32 reduction; %d BatchNorm units in fp32",
-                    param_dtype, len(bns))
     else:
         mp = MixedPrecisionPolicy()
     for unit in units:
         fully_shard(unit, mp_policy=mp, **kw)
     fully_shard(model, mp_policy=mp, **kw)
-    return model
+    logger.info("FSDP: %d units + root, parameters %s, %d BatchNorm parameters replicated in fp32", len(units),
+                param_dtype or "fp32", len(replicated))
+    return replicated

@@ -67,8 +67,10 @@ def _group_size(process_group) -> int:
     return dist.get_world_size(process_group)
 
 
-# torch >= 2.14 names it all_gather_single (all_gather_into_tensor is a deprecated alias).
-_all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
+def _all_gather_single(out: torch.Tensor, x: torch.Tensor, group=None) -> None:
+    """torch >= 2.14 names it all_gather_single (all_gather_into_tensor is a deprecated alias); looked up at call
+    time so wrappers installed on torch.distributed (tests counting collectives) see it."""
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, x, group=group)
 
 
 def _reduce_dims(x: torch.Tensor) -> list[int]:
@@ -111,12 +113,10 @@ def _group_batch_stats(x: torch.Tensor, process_group, group_size: int):
 
     counts64 = gathered[:, 0].double() + gathered[:, 1].double() * _COUNT_SPLIT  # (W,), exact integers
     total64 = counts64.sum()
-    # The size check needs the value on the host; on accelerators that would be a device sync per BN layer, so
-    # it is only done on CPU (a group batch of one value per channel gives NaN running variance on GPU).
-    if x.device.type == "cpu" and total64.item() <= 1:
-        raise ValueError(
-            f"Expected more than 1 value per channel when training, got {int(total64.item())} in total over the "
-            f"{group_size} ranks of the SyncBN group (local input shape {tuple(x.shape)})")
+    # A group batch of one value per channel has no variance (NaN running variance): stop with a clear
+    # message. An asynchronous device assert: no host read (on CUDA it fires when the kernel runs).
+    torch._assert_async(total64 > 1, f"Expected more than 1 value per channel when training, summed over the "
+                        f"{group_size} ranks of the SyncBN group (local input shape {tuple(x.shape)})")
     means = gathered[:, 2:2 + channels]  # (W, C)
     m2s = gathered[:, 2 + channels:]  # (W, C)
     weights = (counts64 / total64).to(acc).unsqueeze(1)  # (W, 1)

@@ -41,6 +41,9 @@ class Engine(ABC):
     """
 
     name: str = "base"
+    #: whether ``channels_last`` also converts the weights (engines that flatten or shard parameters need them
+    #: contiguous; activations are channels_last all the same, as convolutions follow their input's format)
+    channels_last_weights: bool = True
 
     def __init__(self, spec: EngineSpec, device: torch.device, rank: int, world_size: int):
         self.spec = spec
@@ -54,6 +57,21 @@ class Engine(ABC):
     @abstractmethod
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
         """Move `model` to the device, wrap it, and build the optimizer for the wrapped parameters."""
+
+    def place(self, model: nn.Module) -> nn.Module:
+        """Move ``model`` to the device in the spec's memory format (``channels_last``: 4-d weights NHWC where the
+        engine allows it), then apply activation checkpointing and ``torch.compile`` as the spec says, in that
+        order, before the engine wraps or shards it."""
+        model.to(self.device)
+        if self.spec.precision.channels_last and self.channels_last_weights:
+            model.to(memory_format=torch.channels_last)
+        if self.spec.activation_checkpointing:
+            from scaleclr.distributed.parallelize import apply_activation_checkpointing
+            apply_activation_checkpointing(model)  # per residual block; same values, less activation memory
+        if self.spec.precision.compile:
+            from scaleclr.distributed.compile import apply_compile
+            apply_compile(model, self.spec.precision.compile_mode, self.spec.precision.compile_backend)
+        return model
 
     def autocast(self):
         """The forward's autocast context (``spec.precision.autocast_dtype``; none in fp32)."""

@@ -24,10 +24,7 @@ class DDPEngine(Engine):
     name = "ddp"
 
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
-        model.to(self.device)
-        if self.spec.activation_checkpointing:
-            from scaleclr.distributed.parallelize import apply_activation_checkpointing
-            apply_activation_checkpointing(model)  # per residual block; same values, less activation memory
+        self.place(model)
         self.module = model
         if self.world_size > 1:
             kw = dict(bucket_cap_mb=self.spec.ddp_bucket_cap_mb)

@@ -182,8 +182,11 @@ class ZeroLARC(LARC):
     def _full_norms(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """Full L2 norms of the original parameters/gradients whose local fragments are ``tensors``.
 
-        ``tensors`` is ``params + grads`` (LARC's call); fragments of partitioned layouts are reduced with
-        one all-reduce of their squared norms per process group.
+        ``tensors`` is ``params + grads`` (LARC's call); fragments of partitioned layouts are reduced with ONE
+        all-reduce of their squared norms per call (DeepSpeed keeps one process-group object per param group;
+        groups with the same ranks share the collective). ZeRO 1-3 call the client optimizer once per param group
+        (sub-group), creating that group's fp32 gradient partition just before, so under ZeRO the count is one
+        all-reduce per LARC-adapted param group and step (2 with VISSL's SimCLR groups: trunk and head).
         """
         n = len(tensors)
         if n == 0:
@@ -192,10 +195,12 @@ class ZeroLARC(LARC):
             [t.detach().float() if t.dtype not in (torch.float32, torch.float64) else t.detach()
              for t in tensors])]) ** 2
         layouts = self._entry_layouts * 2  # params then grads
-        by_group: Dict[int, Tuple[Any, List[int]]] = {}
+        by_group: Dict[Any, Tuple[Any, List[int]]] = {}
         for i, lay in enumerate(layouts):
             if lay is not None and lay.partitioned:
-                by_group.setdefault(id(lay.group), (lay.group, []))[1].append(i)
+                key = tuple(dist.get_process_group_ranks(lay.group if lay.group is not None else dist.group.WORLD)) \
+                    if dist.is_initialized() else None
+                by_group.setdefault(key, (lay.group, []))[1].append(i)
         for group, idx in by_group.values():
             part = sq[idx].clone()
             if dist.is_initialized() and dist.get_world_size(group) > 1:
@@ -232,10 +237,8 @@ class ZeroLARC(LARC):
                 self._entry_layouts.append(lay)
         return entries
 
-    def _adapt_gradients(self, entries) -> None:
-        super()._adapt_gradients(entries)
-        by_view = {id(e[0]): o for e, o in zip(entries, self._owners)}
-        self._last_trust_ratios = {by_view[id(v)]: f for v, f in self._last_trust_ratios.items()}
+    def _entry_keys(self, entries) -> List[Any]:
+        return list(self._owners)  # trust_ratios() keyed by the original parameters, not fragment views
 
     def _finish_step(self) -> None:
         for view in self._views:  # drop the fragment views' grads: they would keep DeepSpeed's flat grads alive
@@ -276,6 +279,7 @@ def check_resumable(path: str, meta: Dict[str, Any], now: Dict[str, Any]) -> Non
 # ------------------------------------------------------------------------------------------------ engine
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
+    channels_last_weights = False  # ZeRO flattens parameters into contiguous buffers
 
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
         import deepspeed
@@ -285,10 +289,7 @@ class DeepSpeedEngine(Engine):
         self.bf16 = bool(self.ds_config["bf16"]["enabled"])
         self.fp16 = bool(self.ds_config["fp16"]["enabled"])
         ensure_process_group(self.device)
-        model.to(self.device)
-        if self.spec.activation_checkpointing:
-            from scaleclr.distributed.parallelize import apply_activation_checkpointing
-            apply_activation_checkpointing(model)  # before initialize: ZeRO-3's hooks then wrap the recompute too
+        self.place(model)
         if self.spec.broadcast_buffers and self.world_size > 1:
             # ZeRO never partitions buffers; like DDP's BROADCAST_BUFFERS, rank 0's are sent before every forward
             model.register_forward_pre_hook(lambda module, args: broadcast_buffers(module))

@@ -1,11 +1,12 @@
 """FSDP2 engine (``config.DISTRIBUTED.ENGINE=fsdp``): torch ``fully_shard`` with the same math as DDP.
 
 Wrapping (:func:`scaleclr.distributed.parallelize.parallelize`): SyncBN (trainer) -> activation checkpointing
-(optional, per residual block) -> fp32 BatchNorm units (with mixed precision) -> ``fully_shard`` per unit
-(``config.MODEL.FSDP_CONFIG.SHARD_UNIT``: ``block`` or ``stage``) -> root. Parameters become ``DTensor`` shards
-over a 1-D mesh, or a 2-D ``(replicate, shard)`` mesh for HSDP (``HSDP_REPLICATE`` > 1). Gradients are
-reduce-scattered (averaged over ranks, in fp32), so with the loss contract (own-anchor mean loss, gather sums
-gradients back) the update equals DDP's.
+(optional, per residual block) -> ``fully_shard`` per unit (``config.MODEL.FSDP_CONFIG.SHARD_UNIT``: ``block`` or
+``stage``) -> root. Parameters become ``DTensor`` shards over a 1-D mesh, or a 2-D ``(replicate, shard)`` mesh for
+HSDP (``HSDP_REPLICATE`` > 1), except the BatchNorm parameters, which stay replicated fp32 tensors (their
+gradients are averaged with one all-reduce per step, :meth:`FSDPEngine.reduce_replicated_grads`). Sharded
+gradients are reduce-scattered (averaged over ranks, in fp32), so with the loss contract (own-anchor mean loss,
+gather sums gradients back) the update equals DDP's.
 
 Exact LARC on shards: the optimizer is the same SGD(+LARC) over the same VISSL param groups as DDP, built on the
 sharded module; LARC gets :func:`dtensor_norms` as its ``norm_fn``, which computes every parameter's and gradient's
@@ -16,8 +17,9 @@ full norms.
 Precision: ``FSDP_CONFIG.MIXED_PRECISION`` (``none`` | ``bfloat16`` | ``float16``; with ``none``,
 ``AMP_PARAMS.USE_AMP`` + ``AMP_DTYPE`` select it) is FSDP2's ``MixedPrecisionPolicy`` (low-precision all-gathered
 parameters, fp32 gradient reduction, fp32 sharded master weights and optimizer state) plus ``torch.autocast`` in the
-same dtype, i.e. the DDP engine's AMP policy: convs/linears in low precision, BatchNorm (its own fp32 FSDP unit)
-with fp32 parameters, buffers, inputs and computation. float16 adds a sharded gradient scaler.
+same dtype, i.e. the DDP engine's AMP policy: convs/linears in low precision, BatchNorm with fp32 (replicated)
+parameters, fp32 running statistics and accumulation, activations in the autocast dtype. float16 adds a sharded
+gradient scaler.
 
 Checkpoints are directories written with ``torch.distributed.checkpoint`` (DCP): sharded model and optimizer
 state (``get_state_dict``/``set_state_dict``: parameters by name, resharded on load, so a checkpoint written by N
@@ -39,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from scaleclr.distributed.collectives import ensure_process_group
+from scaleclr.distributed.collectives import broadcast_buffers, ensure_process_group
 from scaleclr.distributed.parallelize import build_mesh, parallelize
 from scaleclr.engines.base import Engine, OptimizerFactory
 from scaleclr.io import atomic_torch_save, replace_dir
@@ -113,6 +115,7 @@ class FSDPEngine(Engine):
     """FSDP2 engine; see the module docstring."""
 
     name = "fsdp"
+    channels_last_weights = False  # FSDP2 shards contiguous parameters only
 
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
         fs = self.spec.fsdp
@@ -123,13 +126,15 @@ class FSDPEngine(Engine):
                              f"has {world} ranks")
         self.param_dtype = self.spec.precision.param_dtype
         self.mesh = build_mesh(self.device.type, world, fs.hsdp_replicate)
-        model.to(self.device)
-        parallelize(model, self.mesh, shard_unit=fs.shard_unit, reshard_after_forward=fs.reshard_after_forward,
-                    param_dtype=self.param_dtype, activation_checkpointing=self.spec.activation_checkpointing)
+        self.place(model)
+        self.replicated = parallelize(model, self.mesh, shard_unit=fs.shard_unit,
+                                      reshard_after_forward=fs.reshard_after_forward, param_dtype=self.param_dtype)
         self.module = model
         self.model = model
-        # norms looked up at call time: tests replace module-level dtensor_norms for their negative control
-        self.optimizer = make_optimizer(model, norm_fn=lambda tensors: dtensor_norms(tensors))
+        # norms looked up at call time: tests replace module-level dtensor_norms for their negative control;
+        # replicated (BatchNorm) and sharded parameters in separate groups: foreach kernels cannot mix them
+        self.optimizer = make_optimizer(model, norm_fn=lambda tensors: dtensor_norms(tensors),
+                                        split=lambda p: "sharded" if isinstance(p, _dtensor_cls()) else "replicated")
         self.scaler = None
         if self.spec.precision.grad_scaler:
             from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
@@ -146,21 +151,36 @@ class FSDPEngine(Engine):
     def _params_with_grad(self) -> List[torch.Tensor]:
         return [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
 
-    def clip_grad_norm(self, max_norm: float) -> float:
-        """``torch.nn.utils.clip_grad_norm_`` semantics with the full (all-reduced) gradient norm."""
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` semantics with the full (all-reduced) gradient norm; returns the
+        norm as a device tensor (no host sync: the clip coefficient reaches the shards as a 0-d tensor)."""
         params = self._params_with_grad()
         if not params:
-            return 0.0
+            return torch.zeros(())
         norms = dtensor_norms([p.grad for p in params])
-        total = float(norms.double().pow(2).sum().sqrt())
-        coef = min(max_norm / (total + 1e-6), 1.0)
-        if coef < 1.0:
-            with torch.no_grad():
-                for p in params:
-                    p.grad.mul_(coef)
+        total = norms.double().pow(2).sum().sqrt()
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]
+        with torch.no_grad():
+            torch._foreach_mul_(grads, coef.to(device=grads[0].device, dtype=grads[0].dtype))
         return total
 
+    def reduce_replicated_grads(self) -> None:
+        """Average the replicated (BatchNorm) parameters' gradients over the data-parallel ranks: ONE all-reduce
+        of their concatenation (FSDP reduces only the sharded parameters)."""
+        grads = [p.grad for p in self.replicated if p.grad is not None]
+        if not grads or self.world_size == 1:
+            return
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        flat.div_(self.world_size)
+        for g, f in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(f)
+
     def step(self) -> None:
+        self.reduce_replicated_grads()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.clip > 0:
@@ -182,6 +202,7 @@ class FSDPEngine(Engine):
 
         path = os.path.join(directory, tag)
         tmp = os.path.join(directory, f".tmp_{tag}")
+        broadcast_buffers(self.model)  # replicated state is stored once: make every rank's copy rank 0's
         if self.rank == 0:
             os.makedirs(directory, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)

@@ -23,10 +23,16 @@ class PrecisionSpec:
         autocast_dtype: dtype of ``torch.autocast`` in the forward, or None for fp32. BatchNorm keeps fp32
             parameters, running statistics and statistic accumulation; its activations stay in this dtype.
         param_dtype: dtype parameters are all-gathered in (FSDP) or stored in (DeepSpeed bf16/fp16); None = fp32.
+        channels_last: model weights and input batches in ``torch.channels_last`` (NHWC) memory format.
+        compile: ``torch.compile`` the trunk's blocks and the heads, with ``compile_mode`` and ``compile_backend``.
     """
 
     autocast_dtype: Optional[torch.dtype]
     param_dtype: Optional[torch.dtype]
+    channels_last: bool
+    compile: bool
+    compile_mode: str
+    compile_backend: str
 
     @property
     def grad_scaler(self) -> bool:
@@ -35,10 +41,13 @@ class PrecisionSpec:
 
     def describe(self) -> str:
         if self.autocast_dtype is None and self.param_dtype is None:
-            return "fp32"
-        a = str(self.autocast_dtype).replace("torch.", "") if self.autocast_dtype else "off"
-        p = str(self.param_dtype).replace("torch.", "") if self.param_dtype else "float32"
-        return f"autocast {a}, parameters {p}, BatchNorm statistics fp32"
+            text = "fp32"
+        else:
+            a = str(self.autocast_dtype).replace("torch.", "") if self.autocast_dtype else "off"
+            p = str(self.param_dtype).replace("torch.", "") if self.param_dtype else "float32"
+            text = f"autocast {a}, parameters {p}, BatchNorm statistics fp32"
+        text += ", channels_last" if self.channels_last else ", contiguous"
+        return text + (f", torch.compile ({self.compile_mode}, {self.compile_backend})" if self.compile else "")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ Groups flagged ``larc_exclude=True`` (see :func:`scaleclr.optim.build_param_grou
 Sharded parameters: norms must be of the *full* tensors. Engines inject ``norm_fn`` (e.g. one all-reduce
 of squared local norms for FSDP DTensor shards or ZeRO partitions); LARC calls it once per step on the
 concatenated list ``params + grads`` so a sharded implementation needs a single collective. The
-adaptation itself is element-wise and works on local shards.
+adaptation itself is element-wise, works on local shards and never reads a value on the host.
 """
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ class LARC(torch.optim.Optimizer):
         self.clip = bool(clip)
         self.eps = float(eps)
         self.norm_fn: NormFn = norm_fn if norm_fn is not None else local_norms
-        self._last_trust_ratios: Dict[torch.Tensor, float] = {}
+        self._last: Optional[Tuple[List[Any], torch.Tensor, torch.Tensor]] = None  # keys, factors, adapted
 
     # ------------------------------------------------------------------ delegation to the inner optimizer
     @property
@@ -184,17 +184,30 @@ class LARC(torch.optim.Optimizer):
 
     # -------------------------------------------------------------------------------------- LARC step
     def trust_ratios(self) -> Dict[torch.Tensor, float]:
-        """The ``local`` factors of the last :meth:`step`, keyed by parameter.
+        """The ``local`` factors of the last :meth:`step`, keyed by parameter (reads them on the host).
 
         Only adapted parameters appear (not ``larc_exclude`` groups, parameters without gradient, or
         zero-norm parameters / zero gradients).
         """
-        return dict(self._last_trust_ratios)
+        if self._last is None:
+            return {}
+        keys, factors, adapt = self._last
+        return {k: f for k, f, a in zip(keys, factors.tolist(), adapt.tolist()) if a}
+
+    def _entry_keys(self, entries: List[Tuple[torch.Tensor, float, Any]]) -> List[Any]:
+        """What :meth:`trust_ratios` is keyed by, one per entry (sharded subclasses: the original parameter)."""
+        return [e[0] for e in entries]
 
     @torch.no_grad()
     def _adapt_gradients(self, entries: List[Tuple[torch.Tensor, float, Any]]) -> None:
-        """Applies the LARC gradient transform to ``(param, weight_decay, lr)`` entries in place."""
-        self._last_trust_ratios = {}
+        """Applies the LARC gradient transform to ``(param, weight_decay, lr)`` entries in place.
+
+        No host synchronisation: the trust ratios stay on the device and reach the gradients as 0-d tensors
+        (``g <- (g + wd_eff * p) * factor`` with ``factor = 1, wd_eff = 0`` where LARC does not adapt), so the
+        step can be queued behind the backward pass. Works on plain tensors, ``DTensor`` shards (their local
+        tensors are updated) and ZeRO partition fragments (views).
+        """
+        self._last = None
         n = len(entries)
         if n == 0:
             return
@@ -211,16 +224,15 @@ class LARC(torch.optim.Optimizer):
             lr = torch.tensor([float(e[2]) for e in entries], dtype=dtype, device=norms.device)
             local = torch.clamp(local / lr, max=1.0)
         adapt = (pn != 0) & (gn != 0)
-        # One device->host transfer per step; the update below then uses Python scalars, which also
-        # works on DTensor shards and ZeRO partitions.
-        flags, factors = torch.stack([adapt.to(dtype), local]).tolist()
-        for (p, weight_decay, _), flag, factor in zip(entries, flags, factors):
-            if not flag:
-                continue
-            if weight_decay != 0:
-                p.grad.add_(p, alpha=weight_decay)
-            p.grad.mul_(factor)
-            self._last_trust_ratios[p] = factor
+        factor = torch.where(adapt, local, torch.ones_like(local))
+        self._last = (self._entry_keys(entries), factor, adapt)
+        grads = [_local(p.grad) for p in params]
+        with_wd = [i for i, e in enumerate(entries) if e[1] != 0]  # weight decay is known on the host
+        if with_wd:
+            wd_eff = torch.where(adapt, wd, torch.zeros_like(wd))
+            torch._foreach_add_([grads[i] for i in with_wd], torch._foreach_mul(
+                [_local(params[i]) for i in with_wd], _scalars(wd_eff[with_wd], grads[with_wd[0]])))
+        torch._foreach_mul_(grads, _scalars(factor, grads[0]))
 
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """Rescales gradients (apex LARC) and runs the inner optimizer's step.
@@ -262,6 +274,16 @@ class LARC(torch.optim.Optimizer):
 
     def _finish_step(self) -> None:
         """Called after every step (also on error); subclasses release per-step bookkeeping here."""
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a ``DTensor`` (updated in place), or ``t`` itself."""
+    return t.to_local() if hasattr(t, "to_local") and type(t) not in _PLAIN_TENSOR_TYPES else t
+
+
+def _scalars(values: torch.Tensor, like: torch.Tensor) -> List[torch.Tensor]:
+    """``values`` ([n]) as n 0-d tensors in ``like``'s dtype and device (foreach operands, no host sync)."""
+    return list(values.to(device=like.device, dtype=like.dtype).unbind())
 
 
 def _check_hyperparameters(trust_coefficient: float, eps: float) -> None:

@@ -152,10 +152,21 @@ def validate(root: DictConfig) -> None:
         raise ConfigError("config.MODEL.FSDP_CONFIG.HSDP_REPLICATE", "must be >= 1.")
     if c.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY == 0 or c.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY < -1:
         raise ConfigError("config.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY", "must be -1 (off) or > 0.")
+    _check_stop_signals(root)
     _check_weights_init(root)
     _check_data(root)
     _check_transforms(root)
     _check_loss_vs_views(root)
+
+
+def _check_stop_signals(root) -> None:
+    from scaleclr.distributed.stop import parse_signals
+
+    key = "config.TRAINER.STOP_SIGNALS"
+    try:
+        parse_signals(root.config.TRAINER.STOP_SIGNALS, key)
+    except ValueError as e:
+        raise ConfigError(key, str(e).split(": ", 1)[1]) from None
 
 
 def _check_head_lr(root) -> None:

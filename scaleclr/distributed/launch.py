@@ -96,6 +96,7 @@ def run_in_process(worker: Worker, root, env: DistEnv, backend: str, init_method
     try:
         return worker(root, env, backend, stop)
     finally:
+        stop.ignore_from_now()  # the checkpoint is recorded: a late signal must not kill the teardown
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 

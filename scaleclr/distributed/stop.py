@@ -25,8 +25,11 @@ Contracts:
   parent forwards again) are harmless because the flag is idempotent.
 - **Data-loader workers** ignore the stop signals (:func:`ignore_signals`, their ``worker_init_fn``): a
   worker that died of SIGTERM would make the DataLoader raise, and a worker has nothing to save.
-- Handlers stay installed until the process exits (a late duplicate must not kill a process that is tearing
-  down after its save); :meth:`StopSignal.restore` is for library use and tests.
+- Once the worker's work is done (after its last collective), :meth:`StopSignal.ignore_from_now` sets the
+  signals to SIG_IGN for the teardown: Python's finalisation resets its handlers to the default action, and a
+  late signal (``srun --kill-on-bad-exit`` SIGTERMs the tasks still running when the first one exits 75, a
+  spawn parent does the same) would otherwise kill a rank that has saved, turning its 75 into 143.
+  :meth:`StopSignal.restore` is for library use and tests.
 - Processes forked from a process with these handlers (data-loader workers, fork-started spawn workers before
   they install their own) ignore the inherited handler: it acts only in the process that installed it.
 """
@@ -129,6 +132,12 @@ class StopSignal:
         for s, previous in self._previous.items():
             signal.signal(s, previous if previous is not None else signal.SIG_DFL)
         self._previous.clear()
+
+    def ignore_from_now(self) -> None:
+        """Ignore the stop signals from now on (the work is done; see the module docstring)."""
+        if self._previous and _in_main_thread() and os.getpid() == self._pid:
+            for s in self.signals:
+                signal.signal(s, signal.SIG_IGN)
 
     def _handle(self, signum: int, frame) -> None:
         if os.getpid() != self._pid:  # a forked child that inherited this handler: not ours to act on

@@ -35,7 +35,7 @@ def simclr_collator(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
     Returns:
         ``{"data": [V*B, 3, H, W], "label": [V*B], "data_idx": [V*B], "skipped": int}``; row ``v*B + i`` is
-        view ``v`` of sample ``i``; ``skipped`` is the number of unreadable files met in this batch.
+        view ``v`` of sample ``i``; ``skipped`` is the number of its samples whose file was unreadable (replaced by the next readable one).
 
     Raises:
         ValueError: views of different shapes (multi-crop needs ``multicrop_collator``).

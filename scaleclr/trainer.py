@@ -136,7 +136,8 @@ class Trainer:
         self.steps_per_epoch = self.sampler.num_batches
         self.total_steps = c.OPTIMIZER.num_epochs * self.steps_per_epoch
         self.state = TrainState()
-        self.checkpoints = CheckpointManager(self.out_dir)
+        self.checkpoints = CheckpointManager(self.out_dir, keep_last=c.CHECKPOINT.KEEP_LAST,
+                                             epoch_frequency=c.CHECKPOINT.CHECKPOINT_FREQUENCY)
         self.images_per_step = c.DATA.TRAIN.BATCHSIZE_PER_REPLICA * world_size
         self.non_blocking = bool(c.DATA.ENABLE_ASYNC_GPU_COPY)
         self.skipped_images = 0  # this rank's count; summed over ranks when logged

@@ -251,6 +251,9 @@ class CheckpointConfig:
     OVERWRITE_EXISTING: bool = False
     LATEST_CHECKPOINT_RESUME_FILE_NUM: int = 1
     APPEND_DISTR_RUN_ID: bool = False
+    # >= 0: keep the last KEEP_LAST model_iteration* checkpoints (and every epoch checkpoint VISSL's
+    # CHECKPOINT_FREQUENCY rule keeps, the final one, and the one 'latest' points at); -1: keep all
+    KEEP_LAST: int = -1
 
 
 @dataclass

@@ -152,6 +152,9 @@ def validate(root: DictConfig) -> None:
         raise ConfigError("config.MODEL.FSDP_CONFIG.HSDP_REPLICATE", "must be >= 1.")
     if c.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY == 0 or c.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY < -1:
         raise ConfigError("config.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY", "must be -1 (off) or > 0.")
+    if c.CHECKPOINT.KEEP_LAST < -1:
+        raise ConfigError("config.CHECKPOINT.KEEP_LAST", f"= {c.CHECKPOINT.KEEP_LAST}; allowed: -1 (keep every "
+                          "checkpoint) or k >= 0 (keep the last k model_iteration checkpoints).")
     _check_stop_signals(root)
     _check_weights_init(root)
     _check_data(root)

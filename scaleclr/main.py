@@ -132,6 +132,17 @@ def already_finished(root) -> bool:
     return True
 
 
+def submit_to_slurm(root, overrides: List[str], env: Optional[DistEnv]) -> int:
+    """``config.SLURM.USE_SLURM=True``: submit the run through submitit (``scaleclr.slurm``) and return."""
+    if env is not None:
+        raise ConfigError("config.SLURM.USE_SLURM", f"= True submits a job, but this process was started by "
+                          f"{env.launcher}; run train.py with USE_SLURM=True from a login node (no srun/torchrun).")
+    from scaleclr.slurm import submit
+
+    submit(root, overrides)
+    return 0
+
+
 def worker(root, env: DistEnv, backend: str, stop: StopSignal) -> int:
     """One training process: 0 when done, ``EXIT_RESUMABLE`` when it stopped on a signal (checkpoint
     written), 1 on a non-finite loss."""
@@ -159,6 +170,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             sys.stdout.write(to_yaml(root))
             return 0
         logger.info("inferred: %s", info)
+        if root.config.SLURM.USE_SLURM:
+            return submit_to_slurm(root, overrides, env)
         if env is None and already_finished(root):  # one launcher process decides; workers agree via rank 0
             return 0
         try:

@@ -303,12 +303,23 @@ class KnnEvalConfig:
 
 @dataclass
 class SlurmConfig:
+    """VISSL's submitit options (``config.SLURM.USE_SLURM=True``: train.py submits the run; see
+    ``scaleclr.slurm``). Nodes and GPUs come from ``config.DISTRIBUTED`` (one task per node)."""
     USE_SLURM: bool = False
-    PARTITION: str = ""
+    NAME: str = "vissl"  # job name
+    COMMENT: str = "vissl job"
+    PARTITION: str = ""  # required with USE_SLURM
+    LOG_FOLDER: str = "."  # submitit's folder: job scripts, pickles, stdout/stderr
     TIME_HOURS: int = 72
-    MEM_GB: int = 250
-    NUM_CPU_PER_PROC: int = 8
-    PORT_ID: int = 40050
+    TIME_MINUTES: int = 0
+    CONSTRAINT: str = ""  # e.g. volta
+    MEM_GB: int = 250  # per node
+    PORT_ID: int = 40050  # rendezvous port on the first node
+    NUM_CPU_PER_PROC: int = 8  # CPUs per GPU (the task gets NUM_CPU_PER_PROC x NUM_PROC_PER_NODE)
+    ADDITIONAL_PARAMETERS: Dict[str, Any] = field(default_factory=dict)  # more sbatch options, submitit-style
+    # scaleclr: seconds before the time limit at which SLURM sends the stop signal (submitit's signal_delay_s)
+    SIGNAL_DELAY_S: int = 120
+    MAX_NUM_TIMEOUT: int = 3  # scaleclr: how many times a job may reach its time limit and be requeued (submitit)
 
 
 @dataclass

@@ -115,12 +115,14 @@ def _spawn_entry(local_rank: int, worker: Worker, yaml_cfg: str, node: DistEnv, 
         sys.exit(rc)
 
 
-def spawn(worker: Worker, root, backend: str, agent: Optional[DistEnv] = None) -> int:
+def spawn(worker: Worker, root, backend: str, agent: Optional[DistEnv] = None,
+          started: Optional[Callable[[object], None]] = None) -> int:
     """Start NUM_PROC_PER_NODE workers on this node and wait for them.
 
     Args:
         agent: ``None``: this node is ``node_id`` of the config, rendezvous from INIT_METHOD / RUN_ID (VISSL).
             Else the env of a one-task-per-node launcher (SLURM): its node rank and master address are used.
+        started: called with the workers' ``ProcessContext`` once they run (submitit's checkpoint waits on it).
     """
     d = root.config.DISTRIBUTED
     nproc = d.NUM_PROC_PER_NODE
@@ -142,6 +144,8 @@ def spawn(worker: Worker, root, backend: str, agent: Optional[DistEnv] = None) -
         context, forwarder = _start_forwarding(lambda: mp.start_processes(
             _spawn_entry, args=(worker, yaml_cfg, node, nproc, backend, init_method, signals), nprocs=nproc,
             join=False, start_method=method), signals)
+        if started is not None:
+            started(context)
         while not context.join():
             pass
     except mp.ProcessRaisedException as e:

@@ -6,141 +6,24 @@ per-rank RNG states must be restored too) and, for the sharded engines, in-proce
 ``dist_helpers.run_distributed``. Signals are sent once metrics.jsonl shows a step (an observable event),
 never after a sleep.
 """
-import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-QUICK = "config=test/integration_test/quick_simclr_synthetic"
-DROPOUT_HEAD = ("config.MODEL.HEAD.PARAMS=[[mlp,{dims:[512,512],use_relu:true,use_dropout:true,"
-                "skip_last_layer_relu_bn:false}],[mlp,{dims:[512,128]}]]")
-TWO = ["config.DISTRIBUTED.NUM_PROC_PER_NODE=2", "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=4", DROPOUT_HEAD]
-EXIT_RESUMABLE = 75
-
-
-# ------------------------------------------------------------------------------------------------ helpers
-def _env():
-    return dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
-                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-
-
-def start(out, *overrides, launcher=None, new_session=False):
-    cmd = [*(launcher or [sys.executable]), str(ROOT / "train.py"), QUICK, f"config.CHECKPOINT.DIR={out}",
-           *overrides]
-    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=new_session)
-
-
-def finish(proc, timeout=600):
-    out, err = proc.communicate(timeout=timeout)
-    return proc.returncode, out, err
-
-
-def run(out, *overrides, launcher=None):
-    rc, _, err = finish(start(out, *overrides, launcher=launcher))
-    assert rc == 0, err[-6000:]
-    return err
-
-
-def records(out):
-    path = Path(out) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    recs = []
-    for line in path.read_text().splitlines():
-        try:
-            recs.append(json.loads(line))
-        except ValueError:  # a line being written
-            pass
-    return recs
-
-
-def last_logged_step(out):
-    return max((r["step"] for r in records(out) if "loss" in r), default=0)
-
-
-def wait_for_step(out, step, proc, timeout=300):
-    """Until metrics.jsonl has the loss record of `step` (the run is past it); fails if the run ends first."""
-    deadline = time.monotonic() + timeout
-    while last_logged_step(out) < step:
-        if proc.poll() is not None:
-            pytest.fail(f"the run ended (rc {proc.returncode}) before step {step}: {proc.stderr.read()[-4000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"no step {step} in {out}/metrics.jsonl after {timeout} s")
-        time.sleep(0.05)
-
-
-def latest(out):
-    return json.loads((Path(out) / "checkpoint.json").read_text())["latest"]
-
-
-def load(out, name):
-    return torch.load(Path(out) / name, map_location="cpu", weights_only=True)
-
-
-def stop_record(out):
-    recs = [r for r in records(out) if "stop_signal" in r]
-    assert len(recs) == 1, recs
-    return recs[0]
-
-
-def assert_models_equal(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-
-
-def assert_every_step_logged_once(out, steps):
-    logged = [r["step"] for r in records(out) if "loss" in r]
-    assert logged == list(range(1, steps + 1)), logged
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(Path(out) / "tb"))
-    acc.Reload()
-    tb_steps = [e.step for e in acc.Scalars("train/loss")]
-    assert tb_steps == list(range(1, steps + 1)), tb_steps
-    epoch_steps = [e.step for e in acc.Scalars("train/epoch_loss")]
-    assert len(epoch_steps) == len(set(epoch_steps)), epoch_steps
-
-
-def assert_stopped_at_agreed_step(out, k_seen):
-    """The stop record, the pointer and the checkpoint all name the same step; no step after it ran."""
-    stop = stop_record(out)
-    s = stop["step"]
-    assert s >= k_seen and stop["checkpoint"] == f"model_iteration{s}", stop
-    assert latest(out)["path"] == f"model_iteration{s}.torch" and latest(out)["step"] == s
-    state = load(out, f"model_iteration{s}.torch")["client_state"]["train_state"]
-    assert state["step"] == s
-    assert last_logged_step(out) == s  # the ranks stopped right after the agreed step
-    assert stop["steps_after_signal"] <= 1, stop  # at most the step in flight when the signal arrived
-    return stop
-
-
-def resumed_steps(out, since):
-    """Steps the resumed run logged (records written after `since`)."""
-    return [r["step"] for r in records(out) if "loss" in r and r["time"] >= since]
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """Uninterrupted: 2 processes x 4 images, 2 epochs x 4 steps, dropout in the head."""
-    out = tmp_path_factory.mktemp("uninterrupted")
-    run(out, *TWO)
-    return out
+from train_helpers import (EXIT_RESUMABLE, QUICK, TWO, assert_every_step_logged_once,  # noqa: E402
+                           assert_models_equal, assert_stopped_at_agreed_step, finish, last_logged_step, latest,
+                           load, records, resumed_steps, run, start, stop_record, wait_for_step)
 
 
 # ------------------------------------------------------------------------------------------------- spawn
 @pytest.mark.dist
-def test_sigterm_to_spawn_process_group_checkpoints_agreed_step_and_resumes_exactly(reference, tmp_path):
+def test_sigterm_to_spawn_process_group_checkpoints_agreed_step_and_resumes_exactly(uninterrupted, tmp_path):
     """SIGTERM to the whole process group (what SLURM does: the launcher, both workers and their 2 data-loader
     workers each get it; the launcher also forwards it): the workers finish the step in flight, agree, write
     model_iteration{s}, exit 75; the loader workers neither die nor act. The rerun resumes at s + 1 (no step
@@ -164,14 +47,14 @@ def test_sigterm_to_spawn_process_group_checkpoints_agreed_step_and_resumes_exac
     run(tmp_path, *overrides)
     assert resumed_steps(tmp_path, resume_started) == list(range(stop["step"] + 1, 9))  # 0 steps redone
     assert_models_equal(load(tmp_path, "model_final_checkpoint_phase1.torch")["model"],
-                        load(reference, "model_final_checkpoint_phase1.torch")["model"])
+                        load(uninterrupted, "model_final_checkpoint_phase1.torch")["model"])
     assert_every_step_logged_once(tmp_path, 8)
-    ref_epochs = [r["epoch_loss"] for r in records(reference) if "epoch_loss" in r]
+    ref_epochs = [r["epoch_loss"] for r in records(uninterrupted) if "epoch_loss" in r]
     assert [r["epoch_loss"] for r in records(tmp_path) if "epoch_loss" in r] == ref_epochs
 
 
 @pytest.mark.dist
-def test_second_signal_during_save_keeps_checkpoints_loadable(reference, tmp_path):
+def test_second_signal_during_save_keeps_checkpoints_loadable(uninterrupted, tmp_path):
     """Rank 0 alone gets SIGTERM during step 3 (rank 1 learns of it through the agreement); while rank 0 writes
     model_iteration3 the launcher gets a second SIGTERM and forwards it to both workers. The save completes:
     the earlier iteration checkpoint and the new one load, the pointer names the new one, exit 75; the rerun
@@ -187,12 +70,12 @@ def test_second_signal_during_save_keeps_checkpoints_loadable(reference, tmp_pat
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
     run(tmp_path, *overrides)
     assert_models_equal(load(tmp_path, "model_final_checkpoint_phase1.torch")["model"],
-                        load(reference, "model_final_checkpoint_phase1.torch")["model"])
+                        load(uninterrupted, "model_final_checkpoint_phase1.torch")["model"])
 
 
 # ----------------------------------------------------------------------------------------------- torchrun
 @pytest.mark.dist
-def test_sigterm_to_torchrun_is_forwarded_and_resumes_exactly(reference, tmp_path):
+def test_sigterm_to_torchrun_is_forwarded_and_resumes_exactly(uninterrupted, tmp_path):
     """SIGTERM to the torchrun agent only: torchrun forwards SIGTERM to its workers (and SIGKILLs them after
     30 s), the workers checkpoint the agreed step and exit 75, torchrun itself exits 1 (its SignalException);
     a second torchrun resumes and ends bitwise equal to the uninterrupted (spawn) run."""
@@ -211,9 +94,49 @@ def test_sigterm_to_torchrun_is_forwarded_and_resumes_exactly(reference, tmp_pat
     stop = assert_stopped_at_agreed_step(tmp_path, k)
     run(tmp_path, *TWO, launcher=torchrun())
     assert_models_equal(load(tmp_path, "model_final_checkpoint_phase1.torch")["model"],
-                        load(reference, "model_final_checkpoint_phase1.torch")["model"])
+                        load(uninterrupted, "model_final_checkpoint_phase1.torch")["model"])
     assert [r["step"] for r in records(tmp_path) if "loss" in r] == list(range(1, 9))
     assert stop["step"] < 8
+
+
+# ------------------------------------------------------------------------------------ deepspeed launcher
+@pytest.mark.dist
+@pytest.mark.deepspeed
+def test_sigterm_to_deepspeed_launcher_process_group_checkpoints_agreed_step(tmp_path):
+    """`deepspeed --num_gpus 2 train.py --deepspeed_config ds_configs/zero2.json`, SIGTERM to its process group
+    (a terminal's Ctrl-C or SLURM do the same; the outer `deepspeed` command itself forwards nothing on one
+    node): deepspeed.launcher.launch SIGTERMs each worker's process tree, the workers checkpoint the agreed
+    step (a ZeRO-2 directory) and exit 75."""
+    import shutil
+
+    from dist_helpers import free_port
+
+    pytest.importorskip("deepspeed")
+    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+    proc = start(tmp_path, "config.DISTRIBUTED.NUM_PROC_PER_NODE=2", "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=4",
+                 "config.HOOKS.TENSORBOARD_SETUP.USE_TENSORBOARD=False",
+                 launcher=[launcher, "--num_gpus", "2", "--master_port", str(free_port())], new_session=True,
+                 extra_args=["--deepspeed_config", "ds_configs/zero2.json"])
+    wait_for_step(tmp_path, 2, proc)
+    k = last_logged_step(tmp_path)
+    os.killpg(proc.pid, signal.SIGTERM)
+    finish(proc)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # the launch process and the workers outlive the outer command
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the deepspeed launcher's processes did not exit after SIGTERM")
+    stop = stop_record(tmp_path)
+    s = stop["step"]
+    assert s >= k and stop["checkpoint"] == f"model_iteration{s}" and stop["steps_after_signal"] <= 1, stop
+    assert latest(tmp_path)["path"] == f"model_iteration{s}" and latest(tmp_path)["engine"] == "deepspeed"
+    assert (tmp_path / f"model_iteration{s}" / "scaleclr_meta.json").exists()
+    assert last_logged_step(tmp_path) == s
 
 
 # ----------------------------------------------------------------------------------------- every engine

@@ -81,8 +81,8 @@ def test_one_task_per_node_spawns_its_workers(tmp_path, reference):
 
 
 # --------------------------------------------------------------------------------- preemption / time limit
-from test_preemption import (TWO, assert_models_equal, last_logged_step, load, records,  # noqa: E402
-                             resumed_steps, run as run_train)
+from train_helpers import (TWO, assert_models_equal, last_logged_step, load, records,  # noqa: E402
+                           resumed_steps)
 
 SLURM_CPU = ["--ntasks-per-node", "2", "--gpus-per-node", "0", "--cpus-per-task", "1"]  # README's CPU line
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
@@ -141,14 +141,6 @@ def preempt():
                         "--output=/dev/null", "--wrap", "true"], capture_output=True, text=True, timeout=60,
                        check=True)
     return r.stdout.strip()
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    """The same training without interruption (2 spawned processes; srun tasks train bitwise alike)."""
-    out = tmp_path_factory.mktemp("uninterrupted")
-    run_train(out, *TWO)
-    return out
 
 
 def check_resumed_exactly(out, uninterrupted, stop):

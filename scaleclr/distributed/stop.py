@@ -23,8 +23,8 @@ Contracts:
 - **Launcher processes** (``train.py``'s spawn parent, one-task-per-node SLURM agents) forward the signals
   to their workers with :class:`SignalForwarder`; duplicates (SLURM signals every process of a step, the
   parent forwards again) are harmless because the flag is idempotent.
-- **Data-loader workers** ignore the stop signals (:func:`ignore_signals`, their ``worker_init_fn``): a
-  worker that died of SIGTERM would make the DataLoader raise, and a worker has nothing to save.
+- **Data-loader workers** ignore the stop signals (``scaleclr.data.loader``'s ``worker_init_fn``): a worker
+  that died of SIGTERM would make the DataLoader raise, and a worker has nothing to save.
 - Once the worker's work is done (after its last collective), :meth:`StopSignal.ignore_from_now` sets the
   signals to SIG_IGN for the teardown: Python's finalisation resets its handlers to the default action, and a
   late signal (``srun --kill-on-bad-exit`` SIGTERMs the tasks still running when the first one exits 75, a
@@ -47,14 +47,11 @@ import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EXIT_RESUMABLE", "DEFAULT_SIGNALS", "ALLOWED_SIGNALS", "parse_signals", "StopSignal",
-           "SignalForwarder", "control_group", "ignore_signals"]
+__all__ = ["EXIT_RESUMABLE", "ALLOWED_SIGNALS", "parse_signals", "StopSignal",
+           "SignalForwarder", "control_group"]
 
 #: exit status of a run that stopped on a signal after checkpointing the agreed step (sysexits.h EX_TEMPFAIL)
 EXIT_RESUMABLE = 75
-#: ``config.TRAINER.STOP_SIGNALS`` default: SLURM's warning signal (``--signal=USR1@s``) and SIGTERM
-#: (preemption, time limit, torchrun / deepspeed launcher shutdown, ``kill``)
-DEFAULT_SIGNALS = ("SIGUSR1", "SIGTERM")
 ALLOWED_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGHUP", "SIGINT")
 
 
@@ -268,8 +265,3 @@ def control_group():
         return None  # None = the default group
     return dist.new_group(backend="gloo")
 
-
-def ignore_signals(signals: Sequence[int]) -> None:
-    """Set ``signals`` to SIG_IGN in this process (data-loader workers: the training process handles them)."""
-    for s in signals:
-        signal.signal(s, signal.SIG_IGN)

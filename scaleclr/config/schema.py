@@ -279,7 +279,8 @@ class HooksConfig:
 class TrainerConfig:
     TRAIN_STEP_NAME: str = "standard_train_step"
     MAX_ITERATIONS: int = -1  # > 0: stop after this many iterations (smoke runs); schedule unchanged
-    # signals that make every rank finish its step, checkpoint it and exit 75 (resumable); [] = off
+    # signals that make every rank finish its step, checkpoint it and exit 75 (resumable); [] = off.
+    # SIGUSR1: slurm/train.sbatch's --signal=USR1@s before the time limit; SIGTERM: preemption, kill, torchrun
     STOP_SIGNALS: List[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
 
 

@@ -99,6 +99,7 @@ class CheckpointManager:
         """Drop the pointer (OVERWRITE_EXISTING): the next run starts fresh; checkpoint files are kept."""
         if os.path.exists(self.pointer_path()):
             os.replace(self.pointer_path(), self.pointer_path() + ".old")
+            fsync_dir(self.directory)
 
     def read(self) -> Dict[str, Any]:
         with open(self.pointer_path()) as f:

@@ -35,6 +35,7 @@ from scaleclr.distributed.stop import StopSignal, control_group
 from scaleclr.distributed.sync_bn import convert_sync_batchnorm, create_sync_bn_process_group, describe_sync_bn
 from scaleclr.engines import build_engine
 from scaleclr.eval.knn import extract_features, knn_top1
+from scaleclr.io import fsync_dir
 from scaleclr.metrics import METRICS_FILE, MetricLogger
 
 logger = logging.getLogger(__name__)
@@ -388,6 +389,7 @@ class Trainer:
             metrics_path = os.path.join(self.out_dir, METRICS_FILE)
             if os.path.exists(metrics_path):
                 os.replace(metrics_path, metrics_path + ".old")
+                fsync_dir(self.out_dir)
         entry = self._choose_checkpoint()
         if entry is None:
             return False

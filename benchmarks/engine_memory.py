@@ -33,6 +33,7 @@ Usage::
 
     python benchmarks/engine_memory.py                       # R50-w2, 2 processes, markdown table on stdout
     python benchmarks/engine_memory.py --engines ddp zero3 --depth 18 --width 1 --image-size 32
+    python benchmarks/engine_memory.py --engines ddp ddp_ac zero3 zero3_ac      # + activation checkpointing
 """
 from __future__ import annotations
 
@@ -54,6 +55,8 @@ ENGINES = {
     "zero3": ["config.DISTRIBUTED.ENGINE=deepspeed", "config.DISTRIBUTED.DEEPSPEED_CONFIG=ds_configs/zero3.json"],
     "fsdp": ["config.DISTRIBUTED.ENGINE=fsdp"],
 }
+AC = ["config.MODEL.ACTIVATION_CHECKPOINTING.USE_ACTIVATION_CHECKPOINTING=True"]
+ENGINES.update({f"{name}_ac": flags + AC for name, flags in list(ENGINES.items())})  # + activation checkpointing
 MIB = 2 ** 20
 
 
@@ -63,7 +66,7 @@ def model_state_bytes(engine: str, n_params: int, world: int) -> int:
     """Model-state bytes per rank by arithmetic (fp32, SGD momentum); see the module docstring."""
     p = 4 * n_params
     return {"ddp": 4 * p, "zero1": 2 * p + 2 * p // world, "zero2": p + 3 * p // world,
-            "zero3": 4 * p // world, "fsdp": 3 * p // world}[engine]
+            "zero3": 4 * p // world, "fsdp": 3 * p // world}[engine.removesuffix("_ac")]
 
 
 def overrides(args, engine: str, out_dir: str):
@@ -146,7 +149,8 @@ def run_engine(args, engine: str):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--engines", nargs="+", default=list(ENGINES), choices=list(ENGINES))
+    p.add_argument("--engines", nargs="+", default=[e for e in ENGINES if not e.endswith("_ac")],
+                   choices=list(ENGINES))
     p.add_argument("--procs", type=int, default=2)
     p.add_argument("--depth", type=int, default=50)
     p.add_argument("--width", type=int, default=2)

@@ -79,7 +79,7 @@ def step_section(smoke: bool, device):
     import step_throughput
 
     if smoke:
-        return [step_throughput.run_row("r18", 32, 4, True, True, device, rounds=1, steps=1, warmup=1)]
+        return [step_throughput.run_row("r18", 16, 2, True, True, device, rounds=1, steps=1, warmup=0)]
     rows = []
     for comp in (False, True):
         rows.append(step_throughput.run_row("r50", 224, 64, True, True, device, rounds=5, steps=5, warmup=3,
@@ -143,7 +143,7 @@ def engine_memory_section(smoke: bool, device):
                                    f"config.DISTRIBUTED.DEEPSPEED_CONFIG=ds_configs/zero{stage}.json"]
     if smoke:
         engines = {k: v for k, v in engines.items() if k in ("ddp", "fsdp")}
-    depth, width, size, batch = (18, 1, 32, 4) if smoke else (50, 2, 160, 32)
+    depth, width, size, batch = (18, 1, 16, 2) if smoke else (50, 2, 160, 32)
     out = {}
     for name, extra in engines.items():
         root, _ = load_config(["config=test/integration_test/quick_simclr_synthetic",
@@ -160,7 +160,7 @@ def engine_memory_section(smoke: bool, device):
                 torch.cuda.reset_peak_memory_stats()
             tr = Trainer(root, device=device)
             batch_ = next(iter(tr.loader))
-            for _ in range(2):
+            for _ in range(1 if smoke else 2):
                 tr.train_step(batch_, 0.0)
             out[name] = {"peak_mib": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None}
             del tr

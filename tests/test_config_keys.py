@@ -71,7 +71,6 @@ def test_policy_keys_exist_in_the_schema():
     ("config.TRAINER.TRAIN_STEP_NAME=custom_step", "config.TRAINER.TRAIN_STEP_NAME"),
     ("config.METERS.name=accuracy_list_meter", "config.METERS.name"),
     ("config.MODEL.INPUT_TYPE=bgr", "config.MODEL.INPUT_TYPE"),
-    ("config.SLURM.USE_SLURM=True", "config.SLURM.USE_SLURM"),
 ])
 def test_error_policies_stop_with_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -87,7 +86,6 @@ def test_amp_type_apex_is_an_error_pointing_at_pytorch():
 @pytest.mark.parametrize("override,key", [
     ("config.HOOKS.PERF_STATS.MONITOR_PERF_STATS=True", "config.HOOKS.PERF_STATS.MONITOR_PERF_STATS"),
     ("config.DATA.TRAIN.COPY_TO_LOCAL_DISK=True", "config.DATA.TRAIN.COPY_TO_LOCAL_DISK"),
-    ("config.SLURM.PARTITION=learnfair", "config.SLURM.PARTITION"),
     ("config.TEST_MODEL=True", "config.TEST_MODEL"),
 ])
 def test_warn_policies_log_the_key(override, key, caplog):

@@ -85,8 +85,40 @@ def _count_steps(rank, world, overrides, steps=2):
     return {k: v / steps for k, v in counts.items()}, n_bn
 
 
+def _zero_larc_collectives(rank, world):
+    """(all-reduces issued by ZeroLARC's norms, calls of ZeroLARC's step with adapted parameters) per ZeRO-2 step;
+    DeepSpeed's own collectives are not counted."""
+    import torch.distributed as dist
+
+    from scaleclr.engines import deepspeed as ds_engine
+
+    calls = {"reduces": 0, "steps": 0, "inside": False}
+    real_norms, real_all_reduce = ds_engine.ZeroLARC._full_norms, dist.all_reduce
+
+    def norms(self, tensors):
+        calls["inside"], calls["steps"] = True, calls["steps"] + 1
+        try:
+            return real_norms(self, tensors)
+        finally:
+            calls["inside"] = False
+
+    def all_reduce(*a, **k):
+        calls["reduces"] += calls["inside"]
+        return real_all_reduce(*a, **k)
+
+    ds_engine.ZeroLARC._full_norms, dist.all_reduce = norms, all_reduce
+    try:
+        _count_steps(rank, world, ["config.DISTRIBUTED.ENGINE=deepspeed",
+                                   "config.DISTRIBUTED.DEEPSPEED_CONFIG=ds_configs/zero2.json",
+                                   "config.OPTIMIZER.larc_config.exclude_bias_and_norm=True"], steps=1)
+    finally:
+        ds_engine.ZeroLARC._full_norms, dist.all_reduce = real_norms, real_all_reduce
+    return calls["reduces"] / 2, calls["steps"] / 2  # warm-up step + 1 counted step
+
+
 def _hot_path_body(rank, world):
     out = {}
+    out["zero_larc_all_reduces"] = _zero_larc_collectives(rank, world)
     out["fsdp_bf16"], _ = _count_steps(rank, world, ["config.DISTRIBUTED.ENGINE=fsdp",
                                                      "config.MODEL.FSDP_CONFIG.MIXED_PRECISION=bfloat16"])
     out["ddp"], out["n_bn"] = _count_steps(rank, world, [])
@@ -136,3 +168,12 @@ def test_fsdp_collectives_one_pair_per_unit(counts):
     assert f.get("dist.reduce_scatter_single", 0) + f.get("dist.reduce_scatter_tensor", 0) == units
     assert gathers == 2 * units + n_bn + 1
     assert f.get("dist.all_reduce", 0) == 1 + 1 + n_bn + 1  # BN grads, LARC norms, SyncBN backward, gather
+
+
+def test_zero_larc_one_collective_per_deepspeed_group_step(counts):
+    """ZeroLARC: the squared norms of all fragments DeepSpeed hands over in one call, in ONE all-reduce. ZeRO-2
+    steps its param groups one at a time (2 LARC-adapted groups here: trunk and head; the excluded bias/BN
+    groups need no norms), so a training step costs one all-reduce per adapted group, not one per fragment or
+    per parameter."""
+    reduces, steps = counts["zero_larc_all_reduces"]
+    assert steps == 2 and reduces == steps

@@ -2,12 +2,20 @@
 slurm/localhost_cluster.sh): 2 tasks x 4 images, and one task spawning 2 workers x 4 images (VISSL's
 one-task-per-node layout), train like 1 process x 8 images: the same step-1 forward, so the step-1 loss agrees to
 rounding (tests/numerics.py: ``loss_floor``); later steps run 3 and are not compared value by value (the processes
-round differently, so a ReLU input within rounding of zero may take the other branch)."""
+round differently, so a ReLU input within rounding of zero may take the other branch).
+
+Preemption and time limits (issue 12), each ending bitwise equal to an uninterrupted run: slurm/train.sbatch
+warned with USR1 mid-epoch checkpoints, requeues itself and resumes; a job of the low-priority partition
+preempted by one of the high-priority partition (PreemptMode=REQUEUE, GraceTime=20) does the same; and the
+submitit route (config.SLURM.USE_SLURM=True) survives its time-limit signal and a preemption. Every wait is on
+an observable event (a step in metrics.jsonl, a job state), with a deadline.
+"""
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +23,7 @@ import pytest
 import numerics as nm
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
 QUICK = ["config=test/integration_test/quick_simclr_synthetic", "config.TRAINER.MAX_ITERATIONS=3"]
 
 

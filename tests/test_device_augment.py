@@ -22,7 +22,7 @@ from scaleclr.data import device_augment, device_ops as D
 from scaleclr.data.host_stage import Step, ViewPlan, decode_rgb, draft_scale
 from scaleclr.data.sources import ImageSource, PathTable
 
-EPS = 1e-6  # float32 rounding on [0, 1] values
+EPS = 1e-6  # float32 rounding on [0, 1] values: the formulas take a handful of roundings of u = 6e-8 (16 u)
 EPS_LEVELS = 255 * 4 * EPS  # the same in uint8 levels
 NORM = {"name": "Normalize", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 SIMCLR = [{"name": "ImgReplicatePil", "num_times": 2}, {"name": "RandomResizedCrop", "size": 32},

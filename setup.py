@@ -21,5 +21,6 @@ setup(
     extras_require={
         "deepspeed": ["deepspeed==0.19.8"],
         "dev": ["pytest", "pytest-timeout"],
+        "slurm": ["submitit==1.5.4"],  # config.SLURM.USE_SLURM=True (scaleclr/slurm.py)
     },
 )

@@ -13,6 +13,7 @@ from torch import nn
 from scaleclr.data import (DeviceAugmentation, DeviceStage, EvalDataset, HostStage, ShardedSampler, SSLDataset,
                            build_dataloader, build_source, build_transforms, eval_transform_specs, get_collator)
 from scaleclr.data.catalog import DEMO, resolve_path, split_path
+from scaleclr.distributed.stop import parse_signals
 from scaleclr.engines.spec import DTYPES, EngineSpec, FSDPSpec, PrecisionSpec
 from scaleclr.interchange import init_model_from_weights
 from scaleclr.losses import CrossEntropyMultipleOutputSingleTargetLoss, MulticropSimclrInfoNCELoss, SimclrInfoNCELoss
@@ -29,6 +30,11 @@ def plain(node) -> Any:
 def is_linear_eval(c) -> bool:
     """``config.MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON`` (with FREEZE_TRUNK_ONLY; validated): linear evaluation."""
     return bool(c.MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON)
+
+
+def stop_signals(c) -> list:
+    """``config.TRAINER.STOP_SIGNALS`` as signal numbers (the training process's; loader workers ignore them)."""
+    return parse_signals(c.TRAINER.STOP_SIGNALS)
 
 
 def build_model(c, init_weights: bool = True) -> SimCLRModel:
@@ -210,7 +216,7 @@ def build_train_data(c, rank: int, world_size: int, start_method: Optional[str] 
     loader = build_dataloader(dataset, t.BATCHSIZE_PER_REPLICA, c.DATA.NUM_DATALOADER_WORKERS,
                               get_collator(t.COLLATE_FUNCTION), sampler,
                               pin_memory=c.DATA.PIN_MEMORY and torch.cuda.is_available(),
-                              multiprocessing_context=start_method)
+                              multiprocessing_context=start_method, ignore_signals=stop_signals(c))
     return dataset, sampler, loader
 
 
@@ -286,5 +292,6 @@ def build_knn_loaders(c) -> Tuple[torch.utils.data.DataLoader, torch.utils.data.
         ds = EvalDataset(build_source("disk_folder", paths[split], path_key=f"config.KNN_EVAL.{split.upper()}_PATH"),
                          tf)
         loaders.append(build_dataloader(ds, k.BATCHSIZE, c.DATA.NUM_DATALOADER_WORKERS, None, None,
-                                        pin_memory=c.DATA.PIN_MEMORY and torch.cuda.is_available()))
+                                        pin_memory=c.DATA.PIN_MEMORY and torch.cuda.is_available(),
+                                        ignore_signals=stop_signals(c)))
     return loaders[0], loaders[1]

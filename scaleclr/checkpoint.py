@@ -8,14 +8,24 @@ checkpoint stays the one that resumes.
 
 A record names its progress unambiguously: ``epochs_done`` (complete epochs: ``model_phase{E}`` has
 ``epochs_done = E + 1``), ``step`` (optimizer steps done) and ``final``.
+
+Disk (``config.CHECKPOINT.KEEP_LAST = k >= 0``): after a new checkpoint is recorded, the manager keeps the
+last k *iteration-like* checkpoints (``model_iteration*``, and epoch checkpoints VISSL's
+``CHECKPOINT_FREQUENCY`` rule would not have kept, written because the run stopped at an epoch end), every
+epoch checkpoint the rule keeps, the final one, and always the one 'latest' points at. The pointer is
+rewritten without the dropped entries first, then their files or directories are deleted (with DeepSpeed's
+``<tag>_consolidated_fp32.torch``); files the pointer never recorded are not touched. -1 keeps everything.
 """
 import json
 import os
-from typing import Any, Dict, Optional
+import shutil
+from typing import Any, Dict, List, Optional
 
-from scaleclr.io import atomic_write_text
+from scaleclr.io import atomic_write_text, fsync_dir
 
 POINTER = "checkpoint.json"
+# files written next to a checkpoint directory <tag>/ (DeepSpeed's consolidated export)
+COMPANION_SUFFIXES = ("_consolidated_fp32.torch",)
 
 
 def tag_for(epochs_done: int, step: int, end_of_epoch: bool, final: bool) -> str:
@@ -28,10 +38,18 @@ def tag_for(epochs_done: int, step: int, end_of_epoch: bool, final: bool) -> str
 
 
 class CheckpointManager:
-    """Tracks the checkpoints of one run directory (`CHECKPOINT.DIR`)."""
+    """Tracks the checkpoints of one run directory (`CHECKPOINT.DIR`).
 
-    def __init__(self, directory: str):
+    Args:
+        directory: ``config.CHECKPOINT.DIR``.
+        keep_last: ``config.CHECKPOINT.KEEP_LAST`` (-1: keep all).
+        epoch_frequency: ``config.CHECKPOINT.CHECKPOINT_FREQUENCY`` (which epoch checkpoints are kept).
+    """
+
+    def __init__(self, directory: str, keep_last: int = -1, epoch_frequency: int = 1):
         self.directory = directory
+        self.keep_last = keep_last
+        self.epoch_frequency = epoch_frequency
 
     def pointer_path(self) -> str:
         return os.path.join(self.directory, POINTER)
@@ -43,11 +61,45 @@ class CheckpointManager:
                  "final": final}
         history = [h for h in history if h["path"] != entry["path"]] + [entry]
         atomic_write_text(json.dumps({"latest": entry, "history": history}, indent=1), self.pointer_path())
+        if self.keep_last >= 0:
+            self.prune()
+
+    def _kept_by_rule(self, h: Dict[str, Any]) -> bool:
+        """The final checkpoint, and epoch checkpoints after epoch E with E % CHECKPOINT_FREQUENCY == 0."""
+        if h["final"]:
+            return True
+        done = h.get("epochs_done", h.get("epoch"))
+        return h["path"].startswith("model_phase") and (done - 1) % self.epoch_frequency == 0
+
+    def prune(self) -> List[str]:
+        """Apply ``keep_last`` (module docstring); returns the names deleted. Call on rank 0 only."""
+        data = self.read()
+        latest, history = data["latest"], data["history"]
+        prunable = [h for h in history if not self._kept_by_rule(h)]
+        keep = prunable[len(prunable) - self.keep_last:] if self.keep_last > 0 else []
+        drop = [h for h in prunable if h not in keep and h["path"] != latest["path"]]
+        if not drop:
+            return []
+        names = {h["path"] for h in drop}
+        atomic_write_text(json.dumps({"latest": latest, "history": [h for h in history if h["path"] not in names]},
+                                     indent=1), self.pointer_path())
+        for name in sorted(names):
+            path = os.path.join(self.directory, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            elif os.path.exists(path):
+                os.remove(path)
+            for suffix in COMPANION_SUFFIXES:
+                if os.path.exists(path + suffix):
+                    os.remove(path + suffix)
+        fsync_dir(self.directory)
+        return sorted(names)
 
     def forget(self) -> None:
         """Drop the pointer (OVERWRITE_EXISTING): the next run starts fresh; checkpoint files are kept."""
         if os.path.exists(self.pointer_path()):
             os.replace(self.pointer_path(), self.pointer_path() + ".old")
+            fsync_dir(self.directory)
 
     def read(self) -> Dict[str, Any]:
         with open(self.pointer_path()) as f:

@@ -3,6 +3,8 @@
 A write goes to a temporary file in the target's directory, is flushed and fsynced, then renamed over the
 target, and the directory itself is fsynced so the rename survives a power loss. A reader therefore sees
 either the old file or the complete new one, never a partial write; a failed write leaves no temp file.
+Directory checkpoints (FSDP, DeepSpeed) fsync their files and directory entries (:func:`fsync_tree`,
+:func:`fsync_files`) before they are renamed into place or marked complete.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_torch_save", "atomic_write_text", "fsync_dir", "replace_dir"]
+__all__ = ["atomic_torch_save", "atomic_write_text", "fsync_dir", "fsync_files", "fsync_tree", "replace_dir"]
 
 
 def fsync_dir(path: str) -> None:
@@ -27,6 +29,29 @@ def fsync_dir(path: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def fsync_files(paths) -> None:
+    """fsync each existing regular file in ``paths`` (data written by ``torch.save`` without its own fsync)."""
+    for p in paths:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def fsync_tree(path: str) -> None:
+    """fsync every file under ``path`` and then every directory, deepest first (persists a directory
+    checkpoint written by other code before it is renamed into place)."""
+    for root, dirs, files in os.walk(path, topdown=False):
+        fsync_files(os.path.join(root, f) for f in files)
+        fsync_dir(root)
 
 
 def _atomic_write(path: str, write, binary: bool, suffix: str = "") -> None:
@@ -66,6 +91,7 @@ def replace_dir(tmp: str, path: str) -> None:
 
     parent = os.path.dirname(os.path.abspath(path))
     old = os.path.join(parent, ".old_" + os.path.basename(path))
+    fsync_tree(tmp)
     if os.path.exists(path):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)

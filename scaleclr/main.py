@@ -12,6 +12,10 @@
 Everything that can be checked before a worker starts is checked here: the config (schema, values,
 inferred values), the launcher's world against NUM_NODES x NUM_PROC_PER_NODE, optional dependencies the
 config asks for (apex), data paths, the rendezvous address.
+
+Exit statuses: 0 trained (or already finished), 1 training failed (NaN/Inf loss, a worker crashed),
+2 configuration error, 75 (``EXIT_RESUMABLE``) stopped on one of ``config.TRAINER.STOP_SIGNALS`` after
+writing the checkpoint of the step all ranks agreed on: rerun the same command to resume.
 """
 import argparse
 import logging
@@ -24,6 +28,7 @@ import torch
 from scaleclr.checkpoint import CheckpointManager
 from scaleclr.config import ConfigError, load_config, to_yaml
 from scaleclr.distributed.env import DistEnv, detect_launcher_env
+from scaleclr.distributed.stop import EXIT_RESUMABLE, StopSignal
 from scaleclr.distributed.sync_bn import is_apex_available as apex_available
 from scaleclr.distributed.launch import init_method_for, run_in_process, spawn, threads_per_worker
 
@@ -133,19 +138,31 @@ def already_finished(root) -> bool:
     return True
 
 
-def worker(root, env: DistEnv, backend: str) -> int:
-    """One training process."""
+def submit_to_slurm(root, overrides: List[str], env: Optional[DistEnv]) -> int:
+    """``config.SLURM.USE_SLURM=True``: submit the run through submitit (``scaleclr.slurm``) and return."""
+    if env is not None:
+        raise ConfigError("config.SLURM.USE_SLURM", f"= True submits a job, but this process was started by "
+                          f"{env.launcher}; run train.py with USE_SLURM=True from a login node (no srun/torchrun).")
+    from scaleclr.slurm import submit
+
+    submit(root, overrides)
+    return 0
+
+
+def worker(root, env: DistEnv, backend: str, stop: StopSignal) -> int:
+    """One training process: 0 when done, ``EXIT_RESUMABLE`` when it stopped on a signal (checkpoint
+    written), 1 on a non-finite loss."""
     from scaleclr.trainer import NonFiniteLossError, Trainer
 
     setup_logging(env.rank, root.config.VERBOSE)
     device, _ = choose_device(root, env)
     try:
-        Trainer(root, rank=env.rank, world_size=env.world_size, local_rank=env.local_rank,
-                local_world_size=env.local_world_size, device=device).train()
+        results = Trainer(root, rank=env.rank, world_size=env.world_size, local_rank=env.local_rank,
+                          local_world_size=env.local_world_size, device=device, stop=stop).train()
     except NonFiniteLossError as e:
         logger.error("%s", e)
         return 1
-    return 0
+    return EXIT_RESUMABLE if "stopped_by" in results else 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -159,6 +176,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             sys.stdout.write(to_yaml(root))
             return 0
         logger.info("inferred: %s", info)
+        if root.config.SLURM.USE_SLURM:
+            return submit_to_slurm(root, overrides, env)
         # one launcher process decides; workers agree via rank 0 (TEST_ONLY trains nothing: it always runs)
         if env is None and not root.config.TEST_ONLY and already_finished(root):
             return 0

@@ -11,6 +11,11 @@ steps (and before every checkpoint and at every epoch end) one all-reduce brings
 the non-finite count and the skipped-image count to every rank, and only then are values read on the host.
 A NaN/Inf loss therefore stops the run at the next such point, naming the first bad step; it never reaches
 a checkpoint. Rank 0 shows a progress bar and writes ``metrics.jsonl`` and TensorBoard scalars.
+
+Stopping on a signal (``config.TRAINER.STOP_SIGNALS``, :mod:`scaleclr.distributed.stop`): the handler only
+sets a flag; :meth:`Trainer.stop_reason` asks the ranks at each step boundary (one int all-reduce on a CPU
+group) and the usual stop path writes the checkpoint of that exact step (``model_iteration{step}``
+mid-epoch); ``train()`` then reports ``stopped_by`` and ``main`` exits with ``EXIT_RESUMABLE``.
 """
 import json
 import logging
@@ -28,9 +33,12 @@ from scaleclr.checkpoint import CheckpointManager, tag_for
 from scaleclr.config import to_yaml
 from scaleclr.data.device_augment import resolve_device_augmentation
 from scaleclr.distributed.collectives import all_reduce_sum, collective_device, is_distributed
+from scaleclr.distributed.env import barrier
+from scaleclr.distributed.stop import StopSignal, control_group
 from scaleclr.distributed.sync_bn import convert_sync_batchnorm, create_sync_bn_process_group, describe_sync_bn
 from scaleclr.engines import build_engine
 from scaleclr.eval.knn import extract_features, knn_top1
+from scaleclr.io import fsync_dir
 from scaleclr.metrics import METRICS_FILE, MetricLogger
 from scaleclr.tasks import build_task
 
@@ -105,10 +113,12 @@ class Trainer:
         root: the composed, validated and inferred config (``load_config``).
         rank, world_size, local_rank, local_world_size: this process's place (1 process: 0, 1, 0, 1).
         device: ``cuda:<local_rank>`` or ``cpu``.
+        stop: the process's installed stop handler (``main.worker``); None: never stops on a signal.
     """
 
     def __init__(self, root: DictConfig, rank: int = 0, world_size: int = 1, local_rank: int = 0,
-                 local_world_size: int = 1, device: Optional[torch.device] = None):
+                 local_world_size: int = 1, device: Optional[torch.device] = None,
+                 stop: Optional[StopSignal] = None):
         self.root, self.c = root, root.config
         c = self.c
         self.rank, self.world_size = rank, world_size
@@ -135,7 +145,8 @@ class Trainer:
         self.steps_per_epoch = self.sampler.num_batches
         self.total_steps = c.OPTIMIZER.num_epochs * self.steps_per_epoch
         self.state = TrainState()
-        self.checkpoints = CheckpointManager(self.out_dir)
+        self.checkpoints = CheckpointManager(self.out_dir, keep_last=c.CHECKPOINT.KEEP_LAST,
+                                             epoch_frequency=c.CHECKPOINT.CHECKPOINT_FREQUENCY)
         self.images_per_step = c.DATA.TRAIN.BATCHSIZE_PER_REPLICA * world_size
         self.non_blocking = bool(c.DATA.ENABLE_ASYNC_GPU_COPY)
         self.memory_format = torch.channels_last if self.engine.spec.precision.channels_last else \
@@ -144,6 +155,10 @@ class Trainer:
         self.stats = StepStats(self.device)
         self.metrics: Optional[MetricLogger] = None
         self._last_saved_tag: Optional[str] = None
+        self._last_save_s = 0.0
+        self._start_step = 0
+        self._epoch_carry: Optional[tuple] = None  # (global loss sum, steps) of a resumed epoch's first part
+        self.stop = (stop or StopSignal()).bind(control_group())  # collective: every rank builds a Trainer
 
     # ------------------------------------------------------------------------------------------ loop
     def train(self) -> Dict[str, Any]:
@@ -152,6 +167,7 @@ class Trainer:
         resumed = False if c.TEST_ONLY else self.maybe_resume()
         if resumed == "finished":
             return results
+        self.stop.progress = self._start_step = self.state.step
         if self.is_main:
             os.makedirs(self.out_dir, exist_ok=True)
             with open(os.path.join(self.out_dir, "train_config.yaml"), "w") as f:
@@ -170,9 +186,12 @@ class Trainer:
                 logger.info("nothing to train: %s", self.stop_reason())
             while not self.should_stop():
                 self.run_epoch(results)
-            self.task.finish(results)
-            if c.KNN_EVAL.ENABLED:
-                self.report_knn(results)
+            if self.stopped_by_signal():
+                results["stopped_by"] = self._report_signal_stop()
+            else:
+                self.task.finish(results)
+                if c.KNN_EVAL.ENABLED:
+                    self.report_knn(results)
         finally:
             self.metrics.close()
         return results
@@ -182,12 +201,39 @@ class Trainer:
         return self.stop_reason() is not None
 
     def stop_reason(self) -> Optional[str]:
+        done = self._done_reason()
+        if done is None and self.stop.agree(self.state.step):
+            return f"{self.stop.name} received: stopping after step {self.stop.agreed_step}"
+        return done
+
+    def _done_reason(self) -> Optional[str]:
+        """Why the run is complete at this step (MAX_ITERATIONS or all epochs), or None."""
         max_steps = self.c.TRAINER.MAX_ITERATIONS
         if 0 < max_steps <= self.state.step:
             return f"config.TRAINER.MAX_ITERATIONS={max_steps} reached (step {self.state.step})"
         if self.state.epochs_done >= self.c.OPTIMIZER.num_epochs:
             return f"all {self.c.OPTIMIZER.num_epochs} epochs done"
         return None
+
+    def stopped_by_signal(self) -> bool:
+        """The run stopped on a signal before completing: resuming it continues the training."""
+        return self.stop.agreed_step is not None and self._done_reason() is None
+
+    def _report_signal_stop(self) -> Dict[str, Any]:
+        """Log and record the stop (the checkpoint of the agreed step is written by then)."""
+        elapsed = self.stop.seconds_since_signal()
+        info = {"signal": self.stop.name, "step": self.state.step, "checkpoint": self._last_saved_tag,
+                "save_s": round(self._last_save_s, 3)}
+        if elapsed is not None:  # this rank got the signal itself: how long it took and how far it went
+            info.update(signal_to_checkpoint_s=round(elapsed, 3),
+                        steps_after_signal=self.state.step - max(self.stop.progress_at_signal, self._start_step))
+        self.metrics.write({"step": self.state.step, "epoch": self.state.epochs_done, "stop_signal": info["signal"],
+                            **{k: v for k, v in info.items() if k not in ("signal", "step")}})
+        if self.is_main:
+            logger.info("stopped on %s after step %d: checkpoint %s written%s; rerun the same command to resume",
+                        info["signal"], self.state.step, info["checkpoint"],
+                        "" if elapsed is None else f" {elapsed:.2f} s after the signal")
+        return info
 
     def run_epoch(self, results: Dict[str, Any]) -> None:
         c = self.c
@@ -197,6 +243,10 @@ class Trainer:
         self.metrics.start_epoch(epoch, self.steps_per_epoch, self.state.step_in_epoch, self.total_steps,
                                  self.state.step)
         self.stats.start_epoch()
+        if self._epoch_carry is not None:  # resumed mid-epoch: the epoch's loss covers its first part too
+            self.stats.epoch_sum += self._epoch_carry[0] if self.is_main else 0.0
+            self.stats.epoch_steps += self._epoch_carry[1]
+            self._epoch_carry = None
         self.stats.start_window()
         data_start = time.perf_counter()
         for batch in self.loader:
@@ -208,11 +258,11 @@ class Trainer:
             if self.should_stop():
                 break
             data_start = time.perf_counter()
-        results["epoch_loss"] = self.end_epoch_stats(epoch)
         self.metrics.end_epoch()
-        if self.state.step_in_epoch < self.steps_per_epoch:  # stopped mid-epoch
+        if self.state.step_in_epoch < self.steps_per_epoch:  # stopped mid-epoch: its record comes at its end
             self.save_checkpoint(end_of_epoch=False)
             return
+        results["epoch_loss"] = self.end_epoch_stats(epoch)
         self.state.epochs_done, self.state.step_in_epoch = epoch + 1, 0
         self.task.end_epoch(results)  # linear evaluation's test phase, before the epoch's checkpoint
         last = self.state.epochs_done == c.OPTIMIZER.num_epochs
@@ -261,6 +311,7 @@ class Trainer:
                         " (includes torch.compile's compilation)" if self.state.step == 1 else "")
         self.skipped_images += int(batch.get("skipped", 0))
         self.stats.add(loss, self.state.step, data_time)
+        self.stop.progress = self.state.step
         if self.metrics is not None:
             self.metrics.tick(self.state.step)
         return loss
@@ -327,21 +378,27 @@ class Trainer:
         return {"cpu": [e["cpu"] for e in everyone], "cuda": [e["cuda"] for e in everyone]}
 
     def client_state(self) -> Dict[str, Any]:
-        skipped = self._reduce([self._scalar(self.skipped_images)])[0]
+        skipped, epoch_sum = self._reduce([self._scalar(self.skipped_images), self.stats.epoch_sum])
+        mid_epoch = 0 < self.state.step_in_epoch < self.steps_per_epoch
         return {"train_state": asdict(self.state), "steps_per_epoch": self.steps_per_epoch,
                 "sampler": self.sampler.state_dict(iteration=self.state.step_in_epoch, epoch=self.state.epochs_done),
-                "world_size": self.world_size, "rng": self._rng_states(), "skipped_images": int(skipped)}
+                "world_size": self.world_size, "rng": self._rng_states(), "skipped_images": int(skipped),
+                "epoch_loss_sum": epoch_sum if mid_epoch else 0.0,
+                "epoch_steps": self.stats.epoch_steps if mid_epoch else 0}
 
     def save_checkpoint(self, end_of_epoch: bool, final: bool = False) -> Optional[str]:
         tag = tag_for(self.state.epochs_done, self.state.step, end_of_epoch, final)
         if tag == self._last_saved_tag:
             return None  # already written at this step (never rewrite the checkpoint 'latest' points at)
         self._raise_if_nonfinite(self._reduce([self.stats.nonfinite])[0])  # never checkpoint a NaN model
+        t0 = time.perf_counter()
         path = self.engine.save(self.out_dir, tag, self.client_state(), final=final)
         self._last_saved_tag = tag
         if self.is_main:
             self.checkpoints.record(path, self.engine.name, self.state.epochs_done, self.state.step, final)
             logger.info("checkpoint %s written (step %d)", path, self.state.step)
+        barrier()  # 'latest' points at it before any rank goes on (or exits: srun --kill-on-bad-exit)
+        self._last_save_s = time.perf_counter() - t0
         return path
 
     def _choose_checkpoint(self) -> Optional[Dict[str, Any]]:
@@ -365,6 +422,7 @@ class Trainer:
             metrics_path = os.path.join(self.out_dir, METRICS_FILE)
             if os.path.exists(metrics_path):
                 os.replace(metrics_path, metrics_path + ".old")
+                fsync_dir(self.out_dir)
         entry = self._choose_checkpoint()
         if entry is None:
             return False
@@ -394,6 +452,8 @@ class Trainer:
             self.sampler.set_start_iter(state.step_in_epoch)
         # the count is summed over ranks when logged: rank 0 carries the restored total
         self.skipped_images = int(client.get("skipped_images", 0)) if self.is_main else 0
+        if state.step_in_epoch and client.get("epoch_steps"):
+            self._epoch_carry = (float(client["epoch_loss_sum"]), int(client["epoch_steps"]))
         self._restore_rng(client)
         self._last_saved_tag = entry["path"].rsplit(".torch", 1)[0]
         logger.info("resumed from %s: %d epochs done, step %d", entry["abspath"], state.epochs_done, state.step)

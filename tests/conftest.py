@@ -1,4 +1,5 @@
-"""Test-wide settings: CPU only, one intra-op thread per process, passive OpenMP waits."""
+"""Test-wide settings: CPU only, one intra-op thread per process, passive OpenMP waits; the shared
+uninterrupted reference run of the preemption tests."""
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -14,3 +15,15 @@ torch.set_num_threads(2)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory):
+    """train.py without interruption: 2 spawned processes x 4 images, 2 epochs x 4 steps, dropout in the head;
+    the reference that signal-stopped and resumed runs (tests/test_preemption.py, tests/test_slurm.py) must
+    equal bitwise (srun tasks and torchrun workers train exactly like spawned ones)."""
+    from train_helpers import TWO, run
+
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run(out, *TWO)
+    return out

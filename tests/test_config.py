@@ -38,6 +38,7 @@ def test_8node_recipe_value_for_value():
     # inferred (spec 2.2, 6.1): world 64, 8192 rows, warmup 0.6 -> 4.8 then cosine
     assert info["world_size"] == 64 and c.LOSS.simclr_info_nce_loss.buffer_params.effective_batch_size == 8192
     lr = c.OPTIMIZER.param_schedulers.lr
+    # float64 config arithmetic (products of a few decimals): approx's default rel 1e-6 absorbs their ~1e-16
     assert lr.schedulers[0].start_value == pytest.approx(0.6) and lr.schedulers[0].end_value == pytest.approx(4.8)
     assert lr.schedulers[1].start_value == pytest.approx(4.8)
     assert head_dims(c) == [[2048, 2048], [2048, 128]]

@@ -69,7 +69,6 @@ def test_policy_keys_exist_in_the_schema():
 @pytest.mark.parametrize("override,key", [
     ("config.TRAINER.TRAIN_STEP_NAME=custom_step", "config.TRAINER.TRAIN_STEP_NAME"),
     ("config.MODEL.INPUT_TYPE=bgr", "config.MODEL.INPUT_TYPE"),
-    ("config.SLURM.USE_SLURM=True", "config.SLURM.USE_SLURM"),
 ])
 def test_error_policies_stop_with_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -85,7 +84,6 @@ def test_amp_type_apex_is_an_error_pointing_at_pytorch():
 @pytest.mark.parametrize("override,key", [
     ("config.HOOKS.PERF_STATS.MONITOR_PERF_STATS=True", "config.HOOKS.PERF_STATS.MONITOR_PERF_STATS"),
     ("config.DATA.TRAIN.COPY_TO_LOCAL_DISK=True", "config.DATA.TRAIN.COPY_TO_LOCAL_DISK"),
-    ("config.SLURM.PARTITION=learnfair", "config.SLURM.PARTITION"),
 ])
 def test_warn_policies_log_the_key(override, key, caplog):
     with caplog.at_level(logging.WARNING):

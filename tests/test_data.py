@@ -311,6 +311,24 @@ def test_corrupt_image_is_skipped_warned_once_and_counted(tmp_path, caplog):
     assert batch["skipped"] == 1 and batch["data"].shape == (2 * 7, 3, 32, 32)
 
 
+def test_three_bad_files_in_a_row_count_three_per_epoch(tmp_path):
+    """skipped_images counts distinct unreadable files: 3 consecutive bad files are 3 per epoch (not the 6
+    substitution attempts of indices i, i+1, i+2), in one process and split over 2 ranks x 2 workers."""
+    root = _image_folder(tmp_path / "folder", per_class=4)
+    for name in ("1.png", "2.png", "3.png"):
+        (root / "cat" / name).write_bytes(b"not a png")
+    source = build_source("disk_folder", str(root))
+    ds = SSLDataset(source, build_transforms(SIMCLR_32[:2] + SIMCLR_32[5:]), seed=0)
+    assert sum(ds[i]["skipped"] for i in range(len(ds))) == 3
+    assert sum(ds[i]["skipped"] for i in range(len(ds))) == 3  # the next epoch: again once each
+    total = 0
+    for rank in range(2):
+        sampler = ShardedSampler(len(ds), 2, rank, shuffle=True, seed=0, drop_last=False, batch_size=2)
+        fresh = SSLDataset(source, build_transforms(SIMCLR_32[:2] + SIMCLR_32[5:]), seed=0)
+        total += sum(b["skipped"] for b in build_dataloader(fresh, 2, 2, simclr_collator, sampler))
+    assert total == 3
+
+
 def test_all_unreadable_raises(tmp_path):
     for i in range(3):
         os.makedirs(tmp_path / "a", exist_ok=True)

@@ -27,11 +27,17 @@ SYNCS = ("item", "__bool__", "tolist", "__float__", "__int__", "__index__")
 
 @contextlib.contextmanager
 def counting():
-    """Counts calls of the collectives and of the host-reading tensor methods while active."""
+    """Counts calls of the collectives and of the host-reading tensor methods while active.
+
+    Inside ``StopSignal.agree`` (the step-boundary stop agreement: an int on the CPU over a gloo group, by design
+    never a device tensor) calls are counted under ``control.*`` instead."""
     import torch.distributed as dist
+
+    from scaleclr.distributed.stop import StopSignal
 
     counts = {}
     saved = []
+    inside_control = [False]
 
     def wrap(owner, name, label):
         fn = getattr(owner, name, None)
@@ -40,7 +46,8 @@ def counting():
         saved.append((owner, name, fn))
 
         def counted(*a, **k):
-            counts[label] = counts.get(label, 0) + 1
+            key = "control." + label if inside_control[0] else label
+            counts[key] = counts.get(key, 0) + 1
             return fn(*a, **k)
 
         setattr(owner, name, counted)
@@ -49,6 +56,17 @@ def counting():
         wrap(dist, name, f"dist.{name}")
     for name in SYNCS:
         wrap(torch.Tensor, name, f"Tensor.{name}")
+    agree = StopSignal.agree
+    saved.append((StopSignal, "agree", agree))
+
+    def control_agree(self, step):
+        inside_control[0] = True
+        try:
+            return agree(self, step)
+        finally:
+            inside_control[0] = False
+
+    StopSignal.agree = control_agree
     try:
         yield counts
     finally:
@@ -78,9 +96,11 @@ def _count_steps(rank, world, overrides, steps=2):
     tr = Trainer(root, rank=rank, world_size=world, local_rank=rank, local_world_size=world)
     batches = _batches(tr, steps + 1)
     tr.train_step(batches[0], 0.0)
+    tr.should_stop()
     with counting() as counts:
         for b in batches[1:]:
             tr.train_step(b, 0.0)
+            tr.should_stop()  # the step boundary of the training loop
     n_bn = sum(isinstance(m, _BatchNorm) for m in tr.engine.module.modules())
     return {k: v / steps for k, v in counts.items()}, n_bn
 
@@ -138,6 +158,14 @@ def test_ddp_step_has_no_host_sync(counts):
     for case in ("ddp", "ddp_streaming", "ddp_clip_bf16", "fsdp_bf16"):
         syncs = {k: v for k, v in counts[case].items() if k.startswith("Tensor.")}
         assert syncs == {}, (case, syncs)
+
+
+def test_stop_agreement_is_one_cpu_collective_per_step(counts):
+    """The stop-signal agreement at each step boundary: one all-reduce of a CPU int (gloo; a separate gloo group
+    under NCCL) and its read, never a device tensor."""
+    for case in ("ddp", "fsdp_bf16"):
+        control = {k: v for k, v in counts[case].items() if k.startswith("control.")}
+        assert control == {"control.dist.all_reduce": 1, "control.Tensor.item": 1}, (case, control)
 
 
 def test_ddp_step_collectives_are_syncbn_and_the_loss_gather(counts):

@@ -1,6 +1,6 @@
 """Layering rules, enforced on every import statement of the package, relative ones included:
 
-- heavy optional dependencies (deepspeed, triton, apex) are imported in one module each, and
+- heavy optional dependencies (deepspeed, triton, apex, submitit) are imported in one module each, and
   ``import scaleclr`` works without them;
 - model code knows nothing of distribution, engines or the config machinery;
 - engines import nothing from the trainer-level modules (trainer, checkpoint, metrics, builders, main) nor the
@@ -17,7 +17,7 @@ import pytest
 
 PKG = pathlib.Path(__file__).resolve().parents[1] / "scaleclr"
 ALLOWED = {"deepspeed": {"engines/deepspeed.py"}, "triton": {"kernels/infonce_triton.py"},
-           "apex": {"distributed/sync_bn.py"}}
+           "apex": {"distributed/sync_bn.py"}, "submitit": {"slurm.py"}}
 TRAINER_LEVEL = ("scaleclr.trainer", "scaleclr.checkpoint", "scaleclr.metrics", "scaleclr.builders", "scaleclr.main",
                  "scaleclr.tasks", "scaleclr.summary")
 CONFIG = ("scaleclr.config", "hydra", "omegaconf")
@@ -98,6 +98,7 @@ def test_each_rule_catches_a_violation(rel, line):
 def test_import_scaleclr_without_deepspeed_or_apex():
     code = ("import sys\n"
             "sys.modules['deepspeed'] = None; sys.modules['apex'] = None  # as if not installed\n"
+            "sys.modules['submitit'] = None\n"
             "import scaleclr, scaleclr.models, scaleclr.losses, scaleclr.optim, scaleclr.data, scaleclr.config\n"
             "import scaleclr.trainer, scaleclr.main, scaleclr.engines.ddp, scaleclr.distributed.sync_bn\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -2,6 +2,11 @@
 
 The oracle below is written independently of ``scaleclr.losses``: explicit python loops over anchors and
 positives, VISSL's multiplicative form ``-log(pos / (pos + neg))`` without any log-sum-exp trick, float64.
+
+Tolerances (u: unit roundoff, fp32 6e-8, fp64 1.1e-16): the losses compute ``softplus(lse_neg - x_pos)`` with
+logits ``x = cos / T``, ``|x| <= 1/T``; a logit from a D-term dot product carries an absolute error <~ D u / T,
+which is the relative error of the terms ``e^x`` and, through the softplus, of the loss (absolute when the loss
+is O(1), relative when it is tiny: softplus(y) ~ e^y). Spec values are printed to 7 significant digits (<= 1e-7).
 """
 import math
 
@@ -62,6 +67,7 @@ def _value_and_grad(fn, h):
 def test_spec_vissl_unit_embeddings_raw_and_normalised():
     rows = torch.tensor([[1.0, 0, 1], [0, 1, 0], [1, 0, 1], [0, 1, 0]])
     raw = info_nce_dense(rows, rows, temperature=0.1, num_crops=2)             # criterion, no normalisation
+    # fp32, logits up to 20 exactly representable: y = lse - x_pos off by ~4u * 20 = 5e-6, relative for e^y
     assert raw.item() == pytest.approx(4.539993e-05, rel=1e-5)
     assert raw.item() == pytest.approx(0.5 * (math.log(1 + 2 * math.exp(-20)) + math.log(1 + 2 * math.exp(-10))),
                                        rel=1e-5)
@@ -69,13 +75,15 @@ def test_spec_vissl_unit_embeddings_raw_and_normalised():
         full = SimclrInfoNCELoss(0.1, impl=impl)(rows)
         assert full.item() == pytest.approx(9.079574e-05, rel=1e-5)
         assert full.item() == pytest.approx(math.log(1 + 2 * math.exp(-10)), rel=1e-5)
-    assert oracle_info_nce(rows, 2, 0.1, normalize=False).item() == pytest.approx(4.539993e-05, rel=1e-6)
+    assert oracle_info_nce(rows, 2, 0.1, normalize=False).item() == pytest.approx(4.539993e-05, rel=1e-6)  # 7 digits
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("rows,expected", [(16, 2.708050), (2048, 7.624131)])
 def test_spec_collapsed_is_log_r_minus_1(impl, rows, expected):
     loss = SimclrInfoNCELoss(0.1, impl=impl)(torch.ones(rows, 128))
+    # fp32: every logit 10 up to ~128 u * 10 (normalised 128-term dot products): 8e-5 absolute in lse - x_pos
+    # cancels to ~ that over the equal terms; log(r - 1) >= 2.7: <= 3e-7 relative; spec 7 digits
     assert loss.item() == pytest.approx(math.log(rows - 1), rel=1e-6)
     assert loss.item() == pytest.approx(expected, rel=1e-6)
 
@@ -84,6 +92,7 @@ def test_spec_collapsed_is_log_r_minus_1(impl, rows, expected):
 def test_spec_perfect_alignment_orthogonal_images(impl):
     eye = torch.eye(4)
     loss = SimclrInfoNCELoss(0.1, impl=impl)(torch.cat([eye, eye]))
+    # fp32, tiny loss = e^y-like: relative error = absolute error of y (~4u * 10 = 2.4e-6)
     assert loss.item() == pytest.approx(2.723625e-04, rel=1e-5)
     assert loss.item() == pytest.approx(math.log(1 + 6 * math.exp(-10)), rel=1e-5)
 
@@ -92,6 +101,8 @@ def test_spec_perfect_alignment_orthogonal_images(impl):
 @pytest.mark.parametrize("temperature,expected", [(1.0, 1.4397092), (0.5, 1.9501829), (0.1, 7.4182785)])
 def test_spec_small_explicit_case(impl, temperature, expected):
     rows = torch.tensor([[1.0, 0], [0, 1], [1, 1], [1, -1]])                     # [img0v0, img1v0, img0v1, img1v1]
+    # fp32, D = 2, |x| <= 10: the loss (>= 1.4) off by <~ 10 * 4u = 2.4e-6 absolute, 1.7e-6 relative at worst;
+    # typical ~ 1/4 of that; the expected values have 8 digits
     assert SimclrInfoNCELoss(temperature, impl=impl)(rows).item() == pytest.approx(expected, rel=1e-6)
     assert MulticropSimclrInfoNCELoss(temperature, num_crops=2, impl=impl)(rows).item() == pytest.approx(
         expected, rel=1e-6)
@@ -102,6 +113,7 @@ def test_spec_small_explicit_case(impl, temperature, expected):
 @pytest.mark.parametrize("negatives", ["local", "global"])
 def test_spec_multicrop_collapsed_local_negatives(impl, negatives):
     loss = MulticropSimclrInfoNCELoss(0.1, num_crops=3, negatives=negatives, impl=impl)(torch.ones(12, 16))
+    # as test_spec_collapsed_is_log_r_minus_1 (D = 16)
     assert loss.item() == pytest.approx(math.log(10), rel=1e-6)
     assert loss.item() == pytest.approx(2.302585, rel=1e-6)
 
@@ -145,6 +157,8 @@ def test_matches_float64_oracle_values_and_gradients(impl, num_crops, temperatur
         got, got_g = _value_and_grad(lambda x: multicrop_simclr_info_nce_loss(
             x, temperature, num_crops, negatives, impl), h)
         assert got.dtype == torch.float64
+        # fp64, two formulas (log-sum-exp vs explicit sums of <= 20 exponentials of |x| <= 10): <~ 1e3 u = 1e-13
+        # apart in the value; gradients pass through 1/T and the normalisation (<~ 1e5 u): rtol 1e-9 leaves 1e3x
         torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
         torch.testing.assert_close(got_g, want_g, rtol=1e-9, atol=1e-14)
     if num_crops == 2:
@@ -158,6 +172,7 @@ def test_multicrop_two_crops_equals_simclr(impl):
     h = torch.randn(2 * 16, 32)
     a, ga = _value_and_grad(SimclrInfoNCELoss(0.2, impl=impl), h)
     b, gb = _value_and_grad(MulticropSimclrInfoNCELoss(0.2, num_crops=2, impl=impl), h)
+    # the same fp32 computation through two entry points: equal up to the default fp32 rtol (1.3e-6 ~ 20 u)
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(ga, gb)
 
@@ -169,9 +184,13 @@ def test_low_temperature_is_finite_and_accurate(impl):
     loss, grad = _value_and_grad(MulticropSimclrInfoNCELoss(0.02, num_crops=3, impl=impl), h)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     want, want_g = _value_and_grad(lambda x: oracle_info_nce(x, 3, 0.02), h.double())
+    # fp32 at T = 0.02: logits up to 50 with absolute errors <~ D u / T = 16 * 6e-8 * 50 = 5e-5, i.e. the loss
+    # to ~1e-4 relative; gradients are differences of softmax weights (relative error ~ logit error, times the
+    # 1/T chain factor of the near-cancelling positive terms): 1e-3 relative, 1e-5 absolute for entries ~0
     torch.testing.assert_close(loss.double(), want, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(grad.double(), want_g, rtol=1e-3, atol=1e-5)
     collapsed, grad_c = _value_and_grad(SimclrInfoNCELoss(0.02, impl=impl), torch.ones(8, 4))
+    # all logits 50 (D = 4 exact sums): the equal terms cancel exactly in lse - x_pos
     assert collapsed.item() == pytest.approx(math.log(7), rel=1e-6) and torch.isfinite(grad_c).all()
 
 
@@ -187,6 +206,8 @@ def test_bf16_under_autocast_gives_fp32(impl):
     loss.backward()
     assert lin.weight.grad is not None and torch.isfinite(lin.weight.grad).all()
     want = oracle_info_nce(h.detach().float(), 2, 0.1)
+    # the same bf16 embeddings (upcast); the loss accumulates in fp32: D = 32, |x| <= 10: <~ 32 u * 10 = 2e-5
+    # absolute worst case on a loss ~2.7, typical ~ sqrt(32) u * 10: rel 1e-5
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
     hb = torch.randn(3 * 4, 8).bfloat16().requires_grad_()
     lb = MulticropSimclrInfoNCELoss(0.1, num_crops=3, impl=impl)(hb)
@@ -198,6 +219,8 @@ def test_degenerate_inputs_reference():
     tiny = torch.randn(2 * 6, 8, dtype=torch.float64) * 1e-9
     got, got_g = _value_and_grad(SimclrInfoNCELoss(0.1), tiny)
     want, want_g = _value_and_grad(lambda x: oracle_info_nce(x, 2, 0.1), tiny)
+    # fp64 (rows of norm 1e-9 normalise without underflow): default fp64 rtol 1e-7 ~ 1e9 u, far above the
+    # ~1e3 u of two formulas; the gradient scales with 1 / ||h|| = 1e9, its relative error does not
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(got_g, want_g, rtol=1e-7, atol=0)
 
@@ -242,7 +265,8 @@ def test_auto_dispatch():
     assert resolve_impl("auto", cpu, 1024, 2048) == "reference"
     assert resolve_impl("reference", cpu, 10**6, 10**6) == "reference"
     h = torch.randn(2 * 8, 8, dtype=torch.float64)
-    torch.testing.assert_close(SimclrInfoNCELoss(0.1, impl="auto")(h), SimclrInfoNCELoss(0.1)(h))
+    # auto resolves to the reference here: the same computation (equal)
+    torch.testing.assert_close(SimclrInfoNCELoss(0.1, impl="auto")(h), SimclrInfoNCELoss(0.1)(h), rtol=0, atol=0)
 
 
 def test_repr_and_module_defaults():

@@ -138,12 +138,15 @@ def test_larc_test_vector_7():
         exact = 1e-3 * 10 / (0.5 + 1e-6 * 10 + 1e-8)
         if clip:
             exact = min(exact / 4.8, 1.0)
+        # fp32 parameters, norms of 4 elements and a few divisions: <~ 10 u = 6e-7 relative
         assert local == pytest.approx(exact, rel=1e-6)
         expected_grad = (g0 + 1e-6 * p0) * exact
         torch.testing.assert_close(p.grad, expected_grad, rtol=1e-6, atol=1e-12)
+        # p0 - lr * g: one more rounding of values up to 8 (u * 8 = 5e-7 absolute for the entries ~0: atol 1e-9
+        # suffices because those entries are exactly 0 - lr * g)
         torch.testing.assert_close(p.detach(), p0 - 4.8 * expected_grad, rtol=1e-6, atol=1e-9)
         assert opt.param_groups[0]["weight_decay"] == 1e-6  # restored
-    assert 4.8 * (1e-3 * 10 / (0.5 + 1e-5 + 1e-8)) == pytest.approx(0.0959981, abs=5e-8)
+    assert 4.8 * (1e-3 * 10 / (0.5 + 1e-5 + 1e-8)) == pytest.approx(0.0959981, abs=5e-8)  # 6 printed digits
 
 
 def _reference_larc_sgd(params, grads_per_step, groups, lrs_per_step, tc, eps, clip, momentum):
@@ -219,9 +222,10 @@ def test_larc_matches_float64_reference_over_steps(clip):
     got, opt, _ = _run_larc(params, grads, groups, lrs, clip)
     for s, (r, g) in enumerate(zip(ref, got)):
         for i, (a, b) in enumerate(zip(r, g)):
+            # float64 torch vs float64 NumPy, 4 steps of norms over <= 12 elements and SGD: <~ 100 u = 1e-14
             np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-14, err_msg=f"step {s} param {i}")
     # the zero-norm parameter's first step was plain SGD: p = -lr * g
-    np.testing.assert_allclose(got[0][1], -lrs[0][0] * grads[0][1], rtol=1e-12)
+    np.testing.assert_allclose(got[0][1], -lrs[0][0] * grads[0][1], rtol=1e-12)  # float64: one product
     assert [g["weight_decay"] for g in opt.param_groups] == [1e-2, 0.0, 5e-2]
 
 
@@ -279,7 +283,7 @@ def test_larc_norm_fn_called_once_per_step():
     assert calls == [2 * 4, 2 * 4]  # params 0-3 carry grads in the adapted groups: params + grads, one call
     for a, b in zip(with_spy, default):
         for x, y in zip(a, b):
-            np.testing.assert_allclose(x, y, rtol=1e-12)
+            np.testing.assert_allclose(x, y, rtol=1e-12)  # float64, vector_norm vs _foreach_norm: ~10 u apart
 
 
 def test_larc_drop_in_behaviour():
@@ -309,6 +313,7 @@ def test_local_norms():
     got = local_norms(ts)
     ref = [float(np.linalg.norm(t.double().numpy())) for t in ts]
     assert got.dtype == torch.float64 and got.shape == (3,)
+    # the fp32 tensor's norm (12 terms) is fp32-accurate: <~ 12 u = 7e-7 (bf16 is accumulated in fp32, exactly)
     np.testing.assert_allclose(got.numpy(), ref, rtol=1e-6)
     assert local_norms([]).shape == (0,)
 

@@ -1,7 +1,10 @@
 """Tests for scaleclr.optim.schedulers: fvcore scheduler math (spec 6.2) and VISSL LR auto-scaling (spec 6.1).
 
 References: the spec's test vector 6 and section 6.1 examples (values printed with 6-7 significant digits,
-compared with abs tolerance 1e-6), and closed-form formulas written out here.
+compared with abs tolerance 1e-6: half a unit of the printed last digit of values <= 4.8), and closed-form
+formulas written out here. Everything is Python float64: a closed form and the scheduler evaluate the same
+formula in another order, <~ 10 u = 1e-15 relative apart (rel 1e-12); ``pytest.approx``'s default (rel 1e-6)
+only where the expected value is itself a short float expression (exact to ~1e-16).
 """
 import copy
 import math

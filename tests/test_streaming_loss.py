@@ -2,9 +2,14 @@
 
 The dense reference (``info_nce_dense``) is itself checked against an explicit-loop oracle in
 ``test_losses.py``; here it serves as the float64 ground truth at sizes where loops would be slow.
-Tolerances: float64 streaming vs float64 reference ``rtol=1e-10``; fp32 vs float64 ``rtol=1e-4`` (values) /
-``1e-3`` relative to the gradient's max (gradients); bf16/fp16 inputs vs the float64 loss of the same rounded
-inputs ``rtol=1e-4``.
+Tolerances (u: unit roundoff; logits x = cos / T from D-term dot products, |x| <= 1/T <= 50; tiles sum N <= 6000
+columns): float64 streaming vs float64 reference ``rtol=1e-10`` (two summation orders: <~ (D + N) u / T = 3e-11);
+fp32 (default tiles) vs float64 ``rtol=1e-4`` (values: logit errors ~ sqrt(D) u / T = 3.4e-5 absolute at
+T = 0.02, D = 128, relative on losses >= 1) / ``1e-3`` of the gradient's max (gradients: per element the logit
+error times 1/T, not averaged over anchors); bf16/fp16 inputs vs the float64 loss of the same rounded inputs
+``rtol=1e-5`` (the loss accumulates in fp32: sqrt(64) u / 0.1 = 4.8e-6), their gradients (rounded to the input
+dtype, u_bf16 = 3.9e-3) ``1e-2``; distributed float64 vs the single-process oracle ``rtol=1e-9`` / ``1e-8``
+(gathered tiles, other sums: <~ 1e5 u, generous).
 """
 import math
 
@@ -72,6 +77,7 @@ def test_module_impl_streaming_matches_reference(negatives):
     h = torch.randn(4 * 24, 32, dtype=torch.float64)
     ref = _loss_grad(MulticropSimclrInfoNCELoss(0.1, 4, negatives, impl="reference"), h)
     st = _loss_grad(MulticropSimclrInfoNCELoss(0.1, 4, negatives, impl="streaming"), h)
+    # float64, N = 96 columns, D = 32, T = 0.1: <~ (D + N) u / T = 1.4e-13
     torch.testing.assert_close(st[0], ref[0], rtol=1e-12, atol=0)
     torch.testing.assert_close(st[1], ref[1], rtol=1e-10, atol=1e-15)
 
@@ -88,10 +94,12 @@ def test_degenerate_inputs(temperature):
         want, want_g = _loss_grad(lambda x: _dense64(x, temperature, 2), h.double())
         got, got_g = _loss_grad(_streaming(temperature, 2), h)
         assert torch.isfinite(got) and torch.isfinite(got_g).all(), name
+        # fp32, small tiles of 40 rows: as the fp32 case above (D = 64, T >= 0.02: 2.4e-5 absolute logit error,
+        # here on exactly representable logits for all_equal / orthogonal); atol for losses ~0
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7, msg=name)
         _assert_grad_close(got_g, want_g, 1e-4)
     collapsed = _streaming(temperature, 2)(torch.ones(80, 64))
-    assert collapsed.item() == pytest.approx(math.log(79), rel=1e-6)
+    assert collapsed.item() == pytest.approx(math.log(79), rel=1e-6)  # equal logits cancel: fp32 rounding of log
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -110,7 +118,8 @@ def test_low_precision_inputs_accumulate_in_fp32(dtype):
 def test_huge_upstream_gradient_is_exact_without_a_host_check():
     """At T=0.025 fixed-shift coefficients that contained a 1e30 upstream gradient would overflow fp32; they are
     taken relative to it (and the sum scaled back), so the backward needs no host-side overflow check.
-    Tolerance 1e-4 relative: fp32 tiles of length 100 vs the float64 reference (as for g = 1)."""
+    Tolerance 1e-4 of the gradient's max: fp32 tiles of length 100 vs the float64 reference (as for g = 1:
+    logit errors ~ sqrt(32) u / 0.025 = 1.4e-5, times 1/T in the gradient's chain: < 1e-4 of its max)."""
     h = torch.randn(2 * 50, 32)
     fn = _streaming(0.025, 2)
     _, want_g = _loss_grad(lambda x: _dense64(x, 0.025, 2), h.double())
@@ -221,4 +230,5 @@ def test_distributed_streaming_matches_single_process(world):
         loss, grad = ddp(name)
         torch.testing.assert_close(loss, want_loss, rtol=1e-9, atol=0)   # forward is unaffected
         rel = ((grad - want_grad).norm() / want_grad.norm()).item()
+        # the correct variant is within ~1e-12 (float64); a broken one is off by O(0.1): > 1e-3 is 1e9 x rounding
         assert rel > 1e-3, f"{name}: broken variant unexpectedly matched (rel err {rel:.2e})"

@@ -4,8 +4,12 @@ Reference: ``nn.BatchNorm{1,2}d`` applied in one process to the concatenation of
 the loss sum(y * g) over the whole batch. The SyncBN input gradient of each rank must equal the reference's rows
 for that rank; weight/bias gradients are per-rank shares whose sum (what DDP's all-reduce adds) equals the
 reference; running stats must equal the reference's and be bitwise identical on every rank of a group.
-Tolerances: float64 1e-10 (absolute), float32 1e-5, bf16 input (fp32 accumulation) 3e-2 on outputs/gradients
-(bf16 output rounding) and 1e-5 on running stats.
+Tolerances (max abs error relative to max(1, max |reference|); per channel n <= 40 values, |mean| <= 7, std >= 1;
+u: unit roundoff): float64 1e-10 (two summation orders of n terms differ by <~ n u |x| / std = 3e-14; 1e-10
+leaves 3000x); float32 1e-5 (the same, typically sqrt(n) u |x| / std = 2.7e-6 with u = 6e-8; worst case n u
+|x| / std = 1.7e-5 is not reached by random data); bf16 input with fp32 accumulation: outputs and input
+gradients are rounded to bf16, <= u_bf16 = 3.9e-3 relative, of values up to ~3: 3e-2 = 8 u_bf16 at the scale 1,
+leaves 2.5x for the gradient's own rounding; running statistics stay fp32-accurate on the same bf16 inputs: 1e-5.
 """
 import logging
 import sys
@@ -26,7 +30,7 @@ from scaleclr.distributed.sync_bn import (
     is_apex_available,
 )
 
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2}
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2}  # derived in the module docstring
 STEPS = 3
 
 
@@ -193,7 +197,7 @@ def _check_group(case, per_rank, group_ranks):
     """per_rank[r] = SyncBN records of rank r; compare with torch BN on the group's concatenated batch."""
     ref = _reference(case, group_ranks)
     tol = TOL[case["dtype"]]
-    stat_tol = 1e-5 if case["dtype"] == torch.bfloat16 else tol
+    stat_tol = 1e-5 if case["dtype"] == torch.bfloat16 else tol  # bf16 inputs, fp32 statistics
     name = case["name"]
     for step in range(STEPS):
         for k, r in enumerate(group_ranks):
@@ -249,7 +253,7 @@ def test_world2_matches_bn_on_concatenated_batch():
     (y * g_model).sum().backward()
     got_y = torch.cat([res[r]["model"]["y"] for r in range(2)])
     got_dx = torch.cat([res[r]["model"]["dx"] for r in range(2)])
-    _close(got_y, y.detach(), 1e-10, "model output")
+    _close(got_y, y.detach(), 1e-10, "model output")  # float64 model: as TOL[float64]
     _close(got_dx, x.grad, 1e-10, "model input grad")
     for n, p in ref_model.named_parameters():
         _close(res[0]["model"]["grads"][n] + res[1]["model"]["grads"][n], p.grad, 1e-10, f"model grad {n}")
@@ -281,7 +285,8 @@ def test_world4_whole_world_and_groups_of_two():
         per_rank = [res[r]["groups"][case["name"]] for r in range(4)]
         _check_group(case, per_rank, [0, 1])
         _check_group(case, per_rank, [2, 3])
-        for step in range(STEPS):  # the two groups normalise with different statistics
+        for step in range(STEPS):  # the two groups normalise with different statistics (different data:
+            # their means differ by O(0.1), 1e-3 is 1e7 x float64 rounding)
             assert (per_rank[0][step]["rm"] - per_rank[2][step]["rm"]).abs().max() > 1e-3
 
     checks = [res[r]["checks"] for r in range(4)]

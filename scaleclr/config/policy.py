@@ -76,12 +76,6 @@ POLICIES: List[KeyPolicy] = [
               "depth and width: config.MODEL.TRUNK.RESNETS)"),
     KeyPolicy("config.MODEL.INPUT_TYPE", "error", "scaleclr trains on RGB images only (INPUT_TYPE rgb)"),
     KeyPolicy("engine_name", "error", "train.py pretrains (engine_name train); evaluation is chosen by its config"),
-    KeyPolicy("config.SLURM.USE_SLURM", "error", "submit slurm/train.sbatch (README 'Running on SLURM')"),
-    KeyPolicy("config.SLURM.PARTITION", "warn", "SLURM options are read only with config.SLURM.USE_SLURM=True"),
-    KeyPolicy("config.SLURM.TIME_HOURS", "warn", "SLURM options are read only with config.SLURM.USE_SLURM=True"),
-    KeyPolicy("config.SLURM.MEM_GB", "warn", "SLURM options are read only with config.SLURM.USE_SLURM=True"),
-    KeyPolicy("config.SLURM.NUM_CPU_PER_PROC", "warn", "SLURM options are read only with config.SLURM.USE_SLURM=True"),
-    KeyPolicy("config.SLURM.PORT_ID", "warn", "SLURM options are read only with config.SLURM.USE_SLURM=True"),
 ]
 
 

@@ -296,6 +296,9 @@ class CheckpointConfig:
     OVERWRITE_EXISTING: bool = False
     LATEST_CHECKPOINT_RESUME_FILE_NUM: int = 1
     APPEND_DISTR_RUN_ID: bool = False
+    # >= 0: keep the last KEEP_LAST model_iteration* checkpoints (and every epoch checkpoint VISSL's
+    # CHECKPOINT_FREQUENCY rule keeps, the final one, and the one 'latest' points at); -1: keep all
+    KEEP_LAST: int = -1
 
 
 @dataclass
@@ -321,6 +324,9 @@ class HooksConfig:
 class TrainerConfig:
     TRAIN_STEP_NAME: str = "standard_train_step"
     MAX_ITERATIONS: int = -1  # > 0: stop after this many iterations (smoke runs); schedule unchanged
+    # signals that make every rank finish its step, checkpoint it and exit 75 (resumable); [] = off.
+    # SIGUSR1: slurm/train.sbatch's --signal=USR1@s before the time limit; SIGTERM: preemption, kill, torchrun
+    STOP_SIGNALS: List[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
 
 
 @dataclass
@@ -350,12 +356,23 @@ class KnnEvalConfig:
 
 @dataclass
 class SlurmConfig:
+    """VISSL's submitit options (``config.SLURM.USE_SLURM=True``: train.py submits the run; see
+    ``scaleclr.slurm``). Nodes and GPUs come from ``config.DISTRIBUTED`` (one task per node)."""
     USE_SLURM: bool = False
-    PARTITION: str = ""
+    NAME: str = "vissl"  # job name
+    COMMENT: str = "vissl job"
+    PARTITION: str = ""  # required with USE_SLURM
+    LOG_FOLDER: str = "."  # submitit's folder: job scripts, pickles, stdout/stderr
     TIME_HOURS: int = 72
-    MEM_GB: int = 250
-    NUM_CPU_PER_PROC: int = 8
-    PORT_ID: int = 40050
+    TIME_MINUTES: int = 0
+    CONSTRAINT: str = ""  # e.g. volta
+    MEM_GB: int = 250  # per node
+    PORT_ID: int = 40050  # rendezvous port on the first node
+    NUM_CPU_PER_PROC: int = 8  # CPUs per GPU (the task gets NUM_CPU_PER_PROC x NUM_PROC_PER_NODE)
+    ADDITIONAL_PARAMETERS: Dict[str, Any] = field(default_factory=dict)  # more sbatch options, submitit-style
+    # scaleclr: seconds before the time limit at which SLURM sends the stop signal (submitit's signal_delay_s)
+    SIGNAL_DELAY_S: int = 120
+    MAX_NUM_TIMEOUT: int = 3  # scaleclr: how many times a job may reach its time limit and be requeued (submitit)
 
 
 @dataclass

@@ -164,11 +164,57 @@ def validate(root: DictConfig) -> None:
         raise ConfigError("config.MODEL.FSDP_CONFIG.HSDP_REPLICATE", "must be >= 1.")
     if c.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY == 0 or c.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY < -1:
         raise ConfigError("config.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY", "must be -1 (off) or > 0.")
+    if c.CHECKPOINT.KEEP_LAST < -1:
+        raise ConfigError("config.CHECKPOINT.KEEP_LAST", f"= {c.CHECKPOINT.KEEP_LAST}; allowed: -1 (keep every "
+                          "checkpoint) or k >= 0 (keep the last k model_iteration checkpoints).")
+    _check_stop_signals(root)
+    _check_slurm(root)
     _check_weights_init(root)
     _check_data(root)
     _check_transforms(root)
     check_linear_eval(root)
     _check_loss_vs_views(root)
+
+
+def _check_stop_signals(root) -> None:
+    from scaleclr.distributed.stop import parse_signals
+
+    key = "config.TRAINER.STOP_SIGNALS"
+    try:
+        parse_signals(root.config.TRAINER.STOP_SIGNALS, key)
+    except ValueError as e:
+        raise ConfigError(key, str(e).split(": ", 1)[1]) from None
+
+
+def _check_slurm(root) -> None:
+    """``config.SLURM.*`` (VISSL's submitit keys), checked when USE_SLURM is on."""
+    s = root.config.SLURM
+    if not s.USE_SLURM:
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("submitit") is None:
+        raise ConfigError("config.SLURM.USE_SLURM", "= True needs submitit: pip install -e '.[slurm]' (or "
+                          "pip install submitit), or submit slurm/train.sbatch instead.")
+    if not s.PARTITION:
+        raise ConfigError("config.SLURM.PARTITION", "is empty; USE_SLURM=True needs the partition to submit to "
+                          "(sinfo lists them).")
+    if s.TIME_HOURS < 0 or s.TIME_MINUTES < 0 or s.TIME_HOURS * 60 + s.TIME_MINUTES <= 0:
+        raise ConfigError("config.SLURM.TIME_HOURS", f"= {s.TIME_HOURS} with TIME_MINUTES = {s.TIME_MINUTES}: the "
+                          "time limit must be > 0 minutes (both >= 0).")
+    _positive(root, ["config.SLURM.MEM_GB", "config.SLURM.NUM_CPU_PER_PROC"])
+    _positive(root, ["config.SLURM.SIGNAL_DELAY_S", "config.SLURM.MAX_NUM_TIMEOUT"], allow_zero=True)
+    if not 0 < s.PORT_ID < 65536:
+        raise ConfigError("config.SLURM.PORT_ID", f"= {s.PORT_ID} is not a TCP port (1-65535).")
+    if s.SIGNAL_DELAY_S >= (s.TIME_HOURS * 60 + s.TIME_MINUTES) * 60:
+        raise ConfigError("config.SLURM.SIGNAL_DELAY_S", f"= {s.SIGNAL_DELAY_S} s is not shorter than the time "
+                          "limit (TIME_HOURS/TIME_MINUTES): the job would be signalled as it starts.")
+    if not isinstance(OmegaConf.to_container(s.ADDITIONAL_PARAMETERS, resolve=True), dict):
+        raise ConfigError("config.SLURM.ADDITIONAL_PARAMETERS", "must be a mapping of sbatch options, e.g. "
+                          "{account: myproj}.")
+    if not root.config.TRAINER.STOP_SIGNALS:
+        raise ConfigError("config.TRAINER.STOP_SIGNALS", "is empty but USE_SLURM=True: the job could not "
+                          "checkpoint on preemption or at the time limit; keep SIGTERM in the list.")
 
 
 def _check_head_lr(root) -> None:

@@ -36,8 +36,8 @@ def simclr_collator(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
     Returns:
         ``{"data": [V*B, 3, H, W], "label": [V*B], "data_idx": [V*B], "skipped": int}``; row ``v*B + i`` is
-        view ``v`` of sample ``i``; ``skipped`` is the number of unreadable files met in this batch; plus
-        ``"aug_params": [V*B, P]`` (same rows) when the samples carry them.
+        view ``v`` of sample ``i``; ``skipped`` is the number of its samples whose file was unreadable (replaced
+        by the next readable one); plus ``"aug_params": [V*B, P]`` (same rows) when the samples carry them.
 
     Raises:
         ValueError: views of different shapes (multi-crop needs ``multicrop_collator``).

@@ -8,7 +8,9 @@ workers (which hold their own copy of the dataset) as long as it is called befor
 
 Unreadable images are skipped instead of crashing a long run (VISSL substitutes a gray image, spec 7.1):
 the next readable index (``idx + 1``, ``idx + 2``, ... modulo the length) is used instead, a warning names
-each bad file once per process, and ``skipped`` counts the bad files hit so the trainer can report them.
+each bad file once per process, and ``skipped`` is 1 for a sample whose own file is unreadable: every index is
+visited once per epoch (across ranks and workers), so the trainer's sum counts each unreadable file once per
+epoch, however many substitution attempts three bad files in a row take.
 
 With the two-stage data path (``transforms`` a :class:`scaleclr.data.host_stage.HostStage`) a sample is
 opened, planned and decoded inside the same skipping loop, so bad files meet the same rules, and each
@@ -47,26 +49,25 @@ class _SkippingLoader:
         self._bad: set[int] = set()  # per process; a bad file is decoded (and warned about) once
 
     def load(self, idx: int, fetch: Callable[[int], Any] | None = None) -> tuple[Any, int, int]:
-        """Returns ``(fetch(j), index j actually loaded, number of bad files hit)``; ``fetch`` defaults to
-        ``source.load`` (the decoded image).
+        """Returns ``(fetch(j), index j actually loaded, 1 if the file of idx itself is unreadable else 0)``;
+        ``fetch`` defaults to ``source.load`` (the decoded image).
 
         Raises:
             RuntimeError: ``max_attempts`` consecutive images starting at ``idx`` are unreadable.
         """
         fetch = self.source.load if fetch is None else fetch
         n = len(self.source)
-        skipped = 0
-        for attempt in range(min(self.max_attempts, n)):
+        attempts = min(self.max_attempts, n)
+        for attempt in range(attempts):
             j = (idx + attempt) % n
             if j not in self._bad:
                 try:
-                    return fetch(j), j, skipped
+                    return fetch(j), j, int(attempt > 0)
                 except DECODE_ERRORS as e:
                     self._bad.add(j)
                     logger.warning("skipping unreadable image %s (index %d): %s: %s",
                                    self.source.path(j), j, type(e).__name__, e)
-            skipped += 1
-        raise RuntimeError(f"{skipped} consecutive images from index {idx} ({self.source.path(idx)}) are "
+        raise RuntimeError(f"{attempts} consecutive images from index {idx} ({self.source.path(idx)}) are "
                            f"unreadable; check the dataset files")
 
 
@@ -84,7 +85,7 @@ class SSLDataset(torch.utils.data.Dataset):
 
     Shapes:
         ``__getitem__`` returns ``{"data": [V tensors [3, H_v, W_v]], "label": int, "data_idx": int,
-        "skipped": int}``. ``data_idx`` is the requested index (the sampler's), even when a following
+        "skipped": 0 | 1}``. ``data_idx`` is the requested index (the sampler's), even when a following
         image was substituted for an unreadable one; ``label`` is the loaded image's label (-1 if unknown).
         With a ``HostStage`` the views are uint8 and the dict also holds ``"aug_params"``: float32
         ``[V, P]``, row ``v`` the device-stage parameters of view ``v``.

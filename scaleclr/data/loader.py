@@ -3,26 +3,38 @@
 Workers are persistent (no re-fork and no re-decoding of the file list every epoch) and run one intra-op
 thread each: augmentation parallelism comes from the worker count (``config.DATA.NUM_DATALOADER_WORKERS``),
 and N workers x M threads oversubscribes the CPUs that also feed the GPU. Worker seeding is irrelevant
-for the augmentations (they use per-sample generators, ``scaleclr.data.transforms``).
+for the augmentations (they use per-sample generators, ``scaleclr.data.transforms``), and the loader draws
+its workers' base seed from a private generator: ``iter(loader)`` (every epoch, and on resume) must not
+consume the global RNG that dropout uses, or a resumed run's random ops would differ from the uninterrupted
+run's.
+
+Workers ignore the training process's stop signals (``ignore_signals``, ``config.TRAINER.STOP_SIGNALS``):
+SLURM signals every process of a step, and a worker killed by SIGTERM would make the DataLoader raise
+instead of letting the trainer checkpoint; the training process alone acts on them.
 """
 from __future__ import annotations
 
+import functools
 import multiprocessing
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 
-def _worker_init(worker_id: int) -> None:
+def _worker_init(ignore_signals: tuple, worker_id: int) -> None:
+    for s in ignore_signals:
+        signal.signal(s, signal.SIG_IGN)
     torch.set_num_threads(1)
 
 
 def build_dataloader(dataset: torch.utils.data.Dataset, batch_size: int, num_workers: int,
                      collate_fn: Callable[[list], Any] | None, sampler: torch.utils.data.Sampler | None,
                      pin_memory: bool = False, prefetch_factor: int = 2,
-                     multiprocessing_context: str | None = None) -> torch.utils.data.DataLoader:
+                     multiprocessing_context: str | None = None, ignore_signals: Sequence[int] = ()
+                     ) -> torch.utils.data.DataLoader:
     """Wraps ``dataset`` in a ``DataLoader`` fed by ``sampler``.
 
     Args:
@@ -36,6 +48,7 @@ def build_dataloader(dataset: torch.utils.data.Dataset, batch_size: int, num_wor
         prefetch_factor: batches loaded ahead per worker.
         multiprocessing_context: start method of the workers; default ``fork`` on Linux (cheap start,
             shared source pages), the platform default elsewhere.
+        ignore_signals: signals the workers ignore (the training process's stop signals).
 
     Raises:
         ValueError: ``batch_size < 1`` or ``num_workers < 0``.
@@ -48,9 +61,10 @@ def build_dataloader(dataset: torch.utils.data.Dataset, batch_size: int, num_wor
     if num_workers > 0:
         if multiprocessing_context is None and sys.platform.startswith("linux"):
             multiprocessing_context = "fork"
-        kwargs.update(persistent_workers=True, prefetch_factor=prefetch_factor, worker_init_fn=_worker_init,
+        kwargs.update(persistent_workers=True, prefetch_factor=prefetch_factor,
+                      worker_init_fn=functools.partial(_worker_init, tuple(int(s) for s in ignore_signals)),
                       multiprocessing_context=(multiprocessing.get_context(multiprocessing_context)
                                                if multiprocessing_context else None))
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
                                        num_workers=num_workers, collate_fn=collate_fn, pin_memory=pin_memory,
-                                       drop_last=False, **kwargs)
+                                       drop_last=False, generator=torch.Generator().manual_seed(0), **kwargs)

@@ -11,13 +11,21 @@ dies under another launcher cannot hang the rest forever.
 One task per node (VISSL's SLURM layout, ``srun --ntasks-per-node=1`` over several nodes): each task is an
 agent that spawns its node's NUM_PROC_PER_NODE workers (:func:`spawn` with ``agent``), global rank =
 node x NUM_PROC_PER_NODE + local rank, rendezvous at the address SLURM's node list gives.
+
+Stop signals (``config.TRAINER.STOP_SIGNALS``, :mod:`scaleclr.distributed.stop`): every worker installs the
+stop handler before anything else; a spawning parent blocks the signals while it starts the workers (they
+inherit the mask, so a signal during their start-up waits instead of killing them), then forwards each stop
+signal to every live worker. A worker that stopped on a signal exits with ``EXIT_RESUMABLE`` (75) and the
+parent returns that status.
 """
 import logging
 import os
+import signal
 import socket
 import sys
 import tempfile
-from typing import Callable, Optional
+from multiprocessing import resource_tracker
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.multiprocessing as mp
@@ -25,10 +33,16 @@ from omegaconf import OmegaConf
 
 from scaleclr.config.errors import ConfigError
 from scaleclr.distributed.env import DistEnv, init_process_group
+from scaleclr.distributed.stop import EXIT_RESUMABLE, SignalForwarder, StopSignal, parse_signals
 
 logger = logging.getLogger(__name__)
 
-Worker = Callable[[object, DistEnv, str], int]
+Worker = Callable[[object, DistEnv, str, StopSignal], int]
+
+
+def stop_signals(root) -> List[signal.Signals]:
+    """The signals that make a worker checkpoint and stop (``config.TRAINER.STOP_SIGNALS``)."""
+    return parse_signals(root.config.TRAINER.STOP_SIGNALS)
 
 
 def free_port() -> int:
@@ -70,28 +84,34 @@ def threads_per_worker(local_world_size: int) -> int:
     return max(1, (os.cpu_count() or 1) // local_world_size)
 
 
-def run_in_process(worker: Worker, root, env: DistEnv, backend: str, init_method: Optional[str]) -> int:
-    """Run one worker here (world of 1, or a launcher-started process)."""
+def run_in_process(worker: Worker, root, env: DistEnv, backend: str, init_method: Optional[str],
+                   stop: Optional[StopSignal] = None) -> int:
+    """Run one worker here (world of 1, or a launcher-started process). The stop handler is installed first,
+    so a signal during the rendezvous is not fatal either."""
+    stop = stop or StopSignal(stop_signals(root)).install()
     if root.config.DISTRIBUTED.NCCL_DEBUG:
         os.environ.setdefault("NCCL_DEBUG", "INFO")  # VISSL's DISTRIBUTED.NCCL_DEBUG
     if env.world_size > 1:
         init_process_group(env, backend, init_method, root.config.DISTRIBUTED.TIMEOUT_SECONDS)
     try:
-        return worker(root, env, backend)
+        return worker(root, env, backend, stop)
     finally:
+        stop.ignore_from_now()  # the checkpoint is recorded: a late signal must not kill the teardown
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
 def _spawn_entry(local_rank: int, worker: Worker, yaml_cfg: str, node: DistEnv, nproc: int, backend: str,
-                 init_method: Optional[str]) -> None:
+                 init_method: Optional[str], signals: Sequence[int]) -> None:
+    stop = StopSignal(signals).install()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)  # blocked by the parent until now: pending ones arrive
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     torch.set_num_threads(threads_per_worker(nproc))
     root = OmegaConf.create(yaml_cfg)
     env = node.for_spawned_worker(local_rank, nproc)
     os.environ.update(RANK=str(env.rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(env.world_size))
     try:
-        rc = run_in_process(worker, root, env, backend, init_method)
+        rc = run_in_process(worker, root, env, backend, init_method, stop)
     except BaseException:
         # every failing rank says so (the launcher re-raises only the first failure it notices, which may be a
         # rank that merely lost its peer)
@@ -101,12 +121,14 @@ def _spawn_entry(local_rank: int, worker: Worker, yaml_cfg: str, node: DistEnv, 
         sys.exit(rc)
 
 
-def spawn(worker: Worker, root, backend: str, agent: Optional[DistEnv] = None) -> int:
+def spawn(worker: Worker, root, backend: str, agent: Optional[DistEnv] = None,
+          started: Optional[Callable[[object], None]] = None) -> int:
     """Start NUM_PROC_PER_NODE workers on this node and wait for them.
 
     Args:
         agent: ``None``: this node is ``node_id`` of the config, rendezvous from INIT_METHOD / RUN_ID (VISSL).
             Else the env of a one-task-per-node launcher (SLURM): its node rank and master address are used.
+        started: called with the workers' ``ProcessContext`` once they run (submitit's checkpoint waits on it).
     """
     d = root.config.DISTRIBUTED
     nproc = d.NUM_PROC_PER_NODE
@@ -122,13 +144,44 @@ def spawn(worker: Worker, root, backend: str, agent: Optional[DistEnv] = None) -
                 init_method or f"tcp://{node.master_addr}:{node.master_port}")
     yaml_cfg = OmegaConf.to_yaml(root, resolve=True)
     method = root.config.MULTI_PROCESSING_METHOD
+    signals = stop_signals(root)
+    forwarder = None
     try:
-        mp.start_processes(_spawn_entry, args=(worker, yaml_cfg, node, nproc, backend, init_method),
-                           nprocs=nproc, join=True, start_method=method)
+        context, forwarder = _start_forwarding(lambda: mp.start_processes(
+            _spawn_entry, args=(worker, yaml_cfg, node, nproc, backend, init_method, signals), nprocs=nproc,
+            join=False, start_method=method), signals)
+        if started is not None:
+            started(context)
+        while not context.join():
+            pass
     except mp.ProcessRaisedException as e:
         logger.error("a worker failed; all workers were stopped:\n%s", e)
         return 1
     except mp.ProcessExitedException as e:
-        logger.error("a worker exited with code %s; all workers were stopped", e.exit_code)
+        if e.exit_code == EXIT_RESUMABLE:
+            logger.info("the workers stopped on a signal after writing a checkpoint (exit status %d: rerun to "
+                        "resume)", EXIT_RESUMABLE)
+        else:
+            logger.error("a worker exited with code %s; all workers were stopped", e.exit_code)
         return e.exit_code or 1
+    finally:
+        if forwarder is not None:
+            forwarder.restore()
     return 0
+
+
+def _start_forwarding(start: Callable[[], "mp.ProcessContext"], signals: Sequence[int]):
+    """``start()`` the workers with ``signals`` blocked, then forward those signals to them.
+
+    The children inherit the mask and unblock it once their stop handler is installed, so a signal during
+    their start-up waits instead of killing them; a signal the parent got meanwhile is forwarded when the
+    parent's mask is restored. Returns ``(context, forwarder)``.
+    """
+    resource_tracker.ensure_running()  # CPython's tracker unblocks SIGTERM when it starts: start it first
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        context = start()
+        forwarder = SignalForwarder(signals, lambda: [p.pid for p in context.processes if p.is_alive()]).install()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    return context, forwarder

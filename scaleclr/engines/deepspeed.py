@@ -70,7 +70,7 @@ from torch import nn
 from scaleclr.distributed.collectives import broadcast_buffers, collective_device, ensure_process_group
 from scaleclr.engines.base import Engine, OptimizerFactory
 from scaleclr.engines.precision import batchnorm_fp32
-from scaleclr.io import atomic_torch_save, atomic_write_text
+from scaleclr.io import atomic_torch_save, atomic_write_text, fsync_dir, fsync_files
 from scaleclr.optim.larc import LARC
 
 logger = logging.getLogger(__name__)
@@ -337,6 +337,8 @@ class DeepSpeedEngine(Engine):
         self.ds.save_checkpoint(directory, tag=tag, client_state={"scaleclr": client_state,
                                                                   "scaleclr_meta": self._meta()},
                                 save_latest=False)
+        self._fsync_own_files(path)
+        dist.barrier()  # every rank's files are durable before the meta file marks the checkpoint complete
         if self.rank == 0:
             # + the position, so offline readers (scaleclr.export) know it without unpickling DeepSpeed's files
             meta = {**self._meta(), "train_state": dict(client_state.get("train_state", {}))}
@@ -347,6 +349,18 @@ class DeepSpeedEngine(Engine):
                 atomic_torch_save(consolidated_payload(state, self._meta(), tag), path + CONSOLIDATED_SUFFIX)
         dist.barrier()
         return path
+
+    def _fsync_own_files(self, path: str) -> None:
+        """fsync the files this rank wrote (DeepSpeed's torch.save does not): its ZeRO partition
+        ``*zero_pp_rank_<rank>_*``; rank 0 also the model states and the directory entries."""
+        names = os.listdir(path)
+        mine = [n for n in names if f"pp_rank_{self.rank}_" in n]
+        if self.rank == 0:
+            mine += [n for n in names if n.startswith("mp_rank_")]
+        fsync_files(os.path.join(path, n) for n in mine)
+        if self.rank == 0:
+            fsync_dir(path)
+            fsync_dir(os.path.dirname(os.path.abspath(path)))
 
     def load(self, path: str) -> Dict[str, Any]:
         directory, tag = os.path.split(os.path.normpath(path))

@@ -18,8 +18,8 @@ Precision: ``FSDP_CONFIG.MIXED_PRECISION`` (``none`` | ``bfloat16`` | ``float16`
 ``AMP_PARAMS.USE_AMP`` + ``AMP_DTYPE`` select it) is FSDP2's ``MixedPrecisionPolicy`` (low-precision all-gathered
 parameters, fp32 gradient reduction, fp32 sharded master weights and optimizer state) plus ``torch.autocast`` in the
 same dtype, i.e. the DDP engine's AMP policy: convs/linears in low precision, BatchNorm with fp32 (replicated)
-parameters, fp32 running statistics and accumulation, activations in the autocast dtype. float16 adds a sharded
-gradient scaler.
+parameters, fp32 running statistics and accumulation, activations in the autocast dtype. float16 adds a dynamic
+loss scaler (:class:`ShardLossScaler`: torch.amp.GradScaler's rule over sharded and replicated gradients).
 
 Checkpoints are directories written with ``torch.distributed.checkpoint`` (DCP): sharded model and optimizer
 state (``get_state_dict``/``set_state_dict``: parameters by name, resharded on load, so a checkpoint written by N
@@ -48,7 +48,7 @@ from scaleclr.io import atomic_torch_save, replace_dir
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FSDPEngine", "dtensor_norms", "load_full_state_dict", "export_checkpoint", "CLIENT_FILE"]
+__all__ = ["FSDPEngine", "ShardLossScaler", "dtensor_norms", "load_full_state_dict", "export_checkpoint", "CLIENT_FILE"]
 
 CLIENT_FILE = "client_state.torch"
 
@@ -111,6 +111,66 @@ def dtensor_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return sq.sqrt().float()
 
 
+class ShardLossScaler:
+    """Dynamic fp16 loss scaling over sharded (``DTensor``) and replicated gradients: ``torch.amp.GradScaler``'s
+    rule (scale 2**16, x2 after 2000 finite steps, x0.5 and the step skipped on inf/NaN) and state-dict keys.
+
+    torch's ``ShardedGradScaler`` unscales all gradients of one device and dtype in one foreach call, which cannot
+    mix ``DTensor`` shards with the replicated BatchNorm parameters' plain tensors. Here the local shards and the
+    replicated gradients are unscaled together as plain tensors, and the found-inf flag is summed over the ranks
+    with ONE all-reduce (a shard's overflow is seen by every rank). ``step`` reads that flag on the host, as
+    ``GradScaler.step`` does.
+    """
+
+    def __init__(self, device: torch.device, init_scale: float = 2.0 ** 16, growth_factor: float = 2.0,
+                 backoff_factor: float = 0.5, growth_interval: int = 2000):
+        self.growth_factor, self.backoff_factor, self.growth_interval = growth_factor, backoff_factor, growth_interval
+        self._scale = torch.full((), init_scale, dtype=torch.float32, device=device)
+        self._growth_tracker = torch.zeros((), dtype=torch.int32, device=device)
+        self._found_inf: Optional[torch.Tensor] = None
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self._scale.to(loss.device)
+
+    def get_scale(self) -> float:
+        return float(self._scale)
+
+    def unscale_(self, params: Sequence[torch.Tensor]) -> None:
+        """Divide every gradient by the scale in place; record whether any rank saw a non-finite value."""
+        found = torch.zeros(1, dtype=torch.float32, device=self._scale.device)
+        inv = self._scale.double().reciprocal().float()
+        by_dtype: Dict[Any, List[torch.Tensor]] = defaultdict(list)
+        for p in params:
+            g = p.grad.to_local() if isinstance(p.grad, _dtensor_cls()) else p.grad
+            by_dtype[(g.device, g.dtype)].append(g)
+        for grads in by_dtype.values():
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, inv.to(grads[0].device))
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(found)
+        self._found_inf = found
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        assert self._found_inf is not None, "unscale_ before step"
+        if not self._found_inf.item():
+            optimizer.step()
+
+    def update(self) -> None:
+        torch._amp_update_scale_(self._scale, self._growth_tracker, self._found_inf, self.growth_factor,
+                                 self.backoff_factor, self.growth_interval)
+        self._found_inf = None
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"scale": self.get_scale(), "growth_factor": self.growth_factor,
+                "backoff_factor": self.backoff_factor, "growth_interval": self.growth_interval,
+                "_growth_tracker": int(self._growth_tracker)}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self._scale.fill_(state["scale"])
+        self._growth_tracker.fill_(state["_growth_tracker"])
+        self.growth_factor, self.backoff_factor = state["growth_factor"], state["backoff_factor"]
+        self.growth_interval = state["growth_interval"]
+
+
 class FSDPEngine(Engine):
     """FSDP2 engine; see the module docstring."""
 
@@ -137,8 +197,7 @@ class FSDPEngine(Engine):
                                         split=lambda p: "sharded" if isinstance(p, _dtensor_cls()) else "replicated")
         self.scaler = None
         if self.spec.precision.grad_scaler:
-            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-            self.scaler = ShardedGradScaler(device=self.device.type)
+            self.scaler = ShardLossScaler(self.device)
         self.clip = float(self.spec.gradient_clipping)
         logger.info("FSDP2: mesh %s, unit=%s, reshard_after_forward=%s, %s, activation checkpointing %s",
                     tuple(self.mesh.shape), fs.shard_unit, fs.reshard_after_forward, self.spec.precision.describe(),
@@ -182,7 +241,7 @@ class FSDPEngine(Engine):
     def step(self) -> None:
         self.reduce_replicated_grads()
         if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
+            self.scaler.unscale_(self._params_with_grad())
         if self.clip > 0:
             self.clip_grad_norm(self.clip)
         if self.scaler is not None:

@@ -1,0 +1,73 @@
+"""config.CHECKPOINT.KEEP_LAST: the checkpoint manager keeps the last k iteration checkpoints, every epoch
+checkpoint VISSL's CHECKPOINT_FREQUENCY rule keeps, the final one and the one 'latest' points at; files and
+directories (FSDP / DeepSpeed) alike, with DeepSpeed's consolidated export; the pointer first."""
+import json
+import os
+
+import pytest
+import torch
+
+from scaleclr.checkpoint import CheckpointManager
+
+
+def _write(tmp_path, name, directory=False):
+    p = tmp_path / name
+    if directory:
+        p.mkdir()
+        (p / "shard.distcp").write_bytes(b"x")
+        (tmp_path / f"{name}_consolidated_fp32.torch").write_bytes(b"x")
+        return str(p)
+    torch.save({"w": torch.ones(1)}, p)
+    return str(p)
+
+
+def _names(tmp_path):
+    return sorted(n for n in os.listdir(tmp_path) if n.startswith("model_"))
+
+
+def test_keep_last_two_with_epoch_frequency_two(tmp_path):
+    m = CheckpointManager(str(tmp_path), keep_last=2, epoch_frequency=2)
+    (tmp_path / "model_iteration99.torch").write_bytes(b"never recorded: not ours to delete")
+    seq = [("model_iteration1.torch", 0, 1, False, False), ("model_iteration2", 0, 2, False, True),
+           ("model_phase0.torch", 1, 4, False, False), ("model_iteration5.torch", 1, 5, False, False),
+           ("model_phase1.torch", 2, 8, False, False),  # E=1: not kept by the rule (a stop at an epoch end)
+           ("model_iteration9.torch", 2, 9, False, False), ("model_final_checkpoint_phase2.torch", 3, 12, True, False)]
+    left = []
+    for name, done, step, final, directory in seq:
+        m.record(_write(tmp_path, name, directory), "ddp", done, step, final)
+        left.append(_names(tmp_path))
+    assert left[2] == ["model_iteration1.torch", "model_iteration2", "model_iteration2_consolidated_fp32.torch",
+                       "model_iteration99.torch", "model_phase0.torch"]
+    assert left[3] == ["model_iteration2", "model_iteration2_consolidated_fp32.torch", "model_iteration5.torch",
+                       "model_iteration99.torch", "model_phase0.torch"]
+    assert left[4] == ["model_iteration5.torch", "model_iteration99.torch", "model_phase0.torch",
+                       "model_phase1.torch"]
+    assert left[6] == ["model_final_checkpoint_phase2.torch", "model_iteration9.torch", "model_iteration99.torch",
+                       "model_phase0.torch", "model_phase1.torch"]
+    pointer = json.loads((tmp_path / "checkpoint.json").read_text())
+    assert [h["path"] for h in pointer["history"]] == ["model_phase0.torch", "model_phase1.torch",
+                                                       "model_iteration9.torch", "model_final_checkpoint_phase2.torch"]
+    assert m.latest()["path"] == "model_final_checkpoint_phase2.torch"
+    assert m.latest(2)["path"] == "model_iteration9.torch"
+
+
+def test_keep_last_zero_keeps_only_what_latest_points_at(tmp_path):
+    m = CheckpointManager(str(tmp_path), keep_last=0)
+    for step in (1, 2, 3):
+        m.record(_write(tmp_path, f"model_iteration{step}.torch"), "ddp", 0, step, False)
+        assert _names(tmp_path) == [f"model_iteration{step}.torch"]
+    assert m.latest()["path"] == "model_iteration3.torch"
+
+
+def test_keep_all_by_default(tmp_path):
+    m = CheckpointManager(str(tmp_path))
+    for step in (1, 2, 3):
+        m.record(_write(tmp_path, f"model_iteration{step}.torch"), "ddp", 0, step, False)
+    assert len(_names(tmp_path)) == 3
+
+
+def test_keep_last_is_validated():
+    from scaleclr.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"config\.CHECKPOINT\.KEEP_LAST: = -2; allowed: -1"):
+        load_config(["config=test/integration_test/quick_simclr_synthetic", "config.CHECKPOINT.KEEP_LAST=-2"])

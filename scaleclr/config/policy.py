@@ -23,7 +23,7 @@ from scaleclr.config.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["KeyPolicy", "POLICIES", "apply_policies"]
+__all__ = ["KeyPolicy", "POLICIES", "apply_policies", "policy_table"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,15 @@ POLICIES: List[KeyPolicy] = [
     KeyPolicy("config.MODEL.INPUT_TYPE", "error", "scaleclr trains on RGB images only (INPUT_TYPE rgb)"),
     KeyPolicy("engine_name", "error", "train.py pretrains (engine_name train); evaluation is chosen by its config"),
 ]
+
+
+def policy_table() -> str:
+    """POLICIES as the markdown table README's "Configuration" section shows (``tests/test_config_keys.py``
+    checks that README holds exactly this text)."""
+    rows = ["| key | when set (non-default) | what scaleclr does instead |", "|---|---|---|"]
+    for p in POLICIES:
+        rows.append(f"| `{p.key}` | {p.action} | {p.instead} |")
+    return "\n".join(rows)
 
 
 def _defaults() -> DictConfig:

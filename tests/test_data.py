@@ -416,3 +416,40 @@ def test_demo_data_prepared_once(tmp_path):
     prepare_demo_data(str(tmp_path))
     assert os.path.exists(marker) and len(build_source("disk_folder", paths["train"])) == len(train)
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+
+
+def _hold_loader_and_exit(finalize):
+    """In a Process child: a loader whose 2 persistent workers ignore SIGTERM, one batch read, the iterator still
+    alive when the child returns (what a trainer process does when it stops mid-epoch)."""
+    import multiprocessing.util
+    import signal
+
+    if not finalize:  # negative control: no shutdown before multiprocessing's terminate() + join at exit
+        multiprocessing.util.Finalize = lambda *a, **k: None
+    ds = torch.utils.data.TensorDataset(torch.arange(64.0))
+    loader = build_dataloader(ds, 4, 2, None, None, ignore_signals=(signal.SIGTERM,))
+    global _HELD
+    _HELD = (loader, iter(loader))
+    next(_HELD[1])
+
+
+@pytest.mark.parametrize("finalize", [True, False])
+def test_process_with_signal_ignoring_workers_exits(finalize):
+    """A Process child (a spawned trainer) returns with its loader's workers up: they are shut down, the child
+    exits. Without the Finalize hook multiprocessing's exit SIGTERMs them (ignored) and waits for ever."""
+    import multiprocessing
+
+    p = multiprocessing.get_context("fork").Process(target=_hold_loader_and_exit, args=(finalize,))
+    p.start()
+    p.join(timeout=30 if finalize else 8)  # the shutdown joins the workers within ~0.1 s; a hang never returns
+    hung = p.is_alive()
+    if hung:
+        with open(f"/proc/{p.pid}/task/{p.pid}/children") as f:
+            workers = [int(pid) for pid in f.read().split()]
+        for pid in workers:
+            os.kill(pid, 9)
+        p.kill()
+        p.join()
+    assert hung == (not finalize), p.exitcode
+    if finalize:
+        assert p.exitcode == 0

@@ -10,14 +10,20 @@ run's.
 
 Workers ignore the training process's stop signals (``ignore_signals``, ``config.TRAINER.STOP_SIGNALS``):
 SLURM signals every process of a step, and a worker killed by SIGTERM would make the DataLoader raise
-instead of letting the trainer checkpoint; the training process alone acts on them.
+instead of letting the trainer checkpoint; the training process alone acts on them. Because a worker that
+ignores SIGTERM also ignores ``multiprocessing``'s own ``terminate()`` at exit, every loader with workers is
+shut down by a ``multiprocessing.util.Finalize`` that runs first when its process exits (a ``Process``
+child such as a spawned trainer runs it too, where ``atexit`` does not run): without it, an exit with the
+persistent workers still up would wait for them forever.
 """
 from __future__ import annotations
 
 import functools
 import multiprocessing
+import multiprocessing.util
 import signal
 import sys
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,6 +34,14 @@ def _worker_init(ignore_signals: tuple, worker_id: int) -> None:
     for s in ignore_signals:
         signal.signal(s, signal.SIG_IGN)
     torch.set_num_threads(1)
+
+
+def _shutdown_workers(loader_ref: "weakref.ref[torch.utils.data.DataLoader]") -> None:
+    """Tell a (persistent) loader's workers to exit and join them (torch's own shutdown of its iterator)."""
+    loader = loader_ref()
+    iterator = getattr(loader, "_iterator", None) if loader is not None else None
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
 
 
 def build_dataloader(dataset: torch.utils.data.Dataset, batch_size: int, num_workers: int,
@@ -65,6 +79,11 @@ def build_dataloader(dataset: torch.utils.data.Dataset, batch_size: int, num_wor
                       worker_init_fn=functools.partial(_worker_init, tuple(int(s) for s in ignore_signals)),
                       multiprocessing_context=(multiprocessing.get_context(multiprocessing_context)
                                                if multiprocessing_context else None))
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
-                                       num_workers=num_workers, collate_fn=collate_fn, pin_memory=pin_memory,
-                                       drop_last=False, generator=torch.Generator().manual_seed(0), **kwargs)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
+                                         num_workers=num_workers, collate_fn=collate_fn, pin_memory=pin_memory,
+                                         drop_last=False, generator=torch.Generator().manual_seed(0), **kwargs)
+    # before multiprocessing terminates (SIGTERM, maybe ignored) and joins the workers, and before the finalizers
+    # of the loader's own queues (priority 10), which would close the queues the shutdown message goes through
+    if num_workers > 0:
+        multiprocessing.util.Finalize(None, _shutdown_workers, args=(weakref.ref(loader),), exitpriority=100)
+    return loader

@@ -66,7 +66,7 @@ def _normalise(overrides: Sequence[str]) -> List[str]:
 
 
 def _schema_node(path: List[str]):
-    node = OmegaConf.structured(schema.Root)
+    node = schema.defaults()
     for p in path:
         if not isinstance(node, DictConfig) or p not in node:
             return None
@@ -76,7 +76,7 @@ def _schema_node(path: List[str]):
 
 def all_keys(node=None, prefix: str = "") -> List[str]:
     """Every leaf and inner key of the schema as dotted paths (``config.MODEL.TRUNK.NAME``)."""
-    node = OmegaConf.structured(schema.Root) if node is None else node
+    node = schema.defaults() if node is None else node
     keys = []
     for k in node.keys():
         full = f"{prefix}{k}"

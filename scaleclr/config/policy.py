@@ -91,7 +91,7 @@ def policy_table() -> str:
 def _defaults() -> DictConfig:
     from scaleclr.config import schema
 
-    return OmegaConf.structured(schema.Root)
+    return schema.defaults()
 
 
 def _plain(v):
@@ -100,7 +100,7 @@ def _plain(v):
 
 def apply_policies(root: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first ``error`` entry that applies; log every ``warn`` entry that does."""
-    defaults = _defaults()  # built once per call (building the schema costs ~0.1 s)
+    defaults = _defaults()
     for p in POLICIES:
         value = _plain(OmegaConf.select(root, p.key))
         applies = p.applies(root) if p.applies is not None else value != _plain(OmegaConf.select(defaults, p.key))

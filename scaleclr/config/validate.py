@@ -104,7 +104,7 @@ def _check_transforms(root) -> None:
 
 def validate(root: DictConfig) -> None:
     """Raise ConfigError for the first problem found in the composed tree `root`."""
-    check_unknown_keys(root, OmegaConf.structured(schema.Root), "")
+    check_unknown_keys(root, schema.defaults(), "")
     key = "config.DATA.TRAIN.DEVICE_AUGMENTATION"
     if _get(root, key) in ("True", "False"):  # YAML 1.1 reads unquoted on / off as booleans
         raise ConfigError(key, f"= {_get(root, key)} (a boolean: YAML reads unquoted on/off as true/false); "

@@ -8,7 +8,8 @@ os.environ["CUDA_VISIBLE_DEVICES"] = ""  # CPU/gloo tests: never let a stray GPU
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+# two pytest-xdist workers share the 2 cores: one thread each
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture(autouse=True)

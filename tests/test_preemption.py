@@ -75,6 +75,7 @@ def test_second_signal_during_save_keeps_checkpoints_loadable(uninterrupted, tmp
 
 # ----------------------------------------------------------------------------------------------- torchrun
 @pytest.mark.dist
+@pytest.mark.slow  # covered by the workers' stop path: test_sigterm_to_spawn_process_group_checkpoints_agreed_step_and_resumes_exactly; torchrun's env: tests/test_train.py::test_two_processes_equal_one_process_torchrun
 def test_sigterm_to_torchrun_is_forwarded_and_resumes_exactly(uninterrupted, tmp_path):
     """SIGTERM to the torchrun agent only: torchrun forwards SIGTERM to its workers (and SIGKILLs them after
     30 s), the workers checkpoint the agreed step and exit 75, torchrun itself exits 1 (its SignalException);
@@ -102,6 +103,7 @@ def test_sigterm_to_torchrun_is_forwarded_and_resumes_exactly(uninterrupted, tmp
 # ------------------------------------------------------------------------------------ deepspeed launcher
 @pytest.mark.dist
 @pytest.mark.deepspeed
+@pytest.mark.slow  # covered by the DeepSpeed engine's stop: test_stop_request_checkpoints_exactly_that_step_for_every_engine[deepspeed]; the launcher: tests/test_deepspeed_engine.py::test_deepspeed_launcher_zero2_resume_export
 def test_sigterm_to_deepspeed_launcher_process_group_checkpoints_agreed_step(tmp_path):
     """`deepspeed --num_gpus 2 train.py --deepspeed_config ds_configs/zero2.json`, SIGTERM to its process group
     (a terminal's Ctrl-C or SLURM do the same; the outer `deepspeed` command itself forwards nothing on one

@@ -276,6 +276,7 @@ def test_bn_buffers_identical_across_ranks_at_checkpoint(tmp_path):
 
 
 @pytest.mark.dist
+@pytest.mark.slow  # covered by two nodes over tcp: test_slurm_one_task_per_node_agents_equal_one_process
 def test_manual_multinode_tcp_equals_one_process(single_run, tmp_path):
     """VISSL's manual multi-node launch: the same command with node_id=0 and node_id=1 (here both on
     localhost), RUN_ID=host:port, INIT_METHOD=tcp."""
@@ -317,6 +318,7 @@ def test_slurm_one_task_per_node_agents_equal_one_process(single_run, tmp_path):
 
 
 @pytest.mark.dist
+@pytest.mark.slow  # covered by file init: every tests/dist_helpers.run_distributed job; bf16 DDP: tests/test_fsdp_engine.py and tests/test_engine_precision.py
 def test_file_init_method_and_amp_bf16(tmp_path):
     """INIT_METHOD=file rendezvous, and bf16 autocast with BatchNorm kept in fp32."""
     run(tmp_path, "config.DISTRIBUTED.NUM_PROC_PER_NODE=2", "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=4",
@@ -331,6 +333,7 @@ def test_file_init_method_and_amp_bf16(tmp_path):
 
 
 @pytest.mark.dist
+@pytest.mark.slow  # covered by tests/test_streaming_loss.py (distributed streaming loss and gradients == single-process reference)
 def test_streaming_loss_trains_like_reference(single_run, one_process_3steps, spawn_run, tmp_path):
     """impl=streaming through train.py, 2 processes, against the reference loss on 2 processes: the same forward
     and ReLU masks, the loss gradient in another summation order. Step 1 to rounding (numerics.check_step1);

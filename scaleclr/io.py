@@ -17,8 +17,8 @@ import torch
 __all__ = ["atomic_torch_save", "atomic_write_text", "fsync_dir", "fsync_files", "fsync_tree", "replace_dir"]
 
 
-def fsync_dir(path: str) -> None:
-    """fsync the directory ``path`` (persists renames/creations inside it); a no-op where unsupported."""
+def _fsync_path(path: str) -> None:
+    """fsync the file or directory ``path``; a no-op where it is missing or the filesystem does not support it."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -31,19 +31,15 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def fsync_dir(path: str) -> None:
+    """fsync the directory ``path`` (persists renames/creations inside it); a no-op where unsupported."""
+    _fsync_path(path)
+
+
 def fsync_files(paths) -> None:
     """fsync each existing regular file in ``paths`` (data written by ``torch.save`` without its own fsync)."""
     for p in paths:
-        try:
-            fd = os.open(p, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        _fsync_path(p)
 
 
 def fsync_tree(path: str) -> None:

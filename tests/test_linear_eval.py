@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from dist_helpers import free_port, run_distributed  # noqa: E402
 from test_train import assert_states_close, final_state, step_losses  # noqa: E402
+from train_helpers import run_train_py  # noqa: E402
 
 QUICK = "config=test/integration_test/quick_linear_eval"
 BENCH = "config=benchmark/linear_image_classification/imagenet1k/"
@@ -42,12 +43,7 @@ ENV = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", CUDA_VISIBLE_DEVICES="")
 
 
 def run(out_dir, *overrides, config=QUICK, launcher=(), check=True, timeout=600):
-    cmd = [*launcher] if launcher else [sys.executable]
-    cmd += [str(ROOT / "train.py"), config, f"config.CHECKPOINT.DIR={out_dir}", *overrides]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=timeout)
-    if check:
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
-    return r
+    return run_train_py(out_dir, *overrides, config=config, launcher=launcher, timeout=timeout, check=check)
 
 
 def records(out_dir, key):

@@ -14,18 +14,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 import numerics as nm  # noqa: E402
+from train_helpers import run_train_py  # noqa: E402
 
 QUICK = "config=test/integration_test/quick_simclr_synthetic"
 
 
 def run(out_dir, *overrides, launcher=(), env_extra=None, timeout=600, check=True):
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", CUDA_VISIBLE_DEVICES="", **(env_extra or {}))
-    cmd = [*launcher] if launcher else [sys.executable]
-    cmd += [str(ROOT / "train.py"), QUICK, f"config.CHECKPOINT.DIR={out_dir}", *overrides]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
-    if check:
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
-    return r
+    return run_train_py(out_dir, *overrides, launcher=launcher, env_extra=env_extra, timeout=timeout, check=check)
 
 
 def step_losses(out_dir):

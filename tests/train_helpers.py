@@ -20,6 +20,18 @@ TWO = ["config.DISTRIBUTED.NUM_PROC_PER_NODE=2", "config.DATA.TRAIN.BATCHSIZE_PE
 EXIT_RESUMABLE = 75
 
 
+def run_train_py(out_dir, *overrides, config=QUICK, launcher=(), env_extra=None, timeout=600, check=True):
+    """``train.py config overrides`` (under ``launcher``) to completion, CPU only; asserts exit 0 unless not
+    ``check``. Returns the CompletedProcess."""
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", CUDA_VISIBLE_DEVICES="", **(env_extra or {}))
+    cmd = [*launcher] if launcher else [sys.executable]
+    cmd += [str(ROOT / "train.py"), config, f"config.CHECKPOINT.DIR={out_dir}", *overrides]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+    if check:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    return r
+
+
 def _env():
     return dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
                 PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))

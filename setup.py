@@ -20,7 +20,7 @@ setup(
     ],
     extras_require={
         "deepspeed": ["deepspeed==0.19.8"],
-        "dev": ["pytest", "pytest-timeout"],
+        "dev": ["pytest", "pytest-timeout", "pytest-xdist"],
         "slurm": ["submitit==1.5.4"],  # config.SLURM.USE_SLURM=True (scaleclr/slurm.py)
     },
 )

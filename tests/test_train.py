@@ -163,9 +163,10 @@ def one_process_3steps(single_run):
 
 @pytest.fixture(scope="module")
 def spawn_run(tmp_path_factory):
-    """2 processes x 4 images (spawned by train.py), 3 steps, a checkpoint after each."""
+    """2 processes x 4 images (spawned by train.py with VISSL's default start method, forkserver; the quick
+    config forks), 3 steps, a checkpoint after each."""
     out = tmp_path_factory.mktemp("spawn")
-    run(out, *TWO_PROCESSES, *THREE_STEPS)
+    run(out, *TWO_PROCESSES, *THREE_STEPS, "config.MULTI_PROCESSING_METHOD=forkserver")
     return out
 
 

@@ -30,10 +30,10 @@ train: $(STAMP)
 	$(PY) train.py $(LINEAR) config.CHECKPOINT.DIR=$(RUN)_linear_init
 	@$(PY) -m scaleclr.summary $(RUN) --linear $(RUN)_linear --linear-init $(RUN)_linear_init
 
-# two pytest-xdist workers, a test file per worker at a time (module fixtures are trained once); the 25
-# slowest cases are listed at the end
+# two pytest-xdist workers, each file (or group of files sharing references, tests/conftest.py) on one worker;
+# the 25 slowest cases are listed at the end
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile --durations=25 $(ARGS)
+	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadgroup --durations=25 $(ARGS)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)

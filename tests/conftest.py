@@ -28,3 +28,16 @@ def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
     run(out, *TWO)
     return out
+
+
+# pytest-xdist (make test: -n 2 --dist loadgroup): a file's tests run on one worker, so its module fixtures are
+# built once; files that share session-level state run on the same worker: the engine files share the DDP
+# references of tests/numerics.py, the signal files the `uninterrupted` run.
+XDIST_GROUPS = {"test_deepspeed_engine.py": "engines", "test_fsdp_engine.py": "engines",
+                "test_preemption.py": "uninterrupted", "test_slurm.py": "uninterrupted"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group(XDIST_GROUPS.get(name, name)))

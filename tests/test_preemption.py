@@ -75,7 +75,6 @@ def test_second_signal_during_save_keeps_checkpoints_loadable(uninterrupted, tmp
 
 # ----------------------------------------------------------------------------------------------- torchrun
 @pytest.mark.dist
-@pytest.mark.slow  # covered by the workers' stop path: test_sigterm_to_spawn_process_group_checkpoints_agreed_step_and_resumes_exactly; torchrun's env: tests/test_train.py::test_two_processes_equal_one_process_torchrun
 def test_sigterm_to_torchrun_is_forwarded_and_resumes_exactly(uninterrupted, tmp_path):
     """SIGTERM to the torchrun agent only: torchrun forwards SIGTERM to its workers (and SIGKILLs them after
     30 s), the workers checkpoint the agreed step and exit 75, torchrun itself exits 1 (its SignalException);

@@ -66,6 +66,7 @@ srun --kill-on-bad-exit=1 {srun_args} {sys.executable} train.py {' '.join(QUICK)
 
 @pytest.mark.dist
 @pytest.mark.skipif(not slurm_available(), reason="no local SLURM cluster (slurm/localhost_cluster.sh start)")
+@pytest.mark.slow  # covered by test_sbatch_usr1_warning_checkpoints_requeues_and_resumes_exactly (2 srun tasks, == 1 process)
 def test_srun_two_tasks_equal_one_process(tmp_path, reference):
     out, log = sbatch(tmp_path, ["--ntasks=2"], "")
     assert "launcher=slurm" in log
@@ -187,7 +188,6 @@ def test_sbatch_usr1_warning_checkpoints_requeues_and_resumes_exactly(tmp_path, 
 @needs_slurm
 @pytest.mark.skipif(slurm_available() and "urgent" not in partitions(), reason="the local cluster has no 'urgent' "
                     "partition to preempt from (slurm/localhost_cluster.sh configures debug < urgent)")
-@pytest.mark.slow  # covered by SIGTERM stop: tests/test_preemption.py; requeue: test_sbatch_usr1_warning_checkpoints_requeues_and_resumes_exactly
 def test_real_preemption_requeues_and_resumes_exactly(tmp_path, uninterrupted):
     """Real preemption: slurm/train.sbatch in `debug` (PreemptMode=REQUEUE, GraceTime=20 s) is preempted by a
     one-CPU job in `urgent`. SLURM sends SIGTERM to the tasks; they finish the step in flight, checkpoint it
@@ -218,7 +218,6 @@ def test_real_preemption_requeues_and_resumes_exactly(tmp_path, uninterrupted):
 @pytest.mark.skipif(not submitit_available(), reason="submitit is not installed (pip install -e '.[slurm]')")
 @pytest.mark.skipif(slurm_available() and "urgent" not in partitions(), reason="no 'urgent' partition to preempt "
                     "from")
-@pytest.mark.slow  # covered by the stop/requeue exit path: test_sbatch_usr1_warning_checkpoints_requeues_and_resumes_exactly; submitit's job: test_use_slurm_inside_a_launcher_is_refused
 def test_submitit_route_survives_time_limit_signal_and_preemption(tmp_path, uninterrupted):
     """config.SLURM.USE_SLURM=True: train.py submits one task that spawns 2 workers (VISSL's layout). First
     submitit's time-limit signal (USR2, as --signal=USR2@SIGNAL_DELAY_S sends it): submitit calls

@@ -32,19 +32,20 @@ train: $(STAMP)
 
 # two pytest-xdist workers, each file (or group of files sharing references, tests/conftest.py) on one worker;
 # the 25 slowest cases are listed at the end
+XDIST := -n 2 --dist loadgroup
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadgroup --durations=25 $(ARGS)
+	$(PY) -m pytest -q -m "not slow" $(XDIST) --durations=25 $(ARGS)
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q $(XDIST) $(ARGS)
 
 # Low-precision and distributed tests on older CPU instruction sets (this machine's AVX-512/AMX kernels round
 # bf16 and oneDNN results differently): AVX2 through oneDNN and ATen, then ATen's portable kernels.
 ISA_TESTS := tests/test_deepspeed_engine.py tests/test_fsdp_engine.py tests/test_train.py tests/test_sync_bn.py \
 	tests/test_losses_distributed.py tests/test_streaming_loss.py tests/test_engine_precision.py
 test-isa: $(STAMP)
-	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 $(PY) -m pytest -q -m "not slow" $(ISA_TESTS) $(ARGS)
-	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q -m "not slow" $(ISA_TESTS) $(ARGS)
+	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 $(PY) -m pytest -q -m "not slow" $(XDIST) $(ISA_TESTS) $(ARGS)
+	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q -m "not slow" $(XDIST) $(ISA_TESTS) $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -37,6 +37,7 @@ XDIST_GROUPS = {"test_deepspeed_engine.py": "engines", "test_fsdp_engine.py": "e
                 "test_preemption.py": "uninterrupted", "test_slurm.py": "uninterrupted"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
 def pytest_collection_modifyitems(config, items):
     for item in items:
         name = item.path.name

@@ -199,12 +199,22 @@ def test_two_processes_equal_one_process_torchrun(single_run, spawn_run, tmp_pat
 
 
 @pytest.mark.dist
-def test_launcher_world_must_match_config(tmp_path):
-    r = run(tmp_path, "config.DISTRIBUTED.NUM_PROC_PER_NODE=1", check=False,
-            launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                      "--master_port", str(_free_port())))
-    assert r.returncode != 0
-    assert "started 2 processes but config.DISTRIBUTED.NUM_NODES x NUM_PROC_PER_NODE = 1 x 1 = 1" in r.stderr
+def test_launcher_world_must_match_config():
+    """The launcher's world against NUM_NODES x NUM_PROC_PER_NODE, checked before any worker starts (the
+    environment torchrun gives its 2 workers; torchrun's own runs: test_two_processes_equal_one_process_torchrun)."""
+    from scaleclr.config import ConfigError, load_config
+    from scaleclr.distributed.env import detect_launcher_env
+    from scaleclr.main import preflight
+
+    env = detect_launcher_env({"TORCHELASTIC_RUN_ID": "x", "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0",
+                               "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                               "MASTER_PORT": "29500"})
+    assert env.launcher == "torchrun" and env.world_size == 2
+    root, _ = load_config([QUICK, "config.DISTRIBUTED.NUM_PROC_PER_NODE=1"], world_size=2)
+    with pytest.raises(ConfigError, match=r"started 2 processes but config.DISTRIBUTED.NUM_NODES x "
+                                          r"NUM_PROC_PER_NODE = 1 x 1 = 1"):
+        preflight(root, env)
+    preflight(load_config([QUICK, "config.DISTRIBUTED.NUM_PROC_PER_NODE=2"], world_size=2)[0], env)  # agree: fine
 
 
 @pytest.mark.dist

@@ -103,6 +103,8 @@ def run_in_process(worker: Worker, root, env: DistEnv, backend: str, init_method
 
 def _spawn_entry(local_rank: int, worker: Worker, yaml_cfg: str, node: DistEnv, nproc: int, backend: str,
                  init_method: Optional[str], signals: Sequence[int]) -> None:
+    for s in signals:  # a forked worker inherits the launcher's handlers (its forwarder, submitit's): not its own
+        signal.signal(s, signal.SIG_DFL)  # (still blocked here, so nothing arrives before the stop handler)
     stop = StopSignal(signals).install()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)  # blocked by the parent until now: pending ones arrive
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

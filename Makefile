@@ -30,9 +30,9 @@ train: $(STAMP)
 	$(PY) train.py $(LINEAR) config.CHECKPOINT.DIR=$(RUN)_linear_init
 	@$(PY) -m scaleclr.summary $(RUN) --linear $(RUN)_linear --linear-init $(RUN)_linear_init
 
-# two pytest-xdist workers, each file (or group of files sharing references, tests/conftest.py) on one worker;
-# the 25 slowest cases are listed at the end
-XDIST := -n 2 --dist loadgroup
+# two pytest-xdist workers, each test file on one worker, the longest files first (tests/conftest.py); the 25
+# slowest cases are listed at the end
+XDIST := -n 2 --dist loadfile
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(XDIST) --durations=25 $(ARGS)
 

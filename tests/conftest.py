@@ -35,8 +35,8 @@ def uninterrupted(tmp_path_factory):
 # is left with a long file at the end (measured on 2 cores; other files keep their order, tests within a file
 # always keep theirs).
 LONGEST_FIRST = ["test_deepspeed_engine.py", "test_train.py", "test_slurm.py", "test_fsdp_engine.py",
-                 "test_preemption.py", "test_hot_path.py", "test_interchange.py", "test_linear_eval.py",
-                 "test_triton_loss.py", "test_config.py", "test_benchmarks.py", "test_device_augment.py"]
+                 "test_preemption.py", "test_hot_path.py", "test_triton_loss.py", "test_interchange.py",
+                 "test_linear_eval.py", "test_config.py", "test_benchmarks.py", "test_device_augment.py"]
 
 
 def pytest_collection_modifyitems(config, items):

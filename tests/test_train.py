@@ -236,6 +236,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # covered by tests/test_knn.py (kNN evaluation) and tests/test_data.py::test_demo_data_prepared_once (the demo data); `make train` runs it
 def test_demo_data_run_reports_knn(tmp_path):
     """The quickstart path on the bundled digit scans: kNN at init and after training, in metrics.jsonl."""
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), "config=test/integration_test/quick_simclr",
@@ -351,6 +352,7 @@ def test_streaming_loss_trains_like_reference(single_run, one_process_3steps, sp
     assert_step1_equals_one_process(single_run, tmp_path, "streaming 2x4 vs 1x8")
 
 
+@pytest.mark.slow  # covered by test_finished_run_is_not_repeated (the finished-run decision; OVERWRITE_EXISTING only here)
 def test_rerun_after_max_iterations_and_overwrite_existing(tmp_path):
     run(tmp_path, "config.TRAINER.MAX_ITERATIONS=3")
     before = step_losses(tmp_path)

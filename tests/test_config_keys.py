@@ -60,12 +60,12 @@ def test_removing_a_policy_entry_is_caught():
     assert unhandled_keys(without) == ["config.TRAINER.TRAIN_STEP_NAME"]
 
 
-def test_readme_lists_the_policy_table():
-    """README's "Configuration" section holds the table generated from POLICIES, verbatim."""
+def test_docs_list_the_policy_table():
+    """docs/configuration.md holds the table generated from POLICIES, verbatim."""
     from scaleclr.config.policy import policy_table
 
-    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert policy_table() in readme, "regenerate README's table with scaleclr.config.policy.policy_table()"
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    assert policy_table() in readme, "regenerate docs/configuration.md's table with scaleclr.config.policy.policy_table()"
 
 
 def test_policy_keys_exist_in_the_schema():

@@ -94,7 +94,7 @@ def test_colour_ops_equal_torchvision_tensor_ops(patches):
     assert (D.normalize(x.clone(), mean, std) - F.normalize(x, NORM["mean"], NORM["std"])).abs().max() <= EPS
 
 
-# Measured max / mean |device - PIL| in uint8 levels on these patches (README "Two data paths" table); the
+# Measured max / mean |device - PIL| in uint8 levels on these patches (docs/data.md "Two data paths" table); the
 # bounds below add a margin. PIL rounds (blend: truncates) to uint8 after each op; hue also goes through
 # PIL's uint8 HSV (H in 1/256 turns) and torchvision's trunc(255 * hue) shift.
 PIL_BOUNDS = {"brightness": (1.0, 0.5), "contrast": (1.5, 0.55), "saturation": (1.5, 0.55), "hue": (12.0, 0.6),
@@ -431,7 +431,7 @@ def test_reduced_decode_equals_full_decode_then_crop(patches):
     """Verification of the reduced-size (DCT) decode: for random crops that allow 1/2, 1/4 and 1/8, compare
     draft-decode + crop + resize with full decode + the host path's crop + resize. The geometry is exact (the
     box maps by 1/scale with sub-pixel precision); the pixels differ by libjpeg's DCT-domain reduction vs
-    Pillow's bilinear filter (README: mean 0.5-1.1 levels, max ~40 levels at sharp edges)."""
+    Pillow's bilinear filter (docs/data.md: mean 0.5-1.1 levels, max ~40 levels at sharp edges)."""
     from sklearn.datasets import load_sample_images
 
     rng = np.random.default_rng(0)

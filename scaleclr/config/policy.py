@@ -7,7 +7,7 @@ non-default value (or when its own condition holds):
 - ``error``: the run stops before any worker starts, with a message naming the key and the alternative;
 - ``warn``: VISSL's behaviour is harmless to skip; a warning names the key and says what scaleclr does.
 
-README's "Configuration" section lists the same table. (Linear evaluation's VISSL keys, ``config.TEST_ONLY``,
+docs/configuration.md lists the same table. (Linear evaluation's VISSL keys, ``config.TEST_ONLY``,
 ``TEST_MODEL``, ``METERS.*``, ``MODEL.FEATURE_EVAL_SETTINGS.*``, are implemented; their misuse in pretraining is
 checked in ``validate_linear``.)
 """
@@ -80,8 +80,8 @@ POLICIES: List[KeyPolicy] = [
 
 
 def policy_table() -> str:
-    """POLICIES as the markdown table README's "Configuration" section shows (``tests/test_config_keys.py``
-    checks that README holds exactly this text)."""
+    """POLICIES as the markdown table docs/configuration.md shows (``tests/test_config_keys.py``
+    checks that docs/configuration.md holds exactly this text)."""
     rows = ["| key | when set (non-default) | what scaleclr does instead |", "|---|---|---|"]
     for p in POLICIES:
         rows.append(f"| `{p.key}` | {p.action} | {p.instead} |")

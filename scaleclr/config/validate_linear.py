@@ -91,8 +91,8 @@ def _check_pretraining(c) -> None:
                           "simclr_info_nce_loss / multicrop_simclr_info_nce_loss.")
     if c.TEST_ONLY:
         raise ConfigError("config.TEST_ONLY", f"= True evaluates a linear classifier; pretraining has no test-only "
-                          f"phase. Use a linear-evaluation config ({FEATURE_KEY}.EVAL_MODE_ON=True, README "
-                          "'Evaluate') or config.KNN_EVAL.ENABLED=True.")
+                          f"phase. Use a linear-evaluation config ({FEATURE_KEY}.EVAL_MODE_ON=True, docs/evaluation.md) or "
+                          "config.KNN_EVAL.ENABLED=True.")
     if c.METERS.name:
         raise ConfigError("config.METERS.name", f"= {c.METERS.name!r}: pretraining reports the loss and kNN top-1; "
                           "accuracy_list_meter is for linear evaluation.")

@@ -198,7 +198,7 @@ def pil_gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     The three passes of an axis are composed into one matrix per sample (:func:`box_blur_matrices`), so
     the blur is two batched matrix products, ``A_H @ x @ A_W^T``, with each sample's own radius and no loop
     over samples. Pillow rounds to uint8 after each of its six passes; this does not (the difference is
-    measured in the tests and stated in the README). ``sigma == 0`` is the identity, like Pillow's
+    measured in the tests and stated in docs/data.md). ``sigma == 0`` is the identity, like Pillow's
     ``radius == 0``. Under TF32 matmuls (``torch.backends.cuda.matmul.allow_tf32``) add about 0.1 uint8
     levels of error.
 

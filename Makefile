@@ -9,7 +9,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 ARGS ?=
 # `make train`: pretraining (ARGS go to it), then the demo's linear evaluation on its final trunk and on the trunk at
 # initialisation (each in its own run directory: a finished run is not repeated; delete $(RUN)_linear to evaluate a
-# longer pretraining again), then the figures side by side.
+# longer pretraining again), then the figures side by side and the run's learning curves ($(RUN)/curves.png).
 RUN := runs/quickstart
 LINEAR := config=benchmark/linear_image_classification/demo_digits_linear
 
@@ -20,7 +20,7 @@ setup: $(STAMP)
 $(STAMP): setup.py
 	@$(PY) -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); } \
 		|| { rm -rf $(VENV); echo "could not create $(VENV) with $(PYTHON) (needs Python >= 3.10 with venv/ensurepip)"; exit 1; }
-	$(PY) -m pip install -q -e ".[deepspeed,dev,slurm]"
+	$(PY) -m pip install -q -e ".[deepspeed,dev,slurm,plot]"
 	@touch $(STAMP)
 
 train: $(STAMP)
@@ -28,7 +28,7 @@ train: $(STAMP)
 	final=$$($(PY) -m scaleclr.checkpoint $(RUN) --final) && $(PY) train.py $(LINEAR) \
 		config.CHECKPOINT.DIR=$(RUN)_linear config.MODEL.WEIGHTS_INIT.PARAMS_FILE=$$final
 	$(PY) train.py $(LINEAR) config.CHECKPOINT.DIR=$(RUN)_linear_init
-	@$(PY) -m scaleclr.summary $(RUN) --linear $(RUN)_linear --linear-init $(RUN)_linear_init
+	@$(PY) -m scaleclr.summary $(RUN) --linear $(RUN)_linear --linear-init $(RUN)_linear_init --plot $(RUN)/curves.png
 
 # two pytest-xdist workers, each test file on one worker, the longest files first (tests/conftest.py); the 25
 # slowest cases are listed at the end

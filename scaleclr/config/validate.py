@@ -5,6 +5,7 @@ keys added with ``+`` that the schema does not know, allowed names, ranges and c
 Every error names the full key and what is allowed.
 """
 import logging
+import math
 import os
 from typing import Any, List
 
@@ -160,6 +161,7 @@ def validate(root: DictConfig) -> None:
         if not k.TRAIN_PATH and not k.DATASET_NAME:
             raise ConfigError("config.KNN_EVAL.DATASET_NAME", "is empty and so are TRAIN_PATH/VAL_PATH: say "
                               "which labelled data the kNN evaluation uses (e.g. scaleclr_demo_digits).")
+    _check_online_evaluation(root)
     if c.MODEL.FSDP_CONFIG.HSDP_REPLICATE < 1:
         raise ConfigError("config.MODEL.FSDP_CONFIG.HSDP_REPLICATE", "must be >= 1.")
     if c.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY == 0 or c.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY < -1:
@@ -290,3 +292,29 @@ def _check_loss_vs_views(root) -> None:
         raise ConfigError("config.DATA.TRAIN.TRANSFORMS", f"produce {views} view per image; "
                           "multicrop_simclr_info_nce_loss needs ImgPilToMultiCrop or ImgReplicatePil with >= 2.")
 
+
+
+def _check_online_evaluation(root: DictConfig) -> None:
+    """``config.KNN_EVAL.EVERY_N_EPOCHS`` and ``config.ONLINE_LINEAR_PROBE`` (evaluation during pretraining)."""
+    c = root.config
+    if c.KNN_EVAL.EVERY_N_EPOCHS < 0:
+        raise ConfigError("config.KNN_EVAL.EVERY_N_EPOCHS", f"= {c.KNN_EVAL.EVERY_N_EPOCHS}; allowed: 0 (only at the "
+                          "start and the end) or N > 0 (also after every N epochs).")
+    p = c.ONLINE_LINEAR_PROBE
+    if not p.ENABLED:
+        return
+    for key, value, low in (("LR", p.LR, "> 0"), ("MOMENTUM", p.MOMENTUM, ">= 0"), ("WEIGHT_DECAY", p.WEIGHT_DECAY,
+                                                                                      ">= 0")):
+        if not math.isfinite(value) or value < 0 or (low == "> 0" and value == 0):
+            raise ConfigError(f"config.ONLINE_LINEAR_PROBE.{key}", f"= {value}; must be finite and {low}.")
+    if is_linear_eval(root):
+        raise ConfigError("config.ONLINE_LINEAR_PROBE.ENABLED", "= True is for pretraining; linear evaluation "
+                          "trains and tests its classifier itself.")
+    if not c.KNN_EVAL.ENABLED:
+        raise ConfigError("config.ONLINE_LINEAR_PROBE.ENABLED", "= True reports the probe's top-1 on the kNN "
+                          "held-out split: set config.KNN_EVAL.ENABLED=True (with its DATASET_NAME or TRAIN_PATH/"
+                          "VAL_PATH) too.")
+    if c.DATA.TRAIN.LABEL_TYPE != "standard":
+        raise ConfigError("config.ONLINE_LINEAR_PROBE.ENABLED", "= True trains a classifier on the training "
+                          f"labels, but config.DATA.TRAIN.LABEL_TYPE={c.DATA.TRAIN.LABEL_TYPE!r}: set it to "
+                          "'standard' (class folders of disk_folder, or LABEL_SOURCES with LABEL_PATHS).")

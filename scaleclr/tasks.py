@@ -23,6 +23,7 @@ is shared):
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any, Dict, List, Tuple
 
@@ -146,11 +147,18 @@ class LinearEvalTask(SimCLRTask):
             model = self.t.engine.model
             with torch.no_grad(), self.t.engine.autocast():
                 f, y = extract_sharded_features(lambda x: model(self._formatted(x), features_only=True), loader,
-                                                sampler, self.t.device, non_blocking=self.t.non_blocking)
+                                                sampler, self.t.device, non_blocking=self.t.non_blocking,
+                                                path=self._feature_file(split))
             feats.fill(f, y)
             logger.info("PRECOMPUTE_FEATURES: %d x %d frozen features of config.DATA.%s extracted once (%.1f s); the "
                         "classifier trains on them", f.shape[0], f.shape[1], split, time.perf_counter() - t0)
         self._to_extract.clear()  # drops the image loaders (and their workers)
+
+    def _feature_file(self, split: str) -> str:
+        """``<CHECKPOINT.DIR>/precomputed_features/<split>.node<k>.f32``: one ``[N, F]`` float32 file per node."""
+        folder = os.path.join(self.t.out_dir, "precomputed_features")
+        os.makedirs(folder, exist_ok=True)
+        return os.path.join(folder, f"{split}.node{self.t.rank // self.t.local_world_size}.f32")
 
     def _formatted(self, x: torch.Tensor) -> torch.Tensor:
         """Image batches in the model's memory format (``config.MODEL.CHANNELS_LAST``); features as they are."""

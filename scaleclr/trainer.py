@@ -123,6 +123,7 @@ class Trainer:
         self.root, self.c = root, root.config
         c = self.c
         self.rank, self.world_size = rank, world_size
+        self.local_world_size = local_world_size
         self.device = device or torch.device("cpu")
         self.out_dir = c.CHECKPOINT.DIR
         self.is_main = rank == 0

@@ -177,6 +177,10 @@ class ModelConfig:
     TORCH_COMPILE: bool = False  # torch.compile the trunk and heads (DDP, FSDP2; not DeepSpeed)
     TORCH_COMPILE_MODE: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     TORCH_COMPILE_BACKEND: str = "inductor"  # inductor | aot_eager (traces, no code generation: debugging)
+    # CUDA only (the worker sets them before the model is built; nothing changes on CPU): cuDNN autotuning of
+    # convolutions (fixed input sizes) and torch.set_float32_matmul_precision (highest = fp32, high = TF32)
+    CUDNN_BENCHMARK: bool = True
+    FLOAT32_MATMUL_PRECISION: str = "high"  # highest | high | medium
 
 
 # ----------------------------------------------------------------------------------------------- LOSS

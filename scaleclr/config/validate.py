@@ -15,6 +15,7 @@ from scaleclr.config import schema
 from scaleclr.config.compose import unknown_key_error
 from scaleclr.config.errors import ConfigError
 from scaleclr.config.policy import apply_policies
+from scaleclr.config.validate_gpu import check_gpu_combinations
 from scaleclr.config.validate_linear import check_linear_eval, is_linear_eval
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ ALLOWED = {
     "config.MODEL.CHANNELS_LAST": ("auto", "on", "off"),
     "config.MODEL.TORCH_COMPILE_MODE": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "config.MODEL.TORCH_COMPILE_BACKEND": ("inductor", "aot_eager", "eager"),
+    "config.MODEL.FLOAT32_MATMUL_PRECISION": ("highest", "high", "medium"),
     "config.MODEL.FSDP_CONFIG.MIXED_PRECISION": ("none", "bfloat16", "float16"),
     "config.OPTIMIZER.name": ("sgd",),
     "config.DISTRIBUTED.ENGINE": ("ddp", "deepspeed", "fsdp"),
@@ -176,6 +178,7 @@ def validate(root: DictConfig) -> None:
     _check_transforms(root)
     check_linear_eval(root)
     _check_loss_vs_views(root)
+    check_gpu_combinations(root)
 
 
 def _check_stop_signals(root) -> None:

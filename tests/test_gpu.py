@@ -52,9 +52,13 @@ def _deepspeed(stage, tmp, precision):
 
 
 def _lower_grad_scale(trainer):
-    scaler = getattr(trainer.engine, "scaler", None)
-    if scaler is not None and getattr(scaler, "_init_scale", None) is not None:
-        scaler._init_scale = 2.0 ** FP16_INIT_SCALE_POWER  # read lazily at the first scale()
+    """DDP's torch.amp.GradScaler reads ``_init_scale`` at its first ``scale()``; FSDP's ShardLossScaler holds
+    its scale as a device tensor from the start."""
+    scaler = trainer.engine.scaler
+    if isinstance(scaler, torch.amp.GradScaler):
+        scaler._init_scale = 2.0 ** FP16_INIT_SCALE_POWER
+    else:
+        scaler._scale.fill_(2.0 ** FP16_INIT_SCALE_POWER)
 
 
 def _run(extra, device, tmp, prepare=None):

@@ -12,6 +12,7 @@ from torch import nn
 
 from scaleclr.data import (DeviceAugmentation, DeviceStage, EvalDataset, HostStage, ShardedSampler, SSLDataset,
                            build_dataloader, build_source, build_transforms, eval_transform_specs, get_collator)
+from scaleclr.config.validate_linear import is_linear_eval
 from scaleclr.data.catalog import DEMO, resolve_path, split_path
 from scaleclr.distributed.stop import parse_signals
 from scaleclr.engines.spec import DTYPES, EngineSpec, FSDPSpec, PrecisionSpec
@@ -25,11 +26,6 @@ from scaleclr.optim.schedulers import build_scheduler
 
 def plain(node) -> Any:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
-
-
-def is_linear_eval(c) -> bool:
-    """``config.MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON`` (with FREEZE_TRUNK_ONLY; validated): linear evaluation."""
-    return bool(c.MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON)
 
 
 def stop_signals(c) -> list:

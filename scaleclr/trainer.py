@@ -41,7 +41,7 @@ from scaleclr.eval.knn import extract_shard, knn_top1
 from scaleclr.eval.online import OnlineProbe
 from scaleclr.io import fsync_dir
 from scaleclr.metrics import METRICS_FILE, MetricLogger
-from scaleclr.tasks import build_task
+from scaleclr.tasks import TaskContext, build_task
 
 logger = logging.getLogger(__name__)
 
@@ -123,12 +123,18 @@ class Trainer:
         self.root, self.c = root, root.config
         c = self.c
         self.rank, self.world_size = rank, world_size
-        self.local_world_size = local_world_size
         self.device = device or torch.device("cpu")
         self.out_dir = c.CHECKPOINT.DIR
         self.is_main = rank == 0
 
-        self.task = build_task(self)  # SimCLR pretraining or linear evaluation
+        spec = builders.build_engine_spec(c, world_size, self.device)
+        self.device_augmentation = resolve_device_augmentation(c.DATA.TRAIN.DEVICE_AUGMENTATION, self.device)
+        self.non_blocking = bool(c.DATA.ENABLE_ASYNC_GPU_COPY)
+        self.memory_format = torch.channels_last if spec.precision.channels_last else torch.contiguous_format
+        self.task = build_task(c, TaskContext(  # SimCLR pretraining or linear evaluation
+            rank=rank, world_size=world_size, local_world_size=local_world_size, device=self.device,
+            device_augmentation=self.device_augmentation, non_blocking=self.non_blocking,
+            memory_format=self.memory_format, out_dir=self.out_dir))
         model = builders.build_model(c)
         sbn = c.MODEL.SYNC_BN_CONFIG
         if sbn.CONVERT_BN_TO_SYNC_BN and world_size > 1:
@@ -136,11 +142,9 @@ class Trainer:
             convert_sync_batchnorm(self.task.sync_bn_scope(model), sbn.SYNC_BN_TYPE, process_group=group,
                                    device=self.device)  # in place
         logger.info("BatchNorm: %s", describe_sync_bn(model))
-        self.engine = build_engine(builders.build_engine_spec(c, world_size, self.device), self.device, rank,
-                                   world_size)
+        self.engine = build_engine(spec, self.device, rank, world_size)
         self.engine.setup(model, builders.make_optimizer_factory(c))
         self.loss_fn = self.task.loss_fn
-        self.device_augmentation = resolve_device_augmentation(c.DATA.TRAIN.DEVICE_AUGMENTATION, self.device)
         self.dataset, self.sampler, self.loader = self.task.build_train_data()
         self.device_stage = builders.build_device_augmentation(c, self.device_augmentation)
         self.probe = self._build_probe(model)
@@ -153,9 +157,6 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.out_dir, keep_last=c.CHECKPOINT.KEEP_LAST,
                                              epoch_frequency=c.CHECKPOINT.CHECKPOINT_FREQUENCY)
         self.images_per_step = c.DATA.TRAIN.BATCHSIZE_PER_REPLICA * world_size
-        self.non_blocking = bool(c.DATA.ENABLE_ASYNC_GPU_COPY)
-        self.memory_format = torch.channels_last if self.engine.spec.precision.channels_last else \
-            torch.contiguous_format
         self.skipped_images = 0  # this rank's count; summed over ranks when logged
         self.stats = StepStats(self.device)
         self.metrics: Optional[MetricLogger] = None
@@ -181,9 +182,9 @@ class Trainer:
                                     tensorboard=c.HOOKS.TENSORBOARD_SETUP.USE_TENSORBOARD,
                                     resume_step=self.state.step if resumed else None)
         try:
-            self.task.start()
+            self.task.start(self.engine)
             if c.TEST_ONLY:
-                return self.task.test_only()
+                return self.task.test_only(self.engine, self.metrics, self.state.step, self.state.epochs_done)
             if c.KNN_EVAL.ENABLED and not resumed:
                 results.update(self.evaluate(tag="_init"))
             if self.should_stop():
@@ -193,7 +194,8 @@ class Trainer:
             if self.stopped_by_signal():
                 results["stopped_by"] = self._report_signal_stop()
             else:
-                self.task.finish(results)
+                if self.state.epochs_done >= c.OPTIMIZER.num_epochs:
+                    self.task.finish(results)
                 if c.KNN_EVAL.ENABLED:
                     self.report_knn(results)
         finally:
@@ -268,7 +270,8 @@ class Trainer:
             return
         results["epoch_loss"] = self.end_epoch_stats(epoch)
         self.state.epochs_done, self.state.step_in_epoch = epoch + 1, 0
-        self.task.end_epoch(results)  # linear evaluation's test phase, before the epoch's checkpoint
+        # linear evaluation's test phase, before the epoch's checkpoint
+        self.task.end_epoch(self.engine, self.metrics, self.state.step, self.state.epochs_done, results)
         every = c.KNN_EVAL.EVERY_N_EPOCHS
         if c.KNN_EVAL.ENABLED and every and self.state.epochs_done % every == 0:
             results.update(self.evaluate(tag=""))  # before the checkpoint: a resumed run neither repeats nor skips it

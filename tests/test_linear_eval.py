@@ -263,7 +263,7 @@ def _engines_and_precompute(rank, world, out):
                                 "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=8", "config.LOG_FREQUENCY=1000", *extra),
                           rank, world)
         if name == "precomputed":
-            tr.task.start()  # extracts the features (collective), as train() does
+            tr.task.start(tr.engine)  # extracts the features (collective), as train() does
         results["hot"][name] = _steady_state_counts(tr)
     for name, extra in (("ddp", []), ("fsdp", ["config.DISTRIBUTED.ENGINE=fsdp"]), ("precomputed", PRECOMPUTED)):
         res, losses, tr = train_recording(quick(f"{out}/{name}", f"config.DISTRIBUTED.NUM_PROC_PER_NODE={world}",

@@ -281,7 +281,7 @@ def _check_data(root, split: str = "TRAIN") -> None:
 def _check_loss_vs_views(root) -> None:
     c = root.config
     views = transforms_num_views(c.DATA.TRAIN.TRANSFORMS)
-    if is_linear_eval(root):
+    if is_linear_eval(root.config):
         return  # one labelled view per image (validate_linear)
     if c.LOSS.name == "simclr_info_nce_loss":
         if views != 2:
@@ -310,7 +310,7 @@ def _check_online_evaluation(root: DictConfig) -> None:
                                                                                       ">= 0")):
         if not math.isfinite(value) or value < 0 or (low == "> 0" and value == 0):
             raise ConfigError(f"config.ONLINE_LINEAR_PROBE.{key}", f"= {value}; must be finite and {low}.")
-    if is_linear_eval(root):
+    if is_linear_eval(root.config):
         raise ConfigError("config.ONLINE_LINEAR_PROBE.ENABLED", "= True is for pretraining; linear evaluation "
                           "trains and tests its classifier itself.")
     if not c.KNN_EVAL.ENABLED:

@@ -30,8 +30,10 @@ _MAP_HELP = ('only ["res5avg", ["Identity", []]] (the final average pool, 2048 x
              "depths 18/34) is implemented")
 
 
-def is_linear_eval(root: DictConfig) -> bool:
-    return bool(root.config.MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON)
+def is_linear_eval(c: DictConfig) -> bool:
+    """``config.MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON`` (with FREEZE_TRUNK_ONLY; validated): linear evaluation
+    rather than pretraining. ``c`` is the ``config`` node."""
+    return bool(c.MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON)
 
 
 def _plain(v: Any) -> Any:
@@ -46,7 +48,7 @@ def check_linear_eval(root: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first linear-evaluation problem (or pretraining misuse of its keys)."""
     c = root.config
     fe = c.MODEL.FEATURE_EVAL_SETTINGS
-    if not is_linear_eval(root):
+    if not is_linear_eval(c):
         _check_pretraining(c)
         return
     if fe.FREEZE_TRUNK_AND_HEAD:

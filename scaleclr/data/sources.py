@@ -28,20 +28,22 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
+from scaleclr.data.decode import to_rgb
 from scaleclr.data.listing import list_image_folder
 
 SOURCE_NAMES = ("disk_filelist", "disk_folder", "synthetic")
 
 
 def load_rgb(path: str) -> Image.Image:
-    """Decodes an image file fully and converts it to RGB.
+    """Decodes an image file fully and converts it to 8-bit RGB (:func:`scaleclr.data.decode.to_rgb`: 16-bit
+    scaled, transparency composited over grey, both counted).
 
     Raises:
         OSError: unreadable, truncated or unidentifiable file (``PIL.UnidentifiedImageError``).
     """
     with open(path, "rb") as f:
         img = Image.open(f)
-        return img.convert("RGB")  # convert() forces the decode while the file is open
+        return to_rgb(img, path)  # decodes while the file is open
 
 
 def open_image(path: str) -> Image.Image:
@@ -54,7 +56,9 @@ def open_image(path: str) -> Image.Image:
     with open(path, "rb") as f:
         data = f.read()
         try:
-            return Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data))
+            img.scaleclr_path = path  # named by to_rgb's conversion warning (``filename`` would make Pillow mmap it)
+            return img
         except UnidentifiedImageError:
             f.seek(0)
             Image.open(f)  # raises what load_rgb raises, so the skip warning reads the same

@@ -57,7 +57,7 @@ def _class_dirs(root: str) -> list[str]:
     except (FileNotFoundError, NotADirectoryError) as e:
         raise ValueError(f"{root!r} is not an ImageFolder tree: {e}") from e
     if not classes:
-        raise ValueError(f"{root!r} has no class folders (an ImageFolder root holds one sub-folder per class)")
+        raise ValueError(f"{root!r} is not an ImageFolder tree: it has no class folders (one sub-folder per class)")
     return classes
 
 

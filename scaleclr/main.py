@@ -165,10 +165,8 @@ def preflight(root, env: Optional[DistEnv]) -> None:
     if d.ENGINE == "deepspeed":
         from scaleclr.config.deepspeed_json import check_deepspeed_config
         check_deepspeed_config(root)
-    from scaleclr.builders import resolve_train_data_path
-    resolve_train_data_path(c)  # checks the path (prepares the demo cache once, here) without scanning it
-    if c.MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON and (c.TEST_MODEL or c.TEST_ONLY):
-        resolve_train_data_path(c, "TEST")  # linear evaluation's labelled test split
+    from scaleclr.preflight import check_inputs
+    check_inputs(root, config_world)  # data (demo cache prepared once, here; a folder probed, not listed), run dir
 
 
 def already_finished(root) -> bool:

@@ -17,6 +17,7 @@ from scaleclr.config.errors import ConfigError
 from scaleclr.config.policy import apply_policies
 from scaleclr.config.validate_gpu import check_gpu_combinations
 from scaleclr.config.validate_linear import check_linear_eval, is_linear_eval
+from scaleclr.config.validate_numbers import check_numbers
 
 logger = logging.getLogger(__name__)
 
@@ -126,14 +127,7 @@ def validate(root: DictConfig) -> None:
                      "config.LOSS.multicrop_simclr_info_nce_loss.buffer_params.embedding_dim",
                      "config.KNN_EVAL.TOPK", "config.KNN_EVAL.BATCHSIZE", "config.TEST_EVERY_NUM_EPOCH",
                      "config.DATA.TEST.BATCHSIZE_PER_REPLICA"])
-    _positive(root, ["config.DATA.NUM_DATALOADER_WORKERS", "config.OPTIMIZER.weight_decay",
-                     "config.OPTIMIZER.momentum", "config.OPTIMIZER.larc_config.trust_coefficient",
-                     "config.OPTIMIZER.larc_config.eps", "config.OPTIMIZER.gradient_clipping",
-                     "node_id"], allow_zero=True)
-    for loss in ("simclr_info_nce_loss", "multicrop_simclr_info_nce_loss"):
-        key = f"config.LOSS.{loss}.temperature"
-        if _get(root, key) <= 0:
-            raise ConfigError(key, f"must be > 0 (it divides the cosine similarities), got {_get(root, key)}.")
+    _positive(root, ["config.DATA.NUM_DATALOADER_WORKERS", "node_id"], allow_zero=True)  # floats: validate_numbers
     if c.MODEL.SYNC_BN_CONFIG.GROUP_SIZE < -1:
         raise ConfigError("config.MODEL.SYNC_BN_CONFIG.GROUP_SIZE",
                           f"= {c.MODEL.SYNC_BN_CONFIG.GROUP_SIZE}; allowed: -1 (processes of one node), "
@@ -154,8 +148,6 @@ def validate(root: DictConfig) -> None:
                           f"{c.DISTRIBUTED.NUM_NODES}).")
     k = c.KNN_EVAL
     if k.ENABLED:
-        if k.TEMPERATURE <= 0:
-            raise ConfigError("config.KNN_EVAL.TEMPERATURE", f"must be > 0, got {k.TEMPERATURE}.")
         if bool(k.TRAIN_PATH) != bool(k.VAL_PATH):
             raise ConfigError("config.KNN_EVAL.TRAIN_PATH" if not k.TRAIN_PATH else "config.KNN_EVAL.VAL_PATH",
                               "is empty: set both TRAIN_PATH and VAL_PATH (labelled ImageFolder roots), or "
@@ -176,6 +168,7 @@ def validate(root: DictConfig) -> None:
     _check_weights_init(root)
     _check_data(root)
     _check_transforms(root)
+    check_numbers(root)
     check_linear_eval(root)
     _check_loss_vs_views(root)
     check_gpu_combinations(root)

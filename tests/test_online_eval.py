@@ -205,6 +205,7 @@ def test_probe_config_errors():
     with pytest.raises(ConfigError, match="LABEL_TYPE"):
         load_config(base + ["config.KNN_EVAL.ENABLED=True", "config.KNN_EVAL.DATASET_NAME=scaleclr_demo_digits"])
     with pytest.raises(ConfigError, match="ONLINE_LINEAR_PROBE.LR"):
-        load_config(base + ["config.ONLINE_LINEAR_PROBE.LR=-1"])
+        load_config(base + ["config.KNN_EVAL.ENABLED=True", "config.KNN_EVAL.DATASET_NAME=scaleclr_demo_digits",
+                            "config.DATA.TRAIN.LABEL_TYPE=standard", "config.ONLINE_LINEAR_PROBE.LR=-1"])
     with pytest.raises(ConfigError, match="EVERY_N_EPOCHS"):
         load_config(["config=test/integration_test/quick_simclr_synthetic", "config.KNN_EVAL.EVERY_N_EPOCHS=-1"])

@@ -299,10 +299,6 @@ def _check_online_evaluation(root: DictConfig) -> None:
     p = c.ONLINE_LINEAR_PROBE
     if not p.ENABLED:
         return
-    for key, value, low in (("LR", p.LR, "> 0"), ("MOMENTUM", p.MOMENTUM, ">= 0"), ("WEIGHT_DECAY", p.WEIGHT_DECAY,
-                                                                                      ">= 0")):
-        if not math.isfinite(value) or value < 0 or (low == "> 0" and value == 0):
-            raise ConfigError(f"config.ONLINE_LINEAR_PROBE.{key}", f"= {value}; must be finite and {low}.")
     if is_linear_eval(root.config):
         raise ConfigError("config.ONLINE_LINEAR_PROBE.ENABLED", "= True is for pretraining; linear evaluation "
                           "trains and tests its classifier itself.")

@@ -46,6 +46,9 @@ RANGES: Dict[str, Tuple[float, bool, float, bool, str]] = {
     "config.MODEL.HEAD.BATCHNORM_EPS": (0.0, False, math.inf, False, "added to the variance before its root"),
     "config.MODEL.HEAD.BATCHNORM_MOMENTUM": (0.0, True, 1.0, True, "weight of the new batch statistics"),
     "config.MODEL.HEAD.PARAMS_MULTIPLIER": (0.0, True, math.inf, False, "factor on the head's initialisation"),
+    "config.ONLINE_LINEAR_PROBE.LR": (0.0, False, math.inf, False, "the online probe's learning rate"),
+    "config.ONLINE_LINEAR_PROBE.MOMENTUM": (0.0, True, 1.0, False, "the online probe's SGD momentum"),
+    "config.ONLINE_LINEAR_PROBE.WEIGHT_DECAY": (0.0, True, math.inf, False, "the online probe's weight decay"),
 }
 
 #: LR schedule keys holding learning rates (>= 0), and the other numeric keys with a rule of their own.

@@ -148,7 +148,9 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.out_dir, keep_last=c.CHECKPOINT.KEEP_LAST,
                                              epoch_frequency=c.CHECKPOINT.CHECKPOINT_FREQUENCY)
         self.images_per_step = c.DATA.TRAIN.BATCHSIZE_PER_REPLICA * world_size
-        self.non_blocking = bool(c.DATA.ENABLE_ASYNC_GPU_COPY)
+        # asynchronous copies only from page-locked batches (from pageable memory a non_blocking copy is a
+        # blocking one in disguise): ENABLE_ASYNC_GPU_COPY and a loader that pins (config.DATA.PIN_MEMORY on CUDA)
+        self.non_blocking = bool(c.DATA.ENABLE_ASYNC_GPU_COPY) and bool(getattr(self.loader, "pin_memory", False))
         self.memory_format = torch.channels_last if self.engine.spec.precision.channels_last else \
             torch.contiguous_format
         self.skipped_images = 0  # this rank's count; summed over ranks when logged

@@ -40,8 +40,9 @@ _HYPERPARAMETERS = ("trust_coefficient", "clip", "eps")
 def local_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """L2 norm of every tensor, computed with ``torch._foreach_norm`` (one kernel per device/dtype group).
 
-    Half-precision tensors are accumulated in float32. Only valid for unsharded tensors; a tensor
-    subclass such as ``DTensor`` is rejected because its local norm would not be the full norm.
+    Half-precision tensors are accumulated in float32. Only valid for unsharded tensors; a sharded tensor
+    (one with ``to_local``, such as ``DTensor``) is rejected because its local norm would not be the full norm.
+    Other subclasses (e.g. the fake tensors of tests/fake_cuda.py) hold whole tensors and are accepted.
 
     Args:
         tensors: ``n`` tensors of any shapes.
@@ -50,14 +51,14 @@ def local_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         Shape ``[n]``, dtype float32 (float64 if any input is float64), on the first tensor's device.
 
     Raises:
-        TypeError: a tensor subclass (inject a sharding-aware ``norm_fn`` instead).
+        TypeError: a sharded tensor (inject a sharding-aware ``norm_fn`` instead).
     """
     if len(tensors) == 0:
         return torch.zeros(0)
     groups: Dict[Tuple[torch.device, torch.dtype], List[int]] = defaultdict(list)
     for i, t in enumerate(tensors):
-        if type(t) not in _PLAIN_TENSOR_TYPES:
-            raise TypeError(f"LARC's default norm_fn only handles plain tensors, got {type(t).__name__}; "
+        if _is_sharded(t):
+            raise TypeError(f"LARC's default norm_fn only handles unsharded tensors, got {type(t).__name__}; "
                             "pass a sharding-aware norm_fn")
         groups[(t.device, t.dtype)].append(i)
     out: List[Optional[torch.Tensor]] = [None] * len(tensors)
@@ -283,9 +284,14 @@ class LARC(torch.optim.Optimizer):
         """Called after every step (also on error); subclasses release per-step bookkeeping here."""
 
 
+def _is_sharded(t: torch.Tensor) -> bool:
+    """A tensor subclass holding a shard (``DTensor``: ``to_local``)."""
+    return hasattr(t, "to_local") and type(t) not in _PLAIN_TENSOR_TYPES
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The local shard of a ``DTensor`` (updated in place), or ``t`` itself."""
-    return t.to_local() if hasattr(t, "to_local") and type(t) not in _PLAIN_TENSOR_TYPES else t
+    return t.to_local() if _is_sharded(t) else t
 
 
 def _runs(keys: List[Any]) -> List[Tuple[int, int, Any]]:

@@ -193,6 +193,14 @@ def build_split_source(c, split: str = "TRAIN"):
                         path_key=f"config.DATA.{split}.DATA_PATHS[0]", **kw)
 
 
+def pin_memory(c) -> bool:
+    """Whether loaders page-lock their batches: ``config.DATA.PIN_MEMORY`` and the run trains on CUDA
+    (``config.MACHINE.DEVICE=gpu`` with CUDA present). The trainer copies batches with ``non_blocking`` only
+    from such loaders (``config.DATA.ENABLE_ASYNC_GPU_COPY``): from pageable memory it would be a blocking
+    copy in disguise."""
+    return bool(c.DATA.PIN_MEMORY) and c.MACHINE.DEVICE == "gpu" and torch.cuda.is_available()
+
+
 def build_train_data(c, rank: int, world_size: int, start_method: Optional[str] = None, *,
                      device_augmentation: bool = False
                      ) -> Tuple[SSLDataset, ShardedSampler, torch.utils.data.DataLoader]:
@@ -211,7 +219,7 @@ def build_train_data(c, rank: int, world_size: int, start_method: Optional[str] 
                              drop_last=t.DROP_LAST, batch_size=t.BATCHSIZE_PER_REPLICA)
     loader = build_dataloader(dataset, t.BATCHSIZE_PER_REPLICA, c.DATA.NUM_DATALOADER_WORKERS,
                               get_collator(t.COLLATE_FUNCTION), sampler,
-                              pin_memory=c.DATA.PIN_MEMORY and torch.cuda.is_available(),
+                              pin_memory=pin_memory(c),
                               multiprocessing_context=start_method, ignore_signals=stop_signals(c))
     return dataset, sampler, loader
 
@@ -252,7 +260,7 @@ def build_eval_data(c, split: str, rank: int, world_size: int, start_method: Opt
     sampler = ShardedSampler(len(dataset), world_size, rank, shuffle=False, seed=c.SEED_VALUE, drop_last=False,
                              batch_size=t.BATCHSIZE_PER_REPLICA)
     loader = build_dataloader(dataset, t.BATCHSIZE_PER_REPLICA, c.DATA.NUM_DATALOADER_WORKERS, None, sampler,
-                              pin_memory=c.DATA.PIN_MEMORY and torch.cuda.is_available(),
+                              pin_memory=pin_memory(c),
                               multiprocessing_context=start_method)
     return dataset, sampler, loader
 
@@ -292,6 +300,6 @@ def build_knn_data(c, rank: int, world_size: int) -> Dict[str, Tuple[ShardedSamp
         sampler = ShardedSampler(len(ds), world_size, rank, shuffle=False, seed=c.SEED_VALUE, drop_last=False,
                                  batch_size=k.BATCHSIZE)
         out[split] = (sampler, build_dataloader(ds, k.BATCHSIZE, c.DATA.NUM_DATALOADER_WORKERS, None, sampler,
-                                                pin_memory=c.DATA.PIN_MEMORY and torch.cuda.is_available(),
+                                                pin_memory=pin_memory(c),
                                                 ignore_signals=stop_signals(c)))
     return out

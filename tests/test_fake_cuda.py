@@ -303,3 +303,36 @@ def test_meta_backward_host_read_is_caught():
     w = torch.empty(4, device="meta", requires_grad=True)
     events = trace(lambda: _ReadsInBackward.apply(w * 2).sum().backward(), device_type="meta")
     assert events and events[0].kind == "host_read"
+
+
+# ---------------------------------------------------------------------------------- ZeRO's LARC norms
+def _zero_norms_events(index_with_list: bool, monkeypatch):
+    """ZeroLARC's norm function over partitioned fragments on fake CUDA (no process group: the grouping and
+    reassembly run, the all-reduce does not); ``index_with_list`` reintroduces the old ``sq[idx]``."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("deepspeed")
+    from scaleclr.engines import deepspeed as ds_engine
+
+    if index_with_list:
+        def old_stack(tensors, *a, **k):  # the old code's torch.stack(...)[list] equivalent
+            out = real_stack(tensors, *a, **k)
+            return out[list(range(out.shape[0]))] if out.dim() == 1 else out
+        real_stack = torch.stack
+        monkeypatch.setattr(torch, "stack", old_stack)
+    with fake_cuda():
+        params = [torch.randn(4, 3, device="cuda"), torch.randn(5, device="cuda"), torch.randn(2, device="cuda")]
+        grads = [torch.randn_like(p) for p in params]
+        zl = ds_engine.ZeroLARC.__new__(ds_engine.ZeroLARC)
+        part = SimpleNamespace(partitioned=True, group=None)
+        zl._entry_layouts = [part, None, part]
+        return trace(lambda: zl._full_norms(params + grads))
+
+
+def test_zero_larc_norms_record_nothing(monkeypatch):
+    assert _zero_norms_events(False, monkeypatch) == []
+
+
+def test_zero_larc_norms_list_index_is_caught(monkeypatch):
+    """Negative control: a Python-list index into the stacked norms (the old ``sq[idx]``) copies an index tensor."""
+    assert {e.kind for e in _zero_norms_events(True, monkeypatch)} == {"h2d"}

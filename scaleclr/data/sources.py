@@ -20,10 +20,11 @@ and touch their reference counts, which copies every page they sit on into every
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
@@ -32,13 +33,14 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 SOURCE_NAMES = ("disk_filelist", "disk_folder", "synthetic")
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Decodes an image file fully and converts it to RGB.
+def load_rgb(path: str | BinaryIO) -> Image.Image:
+    """Decodes an image file (a path, or a binary file object such as a shard member's ``io.BytesIO``) fully
+    and converts it to RGB.
 
     Raises:
         OSError: unreadable, truncated or unidentifiable file (``PIL.UnidentifiedImageError``).
     """
-    with open(path, "rb") as f:
+    with open(path, "rb") if isinstance(path, (str, os.PathLike)) else contextlib.nullcontext(path) as f:
         img = Image.open(f)
         return img.convert("RGB")  # convert() forces the decode while the file is open
 

@@ -172,7 +172,7 @@ def scan_shard(path: str) -> ShardSamples:
             f.seek(end)
             tail = f.read(2 * tarfile.BLOCKSIZE)
         except tarfile.TarError as e:
-            raise ValueError(f"shard {path} is not a readable tar file after sample {last_key!r}: {e}") from e
+            raise ValueError(f"shard {path} is truncated or damaged after sample {last_key!r}: {e}") from e
     if len(tail) < 2 * tarfile.BLOCKSIZE or tail.count(0) != len(tail):
         raise ValueError(f"shard {path} is truncated or damaged after sample {last_key!r} (byte {end} of {size}): "
                          "the end-of-archive blocks are missing")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import sys
 import tarfile
 from collections.abc import Iterator
@@ -39,12 +40,10 @@ def parse_size(text: str) -> int:
     Raises:
         ValueError: an unknown unit or a size < 1 byte.
     """
-    t = text.strip().upper()
-    num = t.rstrip("KMGIB")
-    unit = t[len(num):]
-    if unit not in _UNITS or not num:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in _UNITS:
         raise ValueError(f"--shard-size {text!r}: give a number with B, KB, MB, GB, KiB, MiB or GiB")
-    size = int(float(num) * _UNITS[unit])
+    size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
     if size < 1:
         raise ValueError(f"--shard-size {text!r} must be at least 1 byte")
     return size

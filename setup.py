@@ -22,5 +22,8 @@ setup(
         "deepspeed": ["deepspeed==0.19.8"],
         "dev": ["pytest", "pytest-timeout", "pytest-xdist"],
         "slurm": ["submitit==1.5.4"],  # config.SLURM.USE_SLURM=True (scaleclr/slurm.py)
+        # only tests/test_shards.py imports it (shards the library writes read unchanged); scaleclr reads and
+        # writes WebDataset shards with the standard library's tarfile
+        "webdataset": ["webdataset==1.0.2"],
     },
 )

@@ -110,20 +110,30 @@ class ShardSource(ImageSource):
         shard = int(self.index.shard_of[idx])
         offset, size = int(self.index.offsets[idx]), int(self.index.sizes[idx])
         block = os.pread(self._fd(shard), size + tarfile.BLOCKSIZE, offset - tarfile.BLOCKSIZE)
-        member = self.index.member(idx)
         if len(block) != size + tarfile.BLOCKSIZE:
-            raise ShardError(f"shard {self.shards[shard]} ends before member {member!r} (needs bytes up to "
-                             f"{offset + size}, read {len(block)} of {size + tarfile.BLOCKSIZE}): the shard was "
-                             "truncated after its index was built")
-        try:
-            info = tarfile.TarInfo.frombuf(block[:tarfile.BLOCKSIZE], "utf-8", "surrogateescape")
-            ok = info.size == size and (info.name == member or len(member.encode()) > 100)
-        except tarfile.HeaderError:
-            ok = False
-        if not ok:
-            raise ShardError(f"shard {self.shards[shard]} does not hold member {member!r} at byte {offset} as its "
-                             "index says: the shard changed after the index was built; restart to rebuild it")
+            raise ShardError(f"shard {self.shards[shard]} ends before member {self.index.member(idx)!r} (needs bytes "
+                             f"up to {offset + size}, read {len(block)} of {size + tarfile.BLOCKSIZE}): the shard "
+                             "was truncated after its index was built")
+        if not self._header_matches(block, idx, size):
+            raise ShardError(f"shard {self.shards[shard]} does not hold member {self.index.member(idx)!r} at byte "
+                             f"{offset} as its index says: the shard changed after the index was built; restart "
+                             "to rebuild the index")
         return block[tarfile.BLOCKSIZE:]
+
+    def _header_matches(self, block: bytes, idx: int, size: int) -> bool:
+        """The tar header before the data names the indexed member and holds its size (octal, or GNU base-256
+        past 8 GiB). Names over 100 bytes (GNU long-name and pax records) are checked by size only."""
+        name = self.index.member(idx).encode()
+        field = block[:100].rstrip(b"\0")
+        prefix = block[345:500].rstrip(b"\0") if block[257:265] == b"ustar\x0000" else b""  # POSIX ustar only
+        if (prefix + b"/" + field if prefix else field) != name and len(name) <= 100:
+            return False
+        raw = block[124:136]
+        try:
+            stored = int.from_bytes(raw[1:], "big") if raw[0] & 0x80 else int(raw.rstrip(b"\0 ") or b"0", 8)
+        except ValueError:
+            return False
+        return stored == size
 
     def load(self, idx: int) -> Image.Image:
         return load_rgb(io.BytesIO(self.read(idx)))

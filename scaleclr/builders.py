@@ -210,10 +210,8 @@ def build_shard_source(spec: str, data_limit: int = -1, require_labels: bool = F
                        key: str = "config.DATA.TRAIN.DATA_PATHS[0]", copy_to: Optional[str] = None):
     """The ``webdataset`` source of ``spec`` (a folder of ``.tar`` shards or brace notation); with ``copy_to``,
     read from a node-local copy made there first (``COPY_TO_LOCAL_DISK``: one copier per node, the others wait)."""
-    if copy_to:
-        local, _ = copy_to_local(expand_shards(spec, key), spec, copy_to)
-        spec = os.path.dirname(local[0])
-    source = ShardSource(spec, require_labels=require_labels, key=key)
+    local = copy_to_local(expand_shards(spec, key), spec, copy_to)[0] if copy_to else None
+    source = ShardSource(spec, require_labels=require_labels, key=key, shards=local)
     if 0 < data_limit < len(source):
         return LimitedSource(source, int(data_limit))
     return source

@@ -50,6 +50,23 @@ def data(tmp_path_factory):
     return {"folder": folder, "dir": str(out), "shards": shards, "base": base}
 
 
+def write_with_webdataset(folder_root, out_dir, maxcount=7):
+    """The ImageFolder written by the ``webdataset`` library's ShardWriter (keys ``class0/img000``, ``.cls`` labels),
+    in the folder's order; None when the library is not installed (``pip install -e .[webdataset]``)."""
+    try:
+        import webdataset as wds
+    except ImportError:
+        return None
+    folder = DiskFolderSource(folder_root)
+    os.makedirs(out_dir, exist_ok=True)
+    with wds.ShardWriter(os.path.join(out_dir, "lib-%04d.tar"), maxcount=maxcount, verbose=0) as sink:
+        for i in range(len(folder)):
+            p = folder.path(i)
+            key = os.path.relpath(os.path.splitext(p)[0], folder_root)
+            sink.write({"__key__": key, os.path.splitext(p)[1][1:]: open(p, "rb").read(), "cls": int(folder.labels[i])})
+    return out_dir
+
+
 def pixels(img):
     return np.asarray(img.convert("RGB"))
 
@@ -79,12 +96,7 @@ def test_shards_of_the_webdataset_library_read_unchanged(data, tmp_path):
     library reads ours (same pixels, same labels)."""
     wds = pytest.importorskip("webdataset")
     folder = DiskFolderSource(data["folder"])
-    with wds.ShardWriter(str(tmp_path / "lib-%04d.tar"), maxcount=7, verbose=0) as sink:
-        for i in range(len(folder)):
-            p = folder.path(i)
-            key = os.path.relpath(os.path.splitext(p)[0], data["folder"])  # class0/img000
-            sink.write({"__key__": key, os.path.splitext(p)[1][1:]: open(p, "rb").read(), "cls": int(folder.labels[i])})
-    src = ShardSource(str(tmp_path), require_labels=True)
+    src = ShardSource(write_with_webdataset(data["folder"], str(tmp_path)), require_labels=True)
     assert len(src) == len(folder) and np.array_equal(src.labels, folder.labels) and len(src.shards) == 6
     for i in range(len(src)):
         assert np.array_equal(pixels(src.load(i)), pixels(folder.load(i)))
@@ -259,8 +271,43 @@ def test_config_checks():
         load_config([quick, "config.DATA.TRAIN.COPY_TO_LOCAL_DISK=True"])
     with pytest.raises(ConfigError, match=r"SHUFFLE_MODE.*'random' is not allowed"):
         load_config([quick, "config.DATA.TRAIN.SHUFFLE_MODE=random"])
-    load_config([quick, "config.DATA.TRAIN.DATA_SOURCES=[webdataset]", "config.DATA.TRAIN.DATA_PATHS=[/x]",
-                 "config.DATA.TRAIN.SHUFFLE_MODE=shard_block", "config.DATA.TRAIN.COPY_TO_LOCAL_DISK=True"])
+    root, _ = load_config([quick, "config.DATA.TRAIN.DATA_SOURCES=[webdataset]", "config.DATA.TRAIN.DATA_PATHS=[/x]",
+                           "config.DATA.TRAIN.SHUFFLE_MODE=shard_block", "config.DATA.TRAIN.COPY_TO_LOCAL_DISK=True"])
+    from scaleclr import builders
+    with pytest.raises(ValueError, match=r"config\.DATA\.TRAIN\.DATA_PATHS\[0\]='/x' matches no shard file"):
+        builders.resolve_train_data_path(root.config)  # checked before any worker starts (exit status 2)
+
+
+def test_knn_and_test_split_read_shards(data, tmp_path):
+    """kNN paths that name shards, and DATA.TEST=[webdataset] (linear evaluation), read the shard source with labels
+    required; the folder next to them stays an ImageFolder (negative control)."""
+    from scaleclr import builders
+    from scaleclr.config import load_config
+
+    root, _ = load_config(["config=test/integration_test/quick_simclr_synthetic",
+                           f"config.KNN_EVAL.TRAIN_PATH={data['dir']}", f"config.KNN_EVAL.VAL_PATH={data['folder']}",
+                           "config.DATA.TEST.DATA_SOURCES=[webdataset]", f"config.DATA.TEST.DATA_PATHS=[{data['dir']}]"])
+    train, val = builders.build_knn_loaders(root.config)
+    assert isinstance(train.dataset.source, ShardSource) and isinstance(val.dataset.source, DiskFolderSource)
+    test = builders.build_split_source(root.config, "TEST")
+    assert isinstance(test, ShardSource) and len(test) == 40
+    # COPY_TO_LOCAL_DISK through the builder: the local copies, in the order the spec gives (here descending)
+    last = len(data["shards"]) - 1
+    spec = os.path.join(data["dir"], "shard-{%06d..000000}.tar" % last)
+    root.config.DATA.TRAIN.DATA_SOURCES, root.config.DATA.TRAIN.DATA_PATHS = ["webdataset"], [spec]
+    root.config.DATA.TRAIN.COPY_TO_LOCAL_DISK, root.config.DATA.TRAIN.COPY_DESTINATION_DIR = True, str(tmp_path / "loc")
+    root.config.DATA.TRAIN.DATA_LIMIT = -1
+    local = builders.build_split_source(root.config, "TRAIN")
+    assert all(p.startswith(str(tmp_path / "loc")) for p in local.shards)
+    assert [os.path.basename(p) for p in local.shards] == [os.path.basename(p) for p in data["shards"][::-1]]
+    original = ShardSource(data["dir"])
+    assert local.index.key(0) == original.index.key(int(original.index.starts[last]))
+    nolabel = tmp_path / "nolabel"
+    nolabel.mkdir()
+    _tar(nolabel / "a.tar", [("k1.png", _png())])
+    root.config.DATA.TEST.DATA_PATHS = [str(nolabel)]
+    with pytest.raises(ValueError, match=r"config\.DATA\.TEST\.DATA_PATHS\[0\].*sample 'k1' of shard .* has no label"):
+        builders.build_split_source(root.config, "TEST")
 
 
 # ------------------------------------------------------------------------------------------------- sampler
@@ -338,9 +385,11 @@ def block_run(data):
 
 @pytest.mark.dist
 def test_training_on_shards_equals_the_folder(data):
+    """Shards written by the webdataset library (ours when it is not installed) train exactly like the folder."""
     folder, shards = data["base"] / "folder_run", data["base"] / "shard_run"
+    lib = write_with_webdataset(data["folder"], str(data["base"] / "lib_shards")) or data["dir"]
     _train(folder, "config.DATA.TRAIN.DATA_SOURCES=[disk_folder]", f"config.DATA.TRAIN.DATA_PATHS=[{data['folder']}]")
-    _train(shards, *_shards(data))
+    _train(shards, *_shards({"dir": lib}))
     assert _steps(shards) == _steps(folder) and len(_steps(folder)) == 8  # the same images, the same order
     ref = _final(folder)
     assert all(torch.equal(v, ref[k]) for k, v in _final(shards).items())

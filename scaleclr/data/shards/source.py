@@ -49,6 +49,7 @@ class ShardSource(ImageSource):
             without one get label -1.
         key: the config key named in error messages.
         max_open: shards one process keeps open (default: from ``RLIMIT_NOFILE``).
+        shards: the shard files, when already known (the node-local copies); default: ``expand_shards(spec)``.
 
     Attributes:
         index: the :class:`ShardIndex`; ``labels``: int64 ``[N]``.
@@ -60,9 +61,9 @@ class ShardSource(ImageSource):
     """
 
     def __init__(self, spec: str, require_labels: bool = False, key: str = "config.DATA.TRAIN.DATA_PATHS[0]",
-                 max_open: int | None = None):
+                 max_open: int | None = None, shards: list[str] | None = None):
         self.spec = spec
-        self.shards = expand_shards(spec, key)
+        self.shards = list(shards) if shards is not None else expand_shards(spec, key)
         try:
             self.index = load_or_build_index(self.shards)
         except ValueError as e:

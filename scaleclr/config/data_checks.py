@@ -22,6 +22,7 @@ def transforms_num_views(transforms) -> int:
 
 def check_data(root: DictConfig, split: str = "TRAIN") -> None:
     """``config.DATA.<split>``'s sources, labels and paths (the source names are the data package's)."""
+    from scaleclr.data.sampler import SHUFFLE_MODES
     from scaleclr.data.sources import SOURCE_NAMES as DATA_SOURCES
 
     train = root.config.DATA[split]
@@ -45,6 +46,19 @@ def check_data(root: DictConfig, split: str = "TRAIN") -> None:
     if train.LABEL_PATHS and labels != ["disk_filelist"]:
         logger.warning("config.DATA.%s.LABEL_PATHS is read only with LABEL_SOURCES=[disk_filelist] (disk_folder "
                        "labels are its class folders)", split)
-    if train.DATA_SOURCES[0] != "synthetic" and not (train.DATA_PATHS or train.DATASET_NAMES):
+    source = train.DATA_SOURCES[0]
+    if train.SHUFFLE_MODE not in SHUFFLE_MODES:
+        raise ConfigError(f"config.DATA.{split}.SHUFFLE_MODE", f"= {train.SHUFFLE_MODE!r} is not allowed; allowed: "
+                          f"{', '.join(SHUFFLE_MODES)}.")
+    if train.SHUFFLE_BLOCK_SHARDS < 1:
+        raise ConfigError(f"config.DATA.{split}.SHUFFLE_BLOCK_SHARDS", f"= {train.SHUFFLE_BLOCK_SHARDS} must be >= 1.")
+    if train.SHUFFLE_MODE == "shard_block" and source != "webdataset":
+        raise ConfigError(f"config.DATA.{split}.SHUFFLE_MODE", f"= shard_block needs DATA_SOURCES=[webdataset], got "
+                          f"[{source}]; use global.")
+    if train.COPY_TO_LOCAL_DISK and source != "webdataset":
+        raise ConfigError(f"config.DATA.{split}.COPY_TO_LOCAL_DISK", f"is implemented for shards only "
+                          f"(DATA_SOURCES=[webdataset]), got [{source}]; write shards with python -m "
+                          "scaleclr.data.shards write, or set it to False.")
+    if source != "synthetic" and not (train.DATA_PATHS or train.DATASET_NAMES):
         raise ConfigError(f"config.DATA.{split}.DATA_PATHS", f"is empty and so is config.DATA.{split}.DATASET_NAMES: "
                           "give the image folder / file list path.")

@@ -14,7 +14,7 @@ inferred values), the launcher's world against NUM_NODES x NUM_PROC_PER_NODE, op
 config asks for (apex), data paths, the rendezvous address.
 
 Exit statuses: 0 trained (or already finished), 1 training failed (NaN/Inf loss, a worker crashed),
-2 configuration error, 75 (``EXIT_RESUMABLE``) stopped on one of ``config.TRAINER.STOP_SIGNALS`` after
+2 configuration error (or CHECKPOINT.DIR owned by another run, or no readable checkpoint to resume), 75 (``EXIT_RESUMABLE``) stopped on one of ``config.TRAINER.STOP_SIGNALS`` after
 writing the checkpoint of the step all ranks agreed on: rerun the same command to resume.
 """
 import argparse
@@ -151,7 +151,10 @@ def submit_to_slurm(root, overrides: List[str], env: Optional[DistEnv]) -> int:
 
 def worker(root, env: DistEnv, backend: str, stop: StopSignal) -> int:
     """One training process: 0 when done, ``EXIT_RESUMABLE`` when it stopped on a signal (checkpoint
-    written), 1 on a non-finite loss."""
+    written), 1 on a non-finite loss, 2 when another run owns CHECKPOINT.DIR or no recorded checkpoint can be
+    read (``config.CHECKPOINT.ON_CORRUPT``)."""
+    from scaleclr.checkpoint import CheckpointUnreadable
+    from scaleclr.runlock import RunDirLocked
     from scaleclr.trainer import NonFiniteLossError, Trainer
 
     setup_logging(env.rank, root.config.VERBOSE)
@@ -162,6 +165,9 @@ def worker(root, env: DistEnv, backend: str, stop: StopSignal) -> int:
     except NonFiniteLossError as e:
         logger.error("%s", e)
         return 1
+    except (RunDirLocked, CheckpointUnreadable) as e:
+        logger.error("%s", e)
+        return 2
     return EXIT_RESUMABLE if "stopped_by" in results else 0
 
 

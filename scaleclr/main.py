@@ -207,3 +207,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as e:
         logger.error("configuration error: %s", e)
         return 2
+    except KeyboardInterrupt:  # SIGINT that is not one of the stop signals: no checkpoint, a failure (status 1)
+        logger.error("interrupted (SIGINT is not in config.TRAINER.STOP_SIGNALS): no checkpoint was written")
+        return 1

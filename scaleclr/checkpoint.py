@@ -134,7 +134,7 @@ class CheckpointManager:
         data = self.read()
         latest, history = data["latest"], data["history"]
         prunable = [h for h in history if not self._kept_by_rule(h)]
-        keep = prunable[len(prunable) - self.keep_last:] if self.keep_last > 0 else []
+        keep = prunable[max(0, len(prunable) - self.keep_last):] if self.keep_last > 0 else []
         drop = [h for h in prunable if h not in keep and h["path"] != latest["path"]]
         if not drop:
             return []

@@ -66,7 +66,8 @@ def export(checkpoint: str, out: str, fmt: str, fc: bool = True, bn_eps: float =
         return (f"{out}: torchvision.models.{name}() state dict, {len(tv)} tensors, {head}"
                 + (f"; {dropped} projection-head tensors dropped" if dropped else "") + f" (from {ck.source})")
     if fmt == "vissl":
-        atomic_torch_save(formats.to_vissl(state, phase_idx=ck.phase_idx, iteration=ck.iteration), out, overwrite=overwrite)
+        atomic_torch_save(formats.to_vissl(state, phase_idx=ck.phase_idx, iteration=ck.iteration), out,
+                          overwrite=overwrite)
         n_heads = len(state) - n_trunk
         return (f"{out}: VISSL model-zoo checkpoint ({arch}), classy_state_dict.base_model.model.trunk "
                 f"{n_trunk} tensors (_feature_blocks.*), heads {n_heads} tensors (from {ck.source})")

@@ -101,14 +101,23 @@ class RunLock:
             owner = self.read()
             reason = self._stale_reason(owner)
             if reason is None:
-                raise RunDirLocked(
-                    f"{self.directory} is in use by another scaleclr run ({describe(owner or {})}; lock file "
-                    f"{self.path}). Wait for it to finish, stop it, or use another config.CHECKPOINT.DIR. If that "
-                    f"run is gone, delete {self.path}.")
+                raise RunDirLocked(self._message(owner or {}))
             if self._move_aside(owner):
                 logger.warning("taking over the run directory %s from %s: %s", self.directory,
                                describe(owner or {}), reason)
         raise RunDirLocked(f"could not take the lock {self.path}: other runs keep taking it")
+
+    def check(self) -> None:
+        """Raise :class:`RunDirLocked` now if a live run owns the directory (a launcher's early check before it
+        starts workers; the lock itself is taken by rank 0 with :meth:`acquire`)."""
+        owner = self.read()
+        if owner is not None and self._stale_reason(owner) is None:
+            raise RunDirLocked(self._message(owner))
+
+    def _message(self, owner: Dict[str, Any]) -> str:
+        return (f"{self.directory} is in use by another scaleclr run ({describe(owner)}; lock file {self.path}). "
+                "Wait for it to finish, stop it, or use another config.CHECKPOINT.DIR. If that run is gone, "
+                f"delete {self.path}.")
 
     def _create(self) -> bool:
         """Create the lock file with our content atomically; False if it exists."""

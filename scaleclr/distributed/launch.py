@@ -123,7 +123,7 @@ def _spawn_entry(local_rank: int, worker: Worker, yaml_cfg: str, node: DistEnv, 
                  init_method: Optional[str], signals: Sequence[int], forwarded: Sequence[int] = ()) -> None:
     for s in {*signals, *forwarded}:  # a forked worker inherits the launcher's handlers (its forwarder,
         # submitit's): not its own (still blocked here, so nothing arrives before the stop handler)
-        signal.signal(s, signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL)
+        signal.signal(s, signal.default_int_handler if s == signal.SIGINT and s not in signals else signal.SIG_DFL)
     stop = StopSignal(signals).install()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {*signals, *forwarded})  # blocked by the parent until now
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

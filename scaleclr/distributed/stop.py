@@ -141,8 +141,8 @@ class StopSignal:
             return
         self._record(signum)
         previous = self._previous.get(signum)
-        if callable(previous) and previous is not self._handle:
-            previous(signum, frame)  # chain a handler a host program installed before us
+        if callable(previous) and previous not in (self._handle, signal.default_int_handler):
+            previous(signum, frame)  # chain a handler a host program installed before us (not KeyboardInterrupt)
 
     def _record(self, signum: int) -> None:
         self.count += 1

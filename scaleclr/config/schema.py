@@ -307,6 +307,12 @@ class CheckpointConfig:
     # >= 0: keep the last KEEP_LAST model_iteration* checkpoints (and every epoch checkpoint VISSL's
     # CHECKPOINT_FREQUENCY rule keeps, the final one, and the one 'latest' points at); -1: keep all
     KEEP_LAST: int = -1
+    # a checkpoint that cannot be read at resume (missing, truncated, corrupt): `fallback` warns naming it and
+    # resumes from the newest readable one (nothing is deleted); `error` stops the run (exit status 2)
+    ON_CORRUPT: str = "fallback"
+    # the run directory's lock (.scaleclr.lock, one run per CHECKPOINT.DIR): a lock written on another host
+    # and not refreshed for this many minutes is taken over (the owner refreshes it every minute)
+    LOCK_STALE_MINUTES: float = 10.0
 
 
 @dataclass

@@ -168,6 +168,12 @@ def validate(root: DictConfig) -> None:
     if c.CHECKPOINT.KEEP_LAST < -1:
         raise ConfigError("config.CHECKPOINT.KEEP_LAST", f"= {c.CHECKPOINT.KEEP_LAST}; allowed: -1 (keep every "
                           "checkpoint) or k >= 0 (keep the last k model_iteration checkpoints).")
+    if c.CHECKPOINT.ON_CORRUPT not in ("fallback", "error"):
+        raise ConfigError("config.CHECKPOINT.ON_CORRUPT", f"= {c.CHECKPOINT.ON_CORRUPT!r}; allowed: fallback "
+                          "(resume from the newest readable checkpoint) or error (stop with exit status 2).")
+    if not c.CHECKPOINT.LOCK_STALE_MINUTES > 0:
+        raise ConfigError("config.CHECKPOINT.LOCK_STALE_MINUTES", f"= {c.CHECKPOINT.LOCK_STALE_MINUTES}; must be "
+                          "> 0 (minutes after which another host's unrefreshed run lock is taken over).")
     _check_stop_signals(root)
     _check_slurm(root)
     _check_weights_init(root)

@@ -187,3 +187,34 @@ def test_engines_compile_blocks_with_sync_bn_without_breaks_or_dynamic_shapes(re
     expected = _engine_step(engine, recorder)
     assert expected == 7 + 2  # ResNet-18: layer1's blocks are alike, 2 structures in each other stage; 2 heads
     check_compiled(recorder, expected)
+
+
+# ----------------------------------------------------------------------------------------- SyncBN, DeepSpeed
+@pytest.mark.parametrize("compile_on,expected", [(True, "SyncBatchNorm"), (False, "torch.nn.SyncBatchNorm")])
+def test_compile_converts_to_scaleclr_sync_bn_instead_of_torchs(compile_on, expected):
+    """torch's SyncBN filters the gathered statistics with a boolean mask (a value-dependent shape: a graph break
+    and a host sync per layer; its kernels need CUDA, so that is read from torch/nn/modules/_functions.py, not run
+    here). With compile on the trainer converts to scaleclr's; compile off keeps torch's (the control)."""
+    from scaleclr.distributed.compile import sync_bn_type_for_compile
+    from scaleclr.distributed.sync_bn import SyncBatchNorm, convert_sync_batchnorm
+
+    assert sync_bn_type_for_compile("apex", compile_on) == ("native" if compile_on else "apex")
+    assert sync_bn_type_for_compile("native", compile_on) == "native"
+    sync_bn_type = sync_bn_type_for_compile("pytorch", compile_on)
+    model = convert_sync_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), sync_bn_type,
+                                   device="cuda")  # a CUDA target: where torch's SyncBN would be chosen
+    cls = {"SyncBatchNorm": SyncBatchNorm, "torch.nn.SyncBatchNorm": nn.SyncBatchNorm}[expected]
+    assert type(model[1]) is cls
+
+
+@pytest.mark.parametrize("engine,compile_on,refused", [("deepspeed", True, True), ("deepspeed", False, False),
+                                                       ("ddp", True, False)])
+def test_compile_with_deepspeed_is_refused_naming_the_keys(engine, compile_on, refused):
+    from scaleclr.config import ConfigError, load_config
+
+    overrides = [QUICK, f"config.DISTRIBUTED.ENGINE={engine}", f"config.MODEL.TORCH_COMPILE={compile_on}"]
+    if refused:
+        with pytest.raises(ConfigError, match=r"config\.MODEL\.TORCH_COMPILE.*ENGINE=deepspeed"):
+            load_config(overrides)
+    else:
+        load_config(overrides)

@@ -153,9 +153,10 @@ def test_negative_control_per_block_module_compile_hits_the_recompile_limit_with
 
 
 # ---------------------------------------------------------------------------------------------------- engines
-def _engine_step(name, recorder):
+def _engine_run(name, recorder=None):
     """Two training steps of the quick config's model (ResNet-18, two MLP heads, scaleclr SyncBN over a 1-rank gloo
-    group) on ``name``'s engine with compile on; returns the distinct (block structure, shape) count."""
+    group) on ``name``'s engine, compiled with ``recorder`` (eager when None). Returns the run (``losses``, the state
+    after step 1, ``init``: numerics' run format) and the distinct (block structure, shape) count."""
     from scaleclr import builders
     from scaleclr.config import load_config
     from scaleclr.distributed.collectives import ensure_process_group
@@ -167,26 +168,38 @@ def _engine_step(name, recorder):
                            "config.MODEL.TORCH_COMPILE_BACKEND=aot_eager"])
     c, cpu = root.config, torch.device("cpu")
     spec = builders.build_engine_spec(c, 1, cpu)
-    spec = dataclasses.replace(spec, precision=dataclasses.replace(spec.precision, compile_backend=recorder))
+    spec = dataclasses.replace(spec, precision=dataclasses.replace(spec.precision, compile=recorder is not None,
+                                                                   compile_backend=recorder))
     ensure_process_group(cpu)
     model = convert_sync_batchnorm(builders.build_model(c), "native", device=cpu)
     assert any(isinstance(m, SyncBatchNorm) for m in model.modules())
+    init = {k: v.detach().clone() for k, v in model.state_dict().items()}
     crops = _crops(TWO_VIEW)
     [expected] = distinct_block_shapes(compile_units(model), [lambda: model(crops)])
+    model.load_state_dict(init)  # undo the counting forward's BN statistics
     engine = build_engine(spec, cpu, 0, 1)
     engine.setup(model, builders.make_optimizer_factory(c))
-    for _ in range(2):  # the second step compiles nothing new
-        engine.model(crops).square().mean().backward()  # stands in for the loss (the loss is not compiled)
+    run = {"losses": [], "states": {}, "init": init}
+    for step in (1, 2):  # the second step compiles nothing new
+        loss = engine.model(crops).square().mean()  # stands in for the loss (the loss is not compiled)
+        engine.backward(loss)
         engine.step()
         engine.zero_grad()
-    return expected
+        run["losses"].append(loss.item())
+        if step == 1:
+            run["states"][1] = {k: v.detach().clone() for k, v in engine.full_state_dict().items()}
+    return run, expected
 
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
 def test_engines_compile_blocks_with_sync_bn_without_breaks_or_dynamic_shapes(recorder, engine):
-    expected = _engine_step(engine, recorder)
+    import numerics as nm
+
+    compiled, expected = _engine_run(engine, recorder)
     assert expected == 7 + 2  # ResNet-18: layer1's blocks are alike, 2 structures in each other stage; 2 heads
     check_compiled(recorder, expected)
+    eager, _ = _engine_run(engine)
+    nm.assert_ok(nm.check_step1(compiled, eager, f"{engine} compiled (aot_eager) vs eager", eager["init"]))
 
 
 # ----------------------------------------------------------------------------------------- SyncBN, DeepSpeed

@@ -14,9 +14,11 @@ For each case the checks (``check_compiled``) are:
 
 Cases: ResNet-50 two views (32 px), then multicrop (2 x 32 px + 4 x 16 px), batch 2, forward only (the counters are
 the same as in training; backward only adds aot_autograd's work); ResNet-101 and ResNet-50 x2 (slow: the same code,
-more blocks per region); the DDP and FSDP2 engines (ResNet-18, scaleclr SyncBN over a 1-rank gloo group, a training
-step). Negative control: the old per-block ``module.compile()`` hits the recompile limit on ResNet-50 multicrop and
-makes symbolic shapes on ResNet-18 two views, and the checks catch both.
+more blocks per region); a DDP and an FSDP2 (with activation checkpointing) engine (ResNet-18, scaleclr SyncBN over a
+1-rank gloo group, two training steps; step 1 also equals the eager engine's within ``numerics.check_step1``).
+Negative control: the old per-block ``module.compile()`` makes symbolic shapes on ResNet-50 two views and hits the
+recompile limit on multicrop, and the checks catch both (the positive cases fail with it too). DeepSpeed refuses
+compile (a ConfigError); SyncBN under compile is scaleclr's (torch's breaks graphs).
 """
 import dataclasses
 
@@ -153,7 +155,10 @@ def test_negative_control_per_block_module_compile_hits_the_recompile_limit_with
 
 
 # ---------------------------------------------------------------------------------------------------- engines
-def _engine_run(name, recorder=None):
+AC = ["config.MODEL.ACTIVATION_CHECKPOINTING.USE_ACTIVATION_CHECKPOINTING=True"]
+
+
+def _engine_run(name, recorder=None, extra=()):
     """Two training steps of the quick config's model (ResNet-18, two MLP heads, scaleclr SyncBN over a 1-rank gloo
     group) on ``name``'s engine, compiled with ``recorder`` (eager when None). Returns the run (``losses``, the state
     after step 1, ``init``: numerics' run format) and the distinct (block structure, shape) count."""
@@ -165,7 +170,7 @@ def _engine_run(name, recorder=None):
     from scaleclr.engines import build_engine
 
     root, _ = load_config([QUICK, f"config.DISTRIBUTED.ENGINE={name}", "config.MODEL.TORCH_COMPILE=True",
-                           "config.MODEL.TORCH_COMPILE_BACKEND=aot_eager"])
+                           "config.MODEL.TORCH_COMPILE_BACKEND=aot_eager", *extra])
     c, cpu = root.config, torch.device("cpu")
     spec = builders.build_engine_spec(c, 1, cpu)
     spec = dataclasses.replace(spec, precision=dataclasses.replace(spec.precision, compile=recorder is not None,
@@ -191,14 +196,16 @@ def _engine_run(name, recorder=None):
     return run, expected
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
-def test_engines_compile_blocks_with_sync_bn_without_breaks_or_dynamic_shapes(recorder, engine):
+@pytest.mark.parametrize("engine,extra", [("ddp", ()), ("fsdp", AC)], ids=["ddp", "fsdp_checkpointed"])
+def test_engines_compile_blocks_with_sync_bn_without_breaks_or_dynamic_shapes(recorder, engine, extra):
+    """FSDP2 with activation checkpointing (torchtitan's order: checkpoint, compile, shard): the recomputation in
+    backward reuses the blocks' graphs."""
     import numerics as nm
 
-    compiled, expected = _engine_run(engine, recorder)
+    compiled, expected = _engine_run(engine, recorder, extra)
     assert expected == 7 + 2  # ResNet-18: layer1's blocks are alike, 2 structures in each other stage; 2 heads
     check_compiled(recorder, expected)
-    eager, _ = _engine_run(engine)
+    eager, _ = _engine_run(engine, extra=extra)
     nm.assert_ok(nm.check_step1(compiled, eager, f"{engine} compiled (aot_eager) vs eager", eager["init"]))
 
 

@@ -65,6 +65,19 @@ def recorder():
     counters.clear()
 
 
+@pytest.fixture
+def one_rank_gloo():
+    """A 1-rank gloo group for the engines and SyncBN, destroyed afterwards (other files expect none)."""
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 def distinct_block_shapes(units, runs) -> list:
     """Distinct (type, repr, input shape) over ``units``, cumulated after each of ``runs`` (eager calls)."""
     seen, counts = set(), []
@@ -164,7 +177,6 @@ def _engine_run(name, recorder=None, extra=()):
     after step 1, ``init``: numerics' run format) and the distinct (block structure, shape) count."""
     from scaleclr import builders
     from scaleclr.config import load_config
-    from scaleclr.distributed.collectives import ensure_process_group
     from scaleclr.distributed.compile import compile_units
     from scaleclr.distributed.sync_bn import SyncBatchNorm, convert_sync_batchnorm
     from scaleclr.engines import build_engine
@@ -175,7 +187,6 @@ def _engine_run(name, recorder=None, extra=()):
     spec = builders.build_engine_spec(c, 1, cpu)
     spec = dataclasses.replace(spec, precision=dataclasses.replace(spec.precision, compile=recorder is not None,
                                                                    compile_backend=recorder))
-    ensure_process_group(cpu)
     model = convert_sync_batchnorm(builders.build_model(c), "native", device=cpu)
     assert any(isinstance(m, SyncBatchNorm) for m in model.modules())
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -197,7 +208,8 @@ def _engine_run(name, recorder=None, extra=()):
 
 
 @pytest.mark.parametrize("engine,extra", [("ddp", ()), ("fsdp", AC)], ids=["ddp", "fsdp_checkpointed"])
-def test_engines_compile_blocks_with_sync_bn_without_breaks_or_dynamic_shapes(recorder, engine, extra):
+def test_engines_compile_blocks_with_sync_bn_without_breaks_or_dynamic_shapes(one_rank_gloo, recorder, engine,
+                                                                           extra):
     """FSDP2 with activation checkpointing (torchtitan's order: checkpoint, compile, shard): the recomputation in
     backward reuses the blocks' graphs."""
     import numerics as nm

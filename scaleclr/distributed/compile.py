@@ -12,9 +12,10 @@ trunk's FLOPs. Module hooks (FSDP2's, activation checkpointing's) run eagerly ar
 **Compile regions.** Dynamo caches compiled code on the *code object* (``Bottleneck.forward``, shared by every
 block) and stops recompiling after ``torch._dynamo.config.recompile_limit`` (8) entries, falling back to eager
 silently. One ``module.compile()`` per block therefore hits the limit with ResNet-50 and two crop resolutions
-(4 stages x 2 block structures x 2 resolutions + heads > 8), and dynamo's automatic dynamic shapes turn the
-recompiles into symbolic-shape graphs. Here every distinct block structure (type and ``repr``: channels, stride,
-downsample, norm layer) gets its own ``torch.compile(..., dynamic=False, isolate_recompiles=True)`` region:
+(4 stages x 2 block structures x 2 resolutions: 16 entries of ``Bottleneck.forward``), and dynamo's automatic
+dynamic shapes turn the recompiles into symbolic-shape graphs. Here every distinct block structure (type and
+``repr``: channels, stride, downsample, norm layer) gets its own ``torch.compile(..., dynamic=False,
+isolate_recompiles=True)`` region:
 
 * blocks of one structure share one region, so they share compiled code (ResNet-101's 22 equal ``layer3`` blocks
   compile once per input shape);
@@ -22,10 +23,11 @@ downsample, norm layer) gets its own ``torch.compile(..., dynamic=False, isolate
   crop resolution, plus evaluation-mode shapes), far below the limit;
 * ``dynamic=False``: every graph is specialised to its shapes (no symbolic sizes, the fastest kernels).
 
-A ResNet-50 step thus compiles ``8 x resolutions + heads`` graphs (two views: 9; multicrop with 2 resolutions:
-17). scaleclr's SyncBatchNorm (its collectives included) traces without graph breaks; torch's and apex's do not
-(:func:`sync_bn_type_for_compile`). Compilation happens lazily in the first step (the trainer logs its time); set
-``TORCHINDUCTOR_CACHE_DIR`` to a persistent folder to reuse compiled kernels across runs and processes.
+A ResNet-50 step thus compiles 8 graphs per crop resolution plus one per head and concatenated batch shape
+(SimCLR's two heads: two views 10 graphs, multicrop with 2 resolutions 18). scaleclr's SyncBatchNorm (its
+collectives included) traces without graph breaks; torch's and apex's do not (:func:`sync_bn_type_for_compile`).
+Compilation happens lazily in the first step (the trainer logs its time); set ``TORCHINDUCTOR_CACHE_DIR`` to a
+persistent folder to reuse compiled kernels across runs and processes.
 """
 from __future__ import annotations
 

@@ -33,6 +33,7 @@ from scaleclr.checkpoint import CheckpointManager, CheckpointUnreadable, tag_for
 from scaleclr.config import to_yaml
 from scaleclr.data.device_augment import resolve_device_augmentation
 from scaleclr.distributed.collectives import all_reduce_sum, collective_device, is_distributed
+from scaleclr.distributed.compile import sync_bn_type_for_compile
 from scaleclr.distributed.env import barrier
 from scaleclr.distributed.stop import StopSignal, control_group
 from scaleclr.distributed.sync_bn import convert_sync_batchnorm, create_sync_bn_process_group, describe_sync_bn
@@ -142,7 +143,8 @@ class Trainer:
         sbn = c.MODEL.SYNC_BN_CONFIG
         if sbn.CONVERT_BN_TO_SYNC_BN and world_size > 1:
             group = create_sync_bn_process_group(sbn.GROUP_SIZE, num_proc_per_node=local_world_size)
-            convert_sync_batchnorm(self.task.sync_bn_scope(model), sbn.SYNC_BN_TYPE, process_group=group,
+            sync_bn_type = sync_bn_type_for_compile(sbn.SYNC_BN_TYPE, c.MODEL.TORCH_COMPILE)  # torch's breaks graphs
+            convert_sync_batchnorm(self.task.sync_bn_scope(model), sync_bn_type, process_group=group,
                                    device=self.device)  # in place
         logger.info("BatchNorm: %s", describe_sync_bn(model))
         self.engine = build_engine(spec, self.device, rank, world_size)

@@ -176,7 +176,7 @@ class ModelConfig:
     NON_TRAINABLE_PARAMS: List[str] = field(default_factory=list)
     INPUT_TYPE: str = "rgb"
     CHANNELS_LAST: str = "auto"  # auto (on with CUDA) | on | off: model and input batches in channels_last
-    TORCH_COMPILE: bool = False  # torch.compile the trunk and heads (DDP, FSDP2; not DeepSpeed)
+    TORCH_COMPILE: bool = False  # compile the blocks and heads, static shapes (DDP, FSDP2; DeepSpeed: error)
     TORCH_COMPILE_MODE: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     TORCH_COMPILE_BACKEND: str = "inductor"  # inductor | aot_eager (traces, no code generation: debugging)
     # CUDA only (the worker sets them before the model is built; nothing changes on CPU): cuDNN autotuning of

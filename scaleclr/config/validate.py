@@ -145,6 +145,11 @@ def validate(root: DictConfig) -> None:
         logger.warning("config.DISTRIBUTED.DEEPSPEED_CONFIG=%s has no effect with config.DISTRIBUTED.ENGINE=%s "
                        "(pass --deepspeed_config or ENGINE=deepspeed to use it)", c.DISTRIBUTED.DEEPSPEED_CONFIG,
                        c.DISTRIBUTED.ENGINE)
+    if c.MODEL.TORCH_COMPILE and c.DISTRIBUTED.ENGINE == "deepspeed":
+        raise ConfigError("config.MODEL.TORCH_COMPILE", "= True is not supported with config.DISTRIBUTED.ENGINE="
+                          "deepspeed (compiled ZeRO steps are not checked against eager ones; ZeRO-3 gathers "
+                          "parameters in hooks on every layer, which would run inside the blocks' compiled "
+                          "code); use ENGINE=ddp or fsdp with TORCH_COMPILE=True, or TORCH_COMPILE=False.")
     _check_head_lr(root)
     if c.CHECKPOINT.LATEST_CHECKPOINT_RESUME_FILE_NUM < 1:
         raise ConfigError("config.CHECKPOINT.LATEST_CHECKPOINT_RESUME_FILE_NUM", "must be >= 1 (1 = latest).")

@@ -296,6 +296,8 @@ class DeepSpeedEngine(Engine):
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
         import deepspeed
 
+        if self.spec.precision.compile:  # config validation refuses it (config.MODEL.TORCH_COMPILE)
+            raise ValueError("torch.compile is not supported with the DeepSpeed engine; use ddp or fsdp")
         self.ds_config = self.spec.deepspeed_config
         self.stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
         self.bf16 = bool(self.ds_config["bf16"]["enabled"])

@@ -34,13 +34,14 @@ import shutil
 import zipfile
 from typing import Any, Dict, List, Optional
 
+from scaleclr.interchange.formats import CONSOLIDATED_SUFFIX
 from scaleclr.io import atomic_write_text, fsync_dir
 
 logger = logging.getLogger(__name__)
 
 POINTER = "checkpoint.json"
 # files written next to a checkpoint directory <tag>/ (DeepSpeed's consolidated export)
-COMPANION_SUFFIXES = ("_consolidated_fp32.torch",)
+COMPANION_SUFFIXES = (CONSOLIDATED_SUFFIX,)  # files next to a checkpoint that belong to it
 
 
 class CheckpointUnreadable(ValueError):

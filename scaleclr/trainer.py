@@ -40,6 +40,7 @@ from scaleclr.distributed.sync_bn import convert_sync_batchnorm, create_sync_bn_
 from scaleclr.engines import build_engine
 from scaleclr.eval.knn import extract_shard, knn_top1
 from scaleclr.eval.online import OnlineProbe
+from scaleclr.interchange.checkpoints import write_consolidated
 from scaleclr.io import fsync_dir
 from scaleclr.metrics import METRICS_FILE, MetricLogger
 from scaleclr.runlock import RunDirLocked, RunLock
@@ -438,6 +439,8 @@ class Trainer:
         self._raise_if_nonfinite(self._reduce([self.stats.nonfinite])[0])  # never checkpoint a NaN model
         t0 = time.perf_counter()
         path = self.engine.save(self.out_dir, tag, self.client_state(), final=final)
+        if final and self.engine.consolidate_final:  # before the pointer names it: one unit with its checkpoint
+            write_consolidated(self.engine, path, tag)
         self._last_saved_tag = tag
         if self.is_main:
             self.checkpoints.record(path, self.engine.name, self.state.epochs_done, self.state.step, final)

@@ -307,11 +307,10 @@ def test_deepspeed_launcher_zero2_resume_export(matrix, tmp_path):
                      nm.loss_floor(ref["losses"][0]), "same forward: rounding floor")
     nm.assert_ok([loss1] + nm.check_noise(got, ref, nm.noise_run(LARC), "launcher z2 vs in-process z2"))
 
-    # offline export (python -m scaleclr.engines.deepspeed export) of the stopped run's checkpoint
+    # offline export (python -m scaleclr.export --format scaleclr) of the stopped run's checkpoint
     out = tmp_path / "export_it2.torch"
-    r = subprocess.run([sys.executable, "-m", "scaleclr.engines.deepspeed", "export",
-                        str(tmp_path / "model_iteration2"), str(out)], capture_output=True, text=True, cwd=ROOT,
-                       timeout=300)
+    r = subprocess.run([sys.executable, "-m", "scaleclr.export", str(tmp_path / "model_iteration2"), str(out),
+                        "--format", "scaleclr"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
     code = (
         "import sys, torch\n"
@@ -346,7 +345,7 @@ def test_resume_with_other_world_size_or_stage_stops_with_instructions(tmp_path)
             check_resumable(str(tmp_path), {"world_size": 2, "zero_stage": 2, "precision": "fp32"},
                             dict(now, precision="fp32"))
         msg = str(e.value)
-        assert "2 processes with ZeRO-2" in msg and "python -m scaleclr.engines.deepspeed export" in msg
+        assert "2 processes with ZeRO-2" in msg and "python -m scaleclr.export" in msg and "--format scaleclr" in msg
         assert "config.MODEL.WEIGHTS_INIT.PARAMS_FILE" in msg
 
 

@@ -282,7 +282,8 @@ def test_dcp_save_load_round_trip_is_exact(parity):
 def test_full_export_loads_into_resnet_without_process_group(parity, tmp_path):
     import torch.distributed as dist
 
-    from scaleclr.engines.fsdp import export_checkpoint, load_full_state_dict
+    from scaleclr.engines.fsdp import load_full_state_dict
+    from scaleclr.export import export
     from scaleclr.models import ResNet
 
     assert not dist.is_initialized()
@@ -290,7 +291,8 @@ def test_full_export_loads_into_resnet_without_process_group(parity, tmp_path):
     _assert_equal(full, run_of(parity, "fsdp")["states"][nm.STEPS])
     trunk = ResNet(depth=18)
     trunk.load_state_dict({k[len("trunk."):]: v for k, v in full.items() if k.startswith("trunk.")}, strict=True)
-    out = export_checkpoint(parity["roundtrip"]["path"], str(tmp_path / "export.torch"))
+    out = str(tmp_path / "export.torch")
+    export(parity["roundtrip"]["path"], out, "scaleclr")
     exported = torch.load(out, map_location="cpu", weights_only=True)["model"]
     assert exported.keys() == full.keys()
 

@@ -235,8 +235,8 @@ def test_export_round_trips_for_every_engine(engine_ckpts, engine, tmp_path, cap
 @pytest.mark.dist
 def test_cli_process_and_run_directory(engine_ckpts, tmp_path):
     """`python -m scaleclr.export` in a fresh process (an FSDP directory; the DeepSpeed one goes through the same
-    main() in-process above); a run directory is refused with the latest checkpoint's name; the engines' own export
-    functions still work and agree."""
+    main() in-process above); a run directory is refused with the latest checkpoint's name; --format scaleclr of the
+    sharded engines' checkpoints holds their full state."""
     run = engine_ckpts["fsdp"]
     r = subprocess.run([sys.executable, "-m", "scaleclr.export", run["path"], str(tmp_path / "r18.pth"), "--format",
                         "torchvision"], capture_output=True, text=True, cwd=ROOT, timeout=300,
@@ -246,16 +246,13 @@ def test_cli_process_and_run_directory(engine_ckpts, tmp_path):
     assert export(run["run_dir"], tmp_path / "x.pth", "--format", "torchvision") == 2
     with pytest.raises(ValueError, match="run directory.*model_iteration1"):
         read_checkpoint(run["run_dir"])
-    from scaleclr.engines.fsdp import export_checkpoint as fsdp_export
-    p = torch.load(fsdp_export(engine_ckpts["fsdp"]["path"], str(tmp_path / "fsdp.torch")), weights_only=True)
-    assert p["format"] == "scaleclr" and p["trunk_config"]["depth"] == 18
-    assert all(torch.equal(p["model"][k], engine_ckpts["fsdp"]["state"][k]) for k in p["model"])
-    if HAS_DEEPSPEED:
-        from scaleclr.engines.deepspeed import export_checkpoint
-        ds = engine_ckpts["deepspeed"]
-        p = torch.load(export_checkpoint(ds["path"], str(tmp_path / "ds.torch")), weights_only=True)
-        assert p["format"] == "scaleclr" and p["engine"] == "deepspeed" and p["meta"]["zero_stage"] == 2
-        assert all(torch.equal(p["model"][k], ds["state"][k]) for k in ds["state"])
+    # --format scaleclr of a sharded checkpoint: the unsharded fp32 model, equal to the engine's full state
+    for name in ("fsdp", "deepspeed") if HAS_DEEPSPEED else ("fsdp",):
+        out = tmp_path / f"{name}.torch"
+        assert export(engine_ckpts[name]["path"], out, "--format", "scaleclr") == 0
+        p = torch.load(out, weights_only=True)
+        assert p["format"] == "scaleclr" and p["trunk_config"]["depth"] == 18
+        assert all(torch.equal(p["model"][k], engine_ckpts[name]["state"][k]) for k in engine_ckpts[name]["state"])
 
 
 # ------------------------------------------------------------------------------------ torchvision export

@@ -44,6 +44,9 @@ class Engine(ABC):
     #: whether ``channels_last`` also converts the weights (engines that flatten or shard parameters need them
     #: contiguous; activations are channels_last all the same, as convolutions follow their input's format)
     channels_last_weights: bool = True
+    #: whether the run's final checkpoint comes with a consolidated fp32 export (``<tag>_consolidated_fp32.torch``,
+    #: written by the trainer through :mod:`scaleclr.interchange`): for checkpoints offline readers cannot read
+    consolidate_final: bool = False
 
     def __init__(self, spec: EngineSpec, device: torch.device, rank: int, world_size: int):
         self.spec = spec
@@ -98,7 +101,11 @@ class Engine(ABC):
     @abstractmethod
     def save(self, directory: str, tag: str, client_state: Dict[str, Any], final: bool = False) -> str:
         """Write checkpoint `tag` under `directory` atomically; return its path. ``final``: the run's last
-        checkpoint (an engine may add a consolidated export). Collective."""
+        checkpoint. Collective."""
+
+    def checkpoint_meta(self) -> Dict[str, Any]:
+        """What an offline reader needs to know of this engine's checkpoints (stored with exports)."""
+        return {"engine": self.name, "world_size": self.world_size}
 
     @abstractmethod
     def load(self, path: str) -> Dict[str, Any]:

@@ -48,18 +48,17 @@ the low-precision copies), and its running statistics stay fp32.
 **Checkpoints** are DeepSpeed checkpoint directories ``<CHECKPOINT.DIR>/<tag>/`` written by
 ``engine.save_checkpoint`` with scaleclr's client state, plus ``scaleclr_meta.json`` (world size, ZeRO
 stage, precision). Resuming with another number of processes or another ZeRO stage stops with an error
-saying how to continue (the consolidated export, below). The final checkpoint also writes
-``<tag>_consolidated_fp32.torch``, a plain ``torch.save`` of ``{"model": SimCLRModel state dict, "trunk":
-ResNet state dict, ...}`` that loads without DeepSpeed; ``python -m scaleclr.engines.deepspeed export
-<checkpoint dir> <out.torch>`` writes it for any checkpoint, offline.
+saying how to continue (the consolidated export, below). The run's final checkpoint comes with
+``<tag>_consolidated_fp32.torch`` (``consolidate_final``: a ZeRO-0 bf16/fp16 checkpoint keeps its fp32 masters in
+the optimizer state, out of reach of offline readers), written by the trainer through
+:mod:`scaleclr.interchange`; ``python -m scaleclr.export <checkpoint dir> <out.torch> --format scaleclr`` exports
+any checkpoint offline (:func:`read_fp32_state_dict`).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import sys
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -70,14 +69,12 @@ from torch import nn
 from scaleclr.distributed.collectives import broadcast_buffers, collective_device, ensure_process_group
 from scaleclr.engines.base import Engine, OptimizerFactory
 from scaleclr.engines.precision import batchnorm_fp32
-from scaleclr.io import (OutputExistsError, atomic_torch_save, atomic_write_text, check_output_path, fsync_dir,
-                         fsync_files)
+from scaleclr.io import atomic_write_text, fsync_dir, fsync_files
 from scaleclr.optim.larc import LARC
 
 logger = logging.getLogger(__name__)
 
 META_FILE = "scaleclr_meta.json"
-CONSOLIDATED_SUFFIX = "_consolidated_fp32.torch"
 
 
 # ------------------------------------------------------------------------------------------ LARC under ZeRO
@@ -273,8 +270,8 @@ def check_resumable(path: str, meta: Dict[str, Any], now: Dict[str, Any]) -> Non
             f"has {now['world_size']} processes with ZeRO-{now['zero_stage']}. ZeRO partitions the optimizer "
             "state by process, so the checkpoint cannot be resumed as is (DeepSpeed's universal checkpoints do "
             "not cover SGD momentum). Either resume with the same number of processes and the same ds_config, "
-            f"or export the weights and restart from them: `python -m scaleclr.engines.deepspeed export {path} "
-            "model_fp32.torch` writes the consolidated fp32 trunk + heads (loadable without DeepSpeed), then "
+            f"or export the weights and restart from them: `python -m scaleclr.export {path} "
+            "model_fp32.torch --format scaleclr` writes the consolidated fp32 trunk + heads (loadable without DeepSpeed), then "
             "train with config.MODEL.WEIGHTS_INIT.PARAMS_FILE=model_fp32.torch and a new config.CHECKPOINT.DIR "
             "(the SGD momentum and the LR schedule restart).")
 
@@ -292,6 +289,7 @@ def deepspeed_local_rank(device: torch.device, environ=os.environ) -> str:
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
     channels_last_weights = False  # ZeRO flattens parameters into contiguous buffers
+    consolidate_final = True  # ZeRO-0 bf16/fp16 keeps its fp32 masters in the optimizer state: no offline reader
 
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
         import deepspeed
@@ -338,7 +336,7 @@ class DeepSpeedEngine(Engine):
         pass  # DeepSpeed's step() already cleared the gradients (ZeRO owns the gradient buffers)
 
     # ------------------------------------------------------------------------------------ checkpoints
-    def _meta(self) -> Dict[str, Any]:
+    def checkpoint_meta(self) -> Dict[str, Any]:
         return {"engine": self.name, "world_size": self.world_size, "zero_stage": self.stage,
                 "precision": "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"}
 
@@ -346,18 +344,14 @@ class DeepSpeedEngine(Engine):
         path = os.path.join(directory, tag)
         broadcast_buffers(self.module)
         self.ds.save_checkpoint(directory, tag=tag, client_state={"scaleclr": client_state,
-                                                                  "scaleclr_meta": self._meta()},
+                                                                  "scaleclr_meta": self.checkpoint_meta()},
                                 save_latest=False)
         self._fsync_own_files(path)
         dist.barrier()  # every rank's files are durable before the meta file marks the checkpoint complete
         if self.rank == 0:
             # + the position, so offline readers (scaleclr.export) know it without unpickling DeepSpeed's files
-            meta = {**self._meta(), "train_state": dict(client_state.get("train_state", {}))}
+            meta = {**self.checkpoint_meta(), "train_state": dict(client_state.get("train_state", {}))}
             atomic_write_text(json.dumps(meta, indent=1), os.path.join(path, META_FILE))
-        if final:
-            state = self.full_state_dict()  # collective
-            if self.rank == 0:
-                atomic_torch_save(consolidated_payload(state, self._meta(), tag), path + CONSOLIDATED_SUFFIX)
         dist.barrier()
         return path
 
@@ -381,7 +375,7 @@ class DeepSpeedEngine(Engine):
                              "may have been interrupted: delete it, or point config.CHECKPOINT.DIR elsewhere.")
         with open(meta_path) as f:
             meta = json.load(f)
-        now = self._meta()
+        now = self.checkpoint_meta()
         check_resumable(path, meta, now)
         if meta["precision"] != now["precision"]:
             logger.warning("%s was written with %s; resuming with %s (fp32 masters are loaded)", path,
@@ -450,16 +444,6 @@ class DeepSpeedEngine(Engine):
         return out
 
 
-# ------------------------------------------------------------------------------------- consolidated export
-def consolidated_payload(state: Dict[str, torch.Tensor], meta: Dict[str, Any], tag: str) -> Dict[str, Any]:
-    """scaleclr's export file (:func:`scaleclr.interchange.formats.scaleclr_payload`: ``{"format": "scaleclr",
-    "model": SimCLRModel state dict, "trunk": ResNet state dict, "heads": heads state dict, "trunk_config"}``)
-    plus ``engine``, ``tag`` and the checkpoint's ``meta``."""
-    from scaleclr.interchange.formats import scaleclr_payload
-
-    return scaleclr_payload(state, engine="deepspeed", tag=tag, meta=meta)
-
-
 def read_fp32_state_dict(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any], str]:
     """The fp32 SimCLRModel state dict (``trunk.*``, ``heads.*``, BN buffers) of a scaleclr DeepSpeed checkpoint
     directory, any ZeRO stage and any number of ranks, read in one process without a process group or GPU.
@@ -489,37 +473,3 @@ def read_fp32_state_dict(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, 
         state = get_fp32_state_dict_from_zero_checkpoint(directory, tag=tag)
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     return state, meta, tag
-
-
-def export_checkpoint(path: str, out: str, overwrite: bool = False) -> str:
-    """Offline export of a scaleclr DeepSpeed checkpoint directory (any ZeRO stage, any number of ranks) to a
-    consolidated fp32 file (see :func:`consolidated_payload`). Runs in one process, no GPU. (``python -m
-    scaleclr.export CHECKPOINT OUT --format scaleclr|torchvision|vissl`` does the same for every engine.)
-    An existing ``out`` is replaced only with ``overwrite``, ``path`` itself never
-    (:class:`scaleclr.io.OutputExistsError`)."""
-    check_output_path(out, [path], overwrite)
-    state, meta, tag = read_fp32_state_dict(path)
-    atomic_torch_save(consolidated_payload(state, meta, tag), out, overwrite=overwrite)
-    return out
-
-
-def _main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m scaleclr.engines.deepspeed",
-                                description="Tools for scaleclr's DeepSpeed checkpoints.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("export", help="consolidated fp32 trunk + heads from a DeepSpeed checkpoint directory")
-    e.add_argument("checkpoint", help="<CHECKPOINT.DIR>/<tag>, e.g. runs/x/model_phase1")
-    e.add_argument("out", help="output .torch file")
-    e.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never the checkpoint itself)")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    try:
-        print(export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite))
-    except OutputExistsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main())

@@ -25,7 +25,7 @@ Checkpoints are directories written with ``torch.distributed.checkpoint`` (DCP):
 state (``get_state_dict``/``set_state_dict``: parameters by name, resharded on load, so a checkpoint written by N
 processes resumes on M), plus ``client_state.torch`` written by rank 0 (train state, sampler position, RNG,
 LARC hyperparameters, grad scaler). The directory is written under a temporary name and renamed when complete.
-:func:`load_full_state_dict` / :func:`export_checkpoint` read the model from such a directory without a process
+:func:`load_full_state_dict` reads the model from such a directory without a process
 group (unsharded fp32 ``trunk.*``/``heads.*``, loadable into :class:`scaleclr.models.ResNet` / ``SimCLRModel``).
 """
 from __future__ import annotations
@@ -44,11 +44,11 @@ from torch import nn
 from scaleclr.distributed.collectives import broadcast_buffers, ensure_process_group
 from scaleclr.distributed.parallelize import build_mesh, parallelize
 from scaleclr.engines.base import Engine, OptimizerFactory
-from scaleclr.io import atomic_torch_save, check_output_path, replace_dir
+from scaleclr.io import atomic_torch_save, replace_dir
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FSDPEngine", "ShardLossScaler", "dtensor_norms", "load_full_state_dict", "export_checkpoint", "CLIENT_FILE"]
+__all__ = ["FSDPEngine", "ShardLossScaler", "dtensor_norms", "load_full_state_dict", "CLIENT_FILE"]
 
 CLIENT_FILE = "client_state.torch"
 
@@ -333,17 +333,3 @@ def load_full_state_dict(path: str) -> Dict[str, torch.Tensor]:
         loaded = _load_state_dict_from_keys(keys=keys, checkpoint_id=path)
     model = loaded["model"] if "model" in loaded else {k[len("model."):]: v for k, v in loaded.items()}
     return {k: (v.float() if v.is_floating_point() else v) for k, v in model.items()}
-
-
-def export_checkpoint(path: str, out_file: str, overwrite: bool = False) -> str:
-    """Write the unsharded model of FSDP checkpoint ``path`` as one ``torch.save`` file in scaleclr's export layout
-    (:func:`scaleclr.interchange.formats.scaleclr_payload`: ``{"format": "scaleclr", "model": state, ...}``).
-    ``python -m scaleclr.export CHECKPOINT OUT --format scaleclr|torchvision|vissl`` does this for every engine.
-    An existing ``out_file`` is replaced only with ``overwrite``, ``path`` itself never
-    (:class:`scaleclr.io.OutputExistsError`)."""
-    from scaleclr.interchange.formats import scaleclr_payload
-
-    check_output_path(out_file, [path], overwrite)
-    atomic_torch_save(scaleclr_payload(load_full_state_dict(path), engine="fsdp-export"), out_file,
-                      overwrite=overwrite)
-    return out_file

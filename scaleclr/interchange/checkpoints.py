@@ -8,7 +8,7 @@ No process group and no GPU are needed:
 * DeepSpeed checkpoint directory (``scaleclr_meta.json``, ``*model_states.pt``):
   :func:`scaleclr.engines.deepspeed.read_fp32_state_dict` (imports deepspeed, which only that module does);
 * scaleclr export / consolidated files (``{"model": state, ...}``: ``python -m scaleclr.export --format scaleclr``,
-  DeepSpeed's ``<tag>_consolidated_fp32.torch``, :func:`scaleclr.engines.fsdp.export_checkpoint`);
+  the ``<tag>_consolidated_fp32.torch`` next to a DeepSpeed run's final checkpoint, :func:`write_consolidated`);
 * a VISSL model-zoo checkpoint or a torchvision ResNet state dict (:mod:`scaleclr.interchange.formats`).
 
 Files are read with ``torch.load(weights_only=True)``; one that needs pickle is refused with the command that
@@ -28,8 +28,9 @@ from typing import Any, Dict
 import torch
 
 from scaleclr.interchange import formats
+from scaleclr.io import atomic_torch_save
 
-__all__ = ["Checkpoint", "read_checkpoint", "load_weights_file", "pickle_error"]
+__all__ = ["Checkpoint", "read_checkpoint", "load_weights_file", "pickle_error", "write_consolidated"]
 
 RUN_POINTER = "checkpoint.json"  # scaleclr.checkpoint.POINTER (not imported: keeps this module light)
 
@@ -164,3 +165,13 @@ def read_checkpoint(path: str, allow_pickle: bool = False) -> Checkpoint:
     if os.path.isdir(path):
         return _read_directory(os.path.normpath(path))
     return _from_loaded(load_weights_file(path, allow_pickle=allow_pickle), path)
+
+
+def write_consolidated(engine, path: str, tag: str) -> None:
+    """``<path>_consolidated_fp32.torch`` next to checkpoint ``path``: the engine's full fp32 state in scaleclr's export
+    layout (:func:`scaleclr.interchange.formats.scaleclr_payload`) with ``engine``, ``tag`` and the engine's
+    ``checkpoint_meta()``. Collective (``engine.full_state_dict()``); rank 0 writes it, atomically."""
+    state = engine.full_state_dict()
+    if engine.rank == 0:
+        atomic_torch_save(formats.scaleclr_payload(state, engine=engine.name, tag=tag, meta=engine.checkpoint_meta()),
+                          path + formats.CONSOLIDATED_SUFFIX)

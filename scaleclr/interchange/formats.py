@@ -351,6 +351,10 @@ def from_vissl(ckpt: Mapping[str, Any]) -> State:
 
 
 # ---------------------------------------------------------------------------------------------- scaleclr
+#: the consolidated fp32 export written next to a run's final checkpoint (engines with ``consolidate_final``)
+CONSOLIDATED_SUFFIX = "_consolidated_fp32.torch"
+
+
 def scaleclr_payload(state: Mapping[str, torch.Tensor], **extra: Any) -> Dict[str, Any]:
     """scaleclr's export file: ``{"format": "scaleclr", "model": state, "trunk": {name: tensor}, "heads": {name:
     tensor}, "trunk_config": {depth, width_multiplier, groups, width_per_group}, **extra}`` in fp32 (the

@@ -115,22 +115,6 @@ def start_method_for(root, device: torch.device) -> str:
     return method
 
 
-def check_loss_impl(root) -> None:
-    """``impl=triton`` with an embedding wider than the kernel handles (``TRITON_MAX_DIM``) is refused."""
-    from scaleclr.losses.functional import TRITON_MAX_DIM
-
-    c = root.config
-    if c.MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON or c.LOSS.name not in ("simclr_info_nce_loss",
-                                                                       "multicrop_simclr_info_nce_loss"):
-        return
-    lc = c.LOSS[c.LOSS.name]
-    if lc.impl == "triton" and lc.buffer_params.embedding_dim > TRITON_MAX_DIM:
-        raise ConfigError(f"config.LOSS.{c.LOSS.name}.impl", f"= triton with buffer_params.embedding_dim = "
-                          f"{lc.buffer_params.embedding_dim}: the Triton kernel keeps a [rows, D] fp32 tile per "
-                          f"program and handles D <= {TRITON_MAX_DIM}; use impl=streaming or auto (which picks "
-                          "streaming above that width).")
-
-
 def is_agent(root, env: Optional[DistEnv]) -> bool:
     """One task per node under SLURM with NUM_PROC_PER_NODE > 1: this task spawns its node's workers."""
     return env is not None and env.launcher == "slurm" and env.local_world_size == 1 and \
@@ -163,7 +147,6 @@ def preflight(root, env: Optional[DistEnv]) -> None:
             d.NUM_PROC_PER_NODE > torch.cuda.device_count():
         raise ConfigError("config.DISTRIBUTED.NUM_PROC_PER_NODE", f"= {d.NUM_PROC_PER_NODE} but this node has "
                           f"{torch.cuda.device_count()} GPUs.")
-    check_loss_impl(root)
     if d.ENGINE == "deepspeed":
         from scaleclr.config.deepspeed_json import check_deepspeed_config
         check_deepspeed_config(root)

@@ -194,7 +194,9 @@ def _params_for(cols, rows, g):
 def test_triton_loss_matches_float64_reference(dim, num_crops):
     """fp32 ``ieee`` kernels: logit errors ~ sqrt(D) u / T (D-term dot products), passed on to the loss
     (1-Lipschitz in the logits, loss >= 1: relative); 2x margin. Gradients per element: 10x that of their max
-    (tests/test_triton_loss.py's ratio of the gradient to the value tolerance)."""
+    (tests/test_triton_loss.py's ratio of the gradient to the value tolerance). D > 128 compiles the D-tiled
+    kernels (``ceil(D / 64)`` logits chunks and ``ceil(D / 128)`` output chunks: 4/2, 8/4, 32/16), D = 128 the
+    single-chunk ones."""
     pytest.importorskip("triton")
     from scaleclr.kernels import infonce_triton as it
     from test_streaming_loss import _dense64, _loss_grad

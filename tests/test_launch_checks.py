@@ -12,7 +12,7 @@ import torch
 
 from scaleclr import main as cli
 from scaleclr.config import ConfigError, load_config
-from scaleclr.losses.functional import TRITON_MAX_DIM, resolve_impl
+from scaleclr.losses.functional import resolve_impl
 
 QUICK = "config=test/integration_test/quick_simclr_synthetic"
 APEX = ["config.MODEL.SYNC_BN_CONFIG.CONVERT_BN_TO_SYNC_BN=True", "config.MODEL.SYNC_BN_CONFIG.SYNC_BN_TYPE=apex"]
@@ -147,24 +147,26 @@ def test_matmul_precision_values_are_checked():
 
 
 # ---------------------------------------------------------------------------------------- Triton width
-def test_auto_takes_streaming_above_the_triton_width(monkeypatch):
+def test_triton_takes_any_embedding_width(monkeypatch):
+    """The Triton kernels tile D (tests/test_triton_loss.py), so a wide embedding is no reason to leave Triton:
+    auto picks it on CUDA and impl=triton is accepted for D = 2048. (This failed while D was capped at 128.)"""
     import scaleclr.losses.functional as fn
 
     monkeypatch.setattr(fn, "triton_available", lambda device: True)
     cuda = torch.device("cuda", 0)
-    assert resolve_impl("auto", cuda, 512, 512, TRITON_MAX_DIM) == "triton"  # control: SimCLR's D = 128
-    assert resolve_impl("auto", cuda, 512, 512, 2048) == "streaming"
-    with pytest.raises(ValueError, match="impl='triton' handles embeddings up to D = 128 wide, got D = 2048"):
-        resolve_impl("triton", cuda, 512, 512, 2048)
-    assert resolve_impl("triton", cuda, 512, 512, 64) == "triton"
+    assert resolve_impl("auto", cuda, 512, 512) == "triton"
+    assert resolve_impl("triton", cuda, 512, 512) == "triton"
+    monkeypatch.setattr(fn, "triton_available", lambda device: False)  # control: no triton / no GPU still refused
+    assert resolve_impl("auto", cuda, 512, 512) == "reference"
+    with pytest.raises(ValueError, match="impl='triton': triton impl needs CUDA and triton"):
+        resolve_impl("triton", torch.device("cpu"), 512, 512)
 
 
-def test_triton_with_a_wide_embedding_is_refused_before_launch(tmp_path):
-    root, _ = load_config([QUICK, "config.LOSS.simclr_info_nce_loss.impl=triton",
-                           "config.LOSS.simclr_info_nce_loss.buffer_params.embedding_dim=2048",
-                           f"config.CHECKPOINT.DIR={tmp_path}"])
-    with pytest.raises(ConfigError, match=r"simclr_info_nce_loss.impl: = triton with .*embedding_dim = 2048.*"
-                                          r"D <= 128; use impl=streaming or auto"):
-        cli.preflight(root, None)
+@pytest.mark.parametrize("loss", ["simclr_info_nce_loss", "multicrop_simclr_info_nce_loss"])
+def test_triton_with_a_wide_embedding_passes_preflight(tmp_path, loss):
+    root, _ = load_config([QUICK, f"config.LOSS.name={loss}", f"config.LOSS.{loss}.impl=triton",
+                           f"config.LOSS.{loss}.buffer_params.embedding_dim=2048", f"config.CHECKPOINT.DIR={tmp_path}"])
+    assert root.config.LOSS[loss].buffer_params.embedding_dim == 2048
+    cli.preflight(root, None)
     root.config.LOSS.simclr_info_nce_loss.buffer_params.embedding_dim = 128  # control
     cli.preflight(root, None)

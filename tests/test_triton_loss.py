@@ -12,6 +12,9 @@ log-sum-exp sums N <= 1000 columns): float64 kernels (the interpreter runs fp64 
 anchors to ~1e-6 relative on losses >= 1) / ``1e-4`` of the gradient's max (gradients: per element, the logit
 error times the softmax weight, not averaged); ``tf32`` (u = 2^-11): ``rtol=1e-2`` (sqrt(32) u / 0.1 = 2.8e-2
 absolute on a loss ~3).
+
+D wider than ``it.MAX_BLOCK_K`` (128) is tiled in chunks: the tiling cases run D = 16, 200, 256 with the default
+and D = 64, 200 with ``MAX_BLOCK_K`` lowered to 32, so several chunks and a masked last chunk run on tiny N.
 """
 import importlib.util
 import os
@@ -110,6 +113,67 @@ else:
                               (za, za, a, a, a, a, 0, 12, 4, 0.1, True, "ieee", 2))
         torch.library.opcheck(torch.ops.scaleclr.infonce_grad.default,
                               (za, za, a, a, a, a, 0, 12, 4, 0.02, False, "ieee", 2))
+
+    # ------------------------------------------------------------------------- D tiled in BLOCK_K chunks
+    def _lse64(z, num_crops, temperature):
+        """float64 ``log sum_{j: image(j) != image(k)} exp(z_k . z_j / T)`` on one rank (crop-major rows)."""
+        img = torch.arange(z.shape[0]) % (z.shape[0] // num_crops)
+        x = (z @ z.T / temperature).masked_fill(img[:, None] == img[None, :], float("-inf"))
+        return torch.logsumexp(x, 1)
+
+    def _grad_err(got, want):
+        return (got.double() - want).abs().max().item() / want.abs().max().item()
+
+    @pytest.mark.parametrize("dim, max_block_k, chunks, temperature, num_crops", [
+        (16, 128, (1, 1), 0.1, 2),     # one chunk (16 wide, tl.dot's minimum)
+        (200, 128, (4, 2), 0.02, 2),   # not a power of two: logits 3 x 64 + 8 (masked), gradient 128 + 72; 1/T > 40
+        (256, 128, (4, 2), 0.1, 3),    # full chunks
+        (64, 32, (4, 2), 0.1, 2),      # MAX_BLOCK_K lowered: a narrow D spans several chunks (cheap to interpret)
+        (200, 32, (13, 7), 0.02, 3),   # logits 12 x 16 + 8, gradient 6 x 32 + 8
+    ])
+    def test_wide_embeddings_are_tiled_over_d(monkeypatch, dim, max_block_k, chunks, temperature, num_crops):
+        """fp64 kernels vs the float64 dense reference at the module docstring's ``rtol=1e-10`` ((D + N) u / T
+        <= 3e-12 here), for the loss, ``lse`` and the gradient (whose output chunks are a grid axis)."""
+        monkeypatch.setattr(it, "MAX_BLOCK_K", max_block_k)
+        block_k, block_o = it._chunks(dim)
+        assert (-(-dim // block_k), -(-dim // block_o)) == chunks
+        h = torch.randn(num_crops * 8, dim, dtype=torch.float64)
+        want, want_g = _loss_grad(lambda x: _dense64(x, temperature, num_crops), h)
+        got, got_g = _loss_grad(_triton(temperature, num_crops, splits=2), h)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+        assert _grad_err(got_g, want_g) <= 1e-10
+        z = F.normalize(h, dim=1)
+        lse_want = _lse64(z, num_crops, temperature)
+        lse = it.infonce_lse(z, z, 0, z.shape[0], 8, temperature, "ieee", 2)
+        torch.testing.assert_close(lse, lse_want, rtol=1e-10, atol=0)
+        if chunks[0] > 1:
+            # negative controls, 1e4 x the tolerance: a chunk loop stopping before the last (partial) chunk is
+            # the kernel run on z[:, :start of last chunk] (same strides, dim shortened) ...
+            last = (chunks[0] - 1) * block_k
+            dropped = it.infonce_lse(z[:, :last], z[:, :last], 0, z.shape[0], 8, temperature, "ieee", 2)
+            assert ((dropped - lse_want).abs() / lse_want.abs()).max().item() > 1e4 * 1e-10
+            # ... and a grid missing the last output chunk leaves those gradient columns unset (here: zero)
+            cut = got_g.clone()
+            cut[:, (chunks[1] - 1) * block_o:] = 0
+            assert _grad_err(cut, want_g) > 1e4 * 1e-10
+
+    def test_fp32_chunked_matches_reference(monkeypatch):
+        """fp32 ``ieee`` with several chunks: the module docstring's fp32 tolerances (logit error ~ sqrt(D) u / T,
+        D = 200 < 2 x 128 adds < 1.3x to the D = 128 estimate, still inside the ``1e-5`` / ``1e-4`` margins)."""
+        monkeypatch.setattr(it, "MAX_BLOCK_K", 64)
+        h = torch.randn(2 * 12, 200, dtype=torch.float64)
+        want, want_g = _loss_grad(lambda x: _dense64(x, 0.1, 2), h)
+        got, got_g = _loss_grad(_triton(0.1, 2), h.float())
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
+        assert _grad_err(got_g, want_g) <= 1e-4
+
+    def test_tiles_stay_bounded_for_any_width():
+        """No chunk exceeds MAX_BLOCK_K (128): D <= 128 is one chunk, D = 2048 runs 32 logits chunks of 64 and 16
+        output chunks of 128."""
+        for dim, chunks in [(16, (16, 16)), (100, (128, 128)), (128, (128, 128)), (129, (64, 128)),
+                            (2048, (64, 128))]:
+            assert it._chunks(dim) == chunks
+            assert it._launch_config(torch.empty(64, dim, device="meta"), 64, 0)[2:4] == chunks
 
     # ------------------------------------------------------------------------------ distributed (gloo)
     B, DIN, DOUT = 3, 6, 16

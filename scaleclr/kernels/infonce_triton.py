@@ -15,6 +15,12 @@ multi-crop form), fused on the GPU so that the ``[L, N]`` logits never exist in 
   a_j e^{x_kj - lse_j}`` over negatives ``j`` (row term + column term of row ``j``), one ``tl.dot`` per tile;
   per-split partial accumulators ``[splits, L, D]`` are summed in a fixed order. With the fixed shift this is
   one exp per element: ``K = E0 * (dr_k + dc_j)``.
+- D is tiled, so any width compiles with bounded tiles (``_chunks``). D <= ``MAX_BLOCK_K`` (128) is one chunk:
+  the row tile stays resident and the backward's column tile is also its GEMM operand. Wider D: each logits tile
+  is the sum of ``ceil(D / 64)`` chunk products (row and column chunks loaded per tile, the last one masked), and
+  the backward gets a third grid axis of 128-wide output chunks: each program recomputes its logits over all of
+  D and accumulates only its ``[BLOCK_M, 128]`` slice of ``sum_j K_kj z_j``, so the backward runs the logits
+  GEMM ``ceil(D / 128)`` times. No atomics either way.
 
 Both are registered with :func:`torch.library.triton_op` (so ``torch.compile`` can trace into them); the loss
 ``scaleclr::infonce_triton_loss`` is a :func:`torch.library.custom_op` with ``register_fake`` and
@@ -49,6 +55,10 @@ LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 MAX_FIXED_SHIFT_INV_T = 40.0
 INPUT_PRECISIONS = ("ieee", "tf32", "tf32x3")
+#: Widest D taken as one chunk. Wider embeddings are tiled over D (``_chunks``): the logits sum
+#: ``MAX_BLOCK_K // 2``-wide ``tl.dot``s, and the backward adds a grid axis of ``MAX_BLOCK_K``-wide output chunks.
+#: Read at launch, so a test can lower it to exercise several chunks at a small D.
+MAX_BLOCK_K = 128
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -59,18 +69,35 @@ def _image_of(g, rows_per_rank, batch):
 
 
 @triton.jit
+def _chunked_logits(ZR, ZC, rows, cols, row_ok, col_ok, dim, stride_r, stride_c, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                    ACC_DTYPE: tl.constexpr):
+    """``S = Z_rows Z_cols^T`` ``[BLOCK_M, BLOCK_N]`` summed over D in ``BLOCK_K``-wide chunks (the last masked);
+    both operands' chunks are loaded here, per tile, so nothing D-wide stays resident."""
+    s = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
+    for k0 in range(0, dim, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        d_ok = offs < dim
+        zr = tl.load(ZR + rows[:, None] * stride_r + offs[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        zc = tl.load(ZC + cols[:, None] * stride_c + offs[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        s += tl.dot(zr, tl.trans(zc), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    return s
+
+
+@triton.jit
 def _lse_kernel(ZR, ZC, PART_M, PART_L, ALPHA, n_rows, n_cols, dim, row_offset, rows_per_rank, batch,
                 cols_per_split, stride_r, stride_c,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNKED: tl.constexpr,
                 FIXED_SHIFT: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """Partial ``(m, l)`` (log2 units) of each row over one column split; masked entries never enter a max."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     alpha = tl.load(ALPHA)                      # log2(e)/T as a 0-d tensor: exact in fp64 too
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = tl.arange(0, BLOCK_K)
     row_ok = rows < n_rows
     d_ok = offs_d < dim
+    # one D chunk: the row tile stays resident (CHUNKED: unused; _chunked_logits streams the chunks)
     zr = tl.load(ZR + rows[:, None] * stride_r + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     img_r = _image_of(row_offset + rows, rows_per_rank, batch)
     c_start = pid_s * cols_per_split
@@ -81,9 +108,13 @@ def _lse_kernel(ZR, ZC, PART_M, PART_L, ALPHA, n_rows, n_cols, dim, row_offset, 
     for c0 in range(c_start, c_end, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         col_ok = cols < c_end
-        zc = tl.load(ZC + cols[:, None] * stride_c + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :],
-                     other=0.0)
-        s = tl.dot(zr, tl.trans(zc), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        if CHUNKED:
+            s = _chunked_logits(ZR, ZC, rows, cols, row_ok, col_ok, dim, stride_r, stride_c, BLOCK_M, BLOCK_N,
+                                BLOCK_K, INPUT_PRECISION, ACC_DTYPE)
+        else:
+            zc = tl.load(ZC + cols[:, None] * stride_c + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :],
+                         other=0.0)
+            s = tl.dot(zr, tl.trans(zc), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         valid = col_ok[None, :] & (img_r[:, None] != _image_of(cols, rows_per_rank, batch)[None, :])
         if FIXED_SHIFT:
             l += tl.sum(tl.where(valid, tl.exp2(alpha * s - alpha), 0.0), 1)
@@ -100,34 +131,53 @@ def _lse_kernel(ZR, ZC, PART_M, PART_L, ALPHA, n_rows, n_cols, dim, row_offset, 
 @triton.jit
 def _grad_kernel(ZR, ZC, ROW_A, ROW_B, COL_A, COL_B, PART, ALPHA, n_rows, n_cols, dim, row_offset,
                  rows_per_rank, batch, cols_per_split, stride_r, stride_c,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 FIXED_SHIFT: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """Partial ``sum_j K_kj z_j`` of each row over one column split (symmetric row + column coefficient).
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
+                 CHUNKED: tl.constexpr, FIXED_SHIFT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                 ACC_DTYPE: tl.constexpr):
+    """Partial ``sum_j K_kj z_j[d-chunk]`` of each row over one column split (symmetric row + column coefficient).
 
+    Grid ``(row tiles, splits, output chunks)``: program ``(i, s, c)`` owns output columns ``[c BLOCK_O, (c+1)
+    BLOCK_O)`` and recomputes its logits over all of D (``_chunked_logits``), so the accumulator is ``[BLOCK_M,
+    BLOCK_O]`` whatever D is. One chunk (not ``CHUNKED``, ``BLOCK_O = BLOCK_K``): the column tile loaded for the
+    logits is the GEMM operand, as before.
     FIXED_SHIFT: ``K = exp2(alpha*(s-1)) * (ROW_A[k] + COL_A[j])``; otherwise
     ``K = ROW_A[k] * exp2(alpha*s - ROW_B[k]) + COL_A[j] * exp2(alpha*s - COL_B[j])`` (``*_B`` = lse in log2).
     """
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
+    pid_d = tl.program_id(2)
     alpha = tl.load(ALPHA)                      # log2(e)/T as a 0-d tensor: exact in fp64 too
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = tl.arange(0, BLOCK_K)
     row_ok = rows < n_rows
     d_ok = offs_d < dim
+    if CHUNKED:                                 # this program's output chunk
+        offs_o = pid_d * BLOCK_O + tl.arange(0, BLOCK_O)
+        o_ok = offs_o < dim
+    else:
+        offs_o = offs_d
+        o_ok = d_ok
     zr = tl.load(ZR + rows[:, None] * stride_r + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     img_r = _image_of(row_offset + rows, rows_per_rank, batch)
     ra = tl.load(ROW_A + rows, mask=row_ok, other=0.0)
     rb = tl.load(ROW_B + rows, mask=row_ok, other=0.0)
     c_start = pid_s * cols_per_split
     c_end = tl.minimum(c_start + cols_per_split, n_cols)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
+    acc = tl.zeros([BLOCK_M, BLOCK_O], dtype=ACC_DTYPE)
     for c0 in range(c_start, c_end, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         col_ok = cols < c_end
-        zc = tl.load(ZC + cols[:, None] * stride_c + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :],
-                     other=0.0)
+        # zo: the columns' output chunk, the GEMM operand below (one chunk: the tile the logits were computed from)
+        if CHUNKED:
+            s = _chunked_logits(ZR, ZC, rows, cols, row_ok, col_ok, dim, stride_r, stride_c, BLOCK_M, BLOCK_N,
+                                BLOCK_K, INPUT_PRECISION, ACC_DTYPE)
+            zo = tl.load(ZC + cols[:, None] * stride_c + offs_o[None, :], mask=col_ok[:, None] & o_ok[None, :],
+                         other=0.0)
+        else:
+            zo = tl.load(ZC + cols[:, None] * stride_c + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :],
+                         other=0.0)
+            s = tl.dot(zr, tl.trans(zo), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         ca = tl.load(COL_A + cols, mask=col_ok, other=0.0)
-        s = tl.dot(zr, tl.trans(zc), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         valid = col_ok[None, :] & (img_r[:, None] != _image_of(cols, rows_per_rank, batch)[None, :])
         if FIXED_SHIFT:
             k = tl.exp2(alpha * s - alpha) * (ra[:, None] + ca[None, :])
@@ -136,9 +186,9 @@ def _grad_kernel(ZR, ZC, ROW_A, ROW_B, COL_A, COL_B, PART, ALPHA, n_rows, n_cols
             x = alpha * s
             k = ra[:, None] * tl.exp2(x - rb[:, None]) + ca[None, :] * tl.exp2(x - cb[None, :])
         k = tl.where(valid, k, 0.0)
-        acc += tl.dot(k.to(zc.dtype), zc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-    out = (pid_s * n_rows + rows)[:, None] * dim + offs_d[None, :]
-    tl.store(PART + out, acc, mask=row_ok[:, None] & d_ok[None, :])
+        acc += tl.dot(k.to(zo.dtype), zo, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    out = (pid_s * n_rows + rows)[:, None] * dim + offs_o[None, :]
+    tl.store(PART + out, acc, mask=row_ok[:, None] & o_ok[None, :])
 
 
 # Under TRITON_INTERPRET=1, @triton.jit yields eager-only interpreted kernels that cannot be traced inside a
@@ -153,27 +203,47 @@ def _kernel_op(name: str):
 
 
 # --------------------------------------------------------------------------------------- launch helpers
-def _launch_config(z_rows: torch.Tensor, n_cols: int, splits: int) -> Tuple[int, int, int, int, int, int]:
-    """``(BLOCK_M, BLOCK_N, BLOCK_D, splits, num_warps, num_stages)`` for the device (interpreter: small)."""
+def _chunks(dim: int) -> Tuple[int, int]:
+    """``(BLOCK_K, BLOCK_O)``: the D chunk of the logits' ``tl.dot``s and the backward's output chunk.
+
+    D <= MAX_BLOCK_K: one chunk, ``next_pow2(D)`` wide (at least 16, ``tl.dot``'s minimum). Wider: logits in
+    ``MAX_BLOCK_K // 2``-wide chunks, gradient in ``MAX_BLOCK_K``-wide output chunks (the backward recomputes the
+    logits once per output chunk, so these are twice as wide as the reduction chunks).
+    """
+    block = max(16, triton.next_power_of_2(dim))
+    return (block, block) if block <= MAX_BLOCK_K else (MAX_BLOCK_K // 2, MAX_BLOCK_K)
+
+
+def _launch_config(z_rows: torch.Tensor, n_cols: int, splits: int,
+                   d_tiles: int = 1) -> Tuple[int, int, int, int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_O, splits, num_warps, num_stages)`` for the device (interpreter: small).
+
+    ``BLOCK_K, BLOCK_O = _chunks(D)``: no tile grows with D. ``d_tiles``: programs per (row tile, split) along D
+    (the backward's output chunks); the automatic split count divides the GPU among all of them.
+    """
     L, D = z_rows.shape
-    block_d = max(16, triton.next_power_of_2(D))
+    block_k, block_o = _chunks(D)
     if z_rows.device.type == "cuda":
-        # fp32 operands, D <= 128: 64x64 tiles keep zr + 2 stages of zc + the K tile well inside shared memory
-        # on H100/H200 (and A100); larger D or fp64 drop to 32-wide column tiles and one stage.
+        # fp32 operands in one D chunk: 64x64 tiles keep zr + 2 stages of zc + the K tile well inside shared
+        # memory on H100/H200 (and A100). Several chunks: the row and column chunks stream per tile; 8 warps hold
+        # the [64, 128] accumulator and the 64-wide chunks without spilling (ptxas for sm_90a, tf32 and ieee:
+        # <= 199 registers per thread, no spill stores, <= 48 KiB shared memory). fp64: one stage.
         block_m, block_n, warps, stages = 64, 64, 4, 2
-        if block_d > 128 or z_rows.element_size() > 4:
-            block_m, block_n, warps, stages = 64, 32, 4, 1
+        if D > block_k:
+            block_m, block_n, warps, stages = 64, 32, 8, 2
+        if z_rows.element_size() > 4:
+            block_m, block_n, warps, stages = 64, 32, warps, 1
     else:
         block_m, block_n, warps, stages = 32, 32, 4, 1
     col_tiles = triton.cdiv(n_cols, block_n)
     if splits <= 0:  # fill the GPU: about 2 programs per SM (brief 6.6); CPU interpreter: 2 (exercises merges)
         if z_rows.device.type == "cuda":
             sms = torch.cuda.get_device_properties(z_rows.device).multi_processor_count
-            splits = triton.cdiv(2 * sms, triton.cdiv(L, block_m))
+            splits = triton.cdiv(2 * sms, triton.cdiv(L, block_m) * d_tiles)
         else:
             splits = 2
     splits = max(1, min(splits, col_tiles))
-    return block_m, block_n, block_d, splits, warps, stages
+    return block_m, block_n, block_k, block_o, splits, warps, stages
 
 
 def _alpha(temperature: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -205,7 +275,7 @@ def infonce_lse(z_rows: torch.Tensor, z_cols: torch.Tensor, row_offset: int, row
     L, D = z_rows.shape
     N = z_cols.shape[0]
     acc = _acc_torch_dtype(z_rows)
-    bm, bn, bd, splits, warps, stages = _launch_config(z_rows, N, splits)
+    bm, bn, bk, _, splits, warps, stages = _launch_config(z_rows, N, splits)
     cols_per_split = triton.cdiv(triton.cdiv(N, splits), bn) * bn
     splits = triton.cdiv(N, cols_per_split)
     inv_t = 1.0 / temperature
@@ -215,8 +285,9 @@ def infonce_lse(z_rows: torch.Tensor, z_cols: torch.Tensor, row_offset: int, row
     wrap_triton(_lse_kernel)[(triton.cdiv(L, bm), splits)](
         z_rows, z_cols, part_m, part_l, _alpha(temperature, acc, z_rows.device), L, N, D, row_offset,
         rows_per_rank, batch, cols_per_split, z_rows.stride(0), z_cols.stride(0),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, FIXED_SHIFT=fixed, INPUT_PRECISION=_precision(z_rows, input_precision),
-        ACC_DTYPE=_acc_dtype(z_rows), num_warps=warps, num_stages=stages)
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, CHUNKED=D > bk, FIXED_SHIFT=fixed,
+        INPUT_PRECISION=_precision(z_rows, input_precision), ACC_DTYPE=_acc_dtype(z_rows), num_warps=warps,
+        num_stages=stages)
     if fixed:  # l is in units of e^{1/T}: plain fixed-order sum over splits
         return torch.log(part_l.sum(0)) + inv_t
     return torch.logsumexp((part_m + torch.log2(part_l)) * LN2, dim=0)
@@ -230,14 +301,15 @@ def infonce_grad(z_rows: torch.Tensor, z_cols: torch.Tensor, row_a: torch.Tensor
     L, D = z_rows.shape
     N = z_cols.shape[0]
     acc = _acc_torch_dtype(z_rows)
-    bm, bn, bd, splits, warps, stages = _launch_config(z_rows, N, splits)
+    d_tiles = triton.cdiv(D, _chunks(D)[1])
+    bm, bn, bk, bo, splits, warps, stages = _launch_config(z_rows, N, splits, d_tiles)
     cols_per_split = triton.cdiv(triton.cdiv(N, splits), bn) * bn
     splits = triton.cdiv(N, cols_per_split)
     part = torch.empty(splits, L, D, dtype=acc, device=z_rows.device)
-    wrap_triton(_grad_kernel)[(triton.cdiv(L, bm), splits)](
+    wrap_triton(_grad_kernel)[(triton.cdiv(L, bm), splits, d_tiles)](
         z_rows, z_cols, row_a, row_b, col_a, col_b, part, _alpha(temperature, acc, z_rows.device), L, N, D,
         row_offset, rows_per_rank, batch, cols_per_split, z_rows.stride(0), z_cols.stride(0),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, FIXED_SHIFT=fixed_shift,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_O=bo, CHUNKED=D > bk, FIXED_SHIFT=fixed_shift,
         INPUT_PRECISION=_precision(z_rows, input_precision), ACC_DTYPE=_acc_dtype(z_rows), num_warps=warps,
         num_stages=stages)
     return part.sum(0)

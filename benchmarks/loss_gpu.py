@@ -41,7 +41,7 @@ def _dense64(h, t, c):
 
 def checks() -> bool:
     """Triton vs float64 reference on the GPU; returns True when all pass (prints one line per check)."""
-    from scaleclr.kernels.infonce_triton import info_nce_triton
+    from scaleclr.losses.infonce_triton import info_nce_triton
 
     ok = True
     torch.manual_seed(0)

@@ -198,7 +198,7 @@ def test_triton_loss_matches_float64_reference(dim, num_crops):
     kernels (``ceil(D / 64)`` logits chunks and ``ceil(D / 128)`` output chunks: 4/2, 8/4, 32/16), D = 128 the
     single-chunk ones."""
     pytest.importorskip("triton")
-    from scaleclr.kernels import infonce_triton as it
+    from scaleclr.losses import infonce_triton as it
     from test_streaming_loss import _dense64, _loss_grad
 
     t = 0.1

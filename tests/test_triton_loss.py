@@ -41,7 +41,7 @@ else:
     import torch.nn.functional as F
 
     from dist_helpers import run_distributed
-    from scaleclr.kernels import infonce_triton as it
+    from scaleclr.losses import infonce_triton as it
     from scaleclr.losses import MulticropSimclrInfoNCELoss
 
     from test_streaming_loss import _dense64, _loss_grad  # the same float64 reference as the streaming tests

@@ -3,7 +3,7 @@
 Public API: :class:`SimclrInfoNCELoss`, :class:`MulticropSimclrInfoNCELoss` and their functional forms; for linear
 evaluation, :class:`CrossEntropyMultipleOutputSingleTargetLoss` (VISSL's classifier loss).
 Implementations (``impl=``): ``reference`` (dense autograd), ``streaming`` (tiled custom autograd, never builds
-the N x N logits), ``triton`` (fused kernels, ``scaleclr.kernels``, imported lazily), ``auto``.
+the N x N logits), ``triton`` (fused kernels, ``scaleclr.losses.infonce_triton``, imported lazily), ``auto``.
 """
 from .cross_entropy import CrossEntropyMultipleOutputSingleTargetLoss
 from .functional import multicrop_simclr_info_nce_loss, resolve_impl, simclr_info_nce_loss, triton_available

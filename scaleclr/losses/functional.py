@@ -26,8 +26,6 @@ def triton_available(device: torch.device) -> bool:
     """Whether ``impl="triton"`` can run on ``device`` (CUDA, or CPU under ``TRITON_INTERPRET=1``)."""
     if importlib.util.find_spec("triton") is None:
         return False
-    if importlib.util.find_spec("scaleclr.kernels.infonce_triton") is None:
-        return False
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -89,7 +87,7 @@ def multicrop_simclr_info_nce_loss(embedding: torch.Tensor, temperature: float =
         if impl == "streaming":
             return info_nce_streaming(z, temperature=temperature, num_crops=num_crops, negatives=negatives,
                                       group=group)
-        from ..kernels.infonce_triton import info_nce_triton  # lazy: the only module importing triton
+        from .infonce_triton import info_nce_triton  # lazy: the only module importing triton
         return info_nce_triton(z, temperature=temperature, num_crops=num_crops, negatives=negatives, group=group)
 
 

@@ -49,7 +49,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ..distributed.gather import all_gather_rows, world_info
-from ..losses.indices import pair_columns, transpose_shift
+from .indices import pair_columns, transpose_shift
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)

@@ -136,7 +136,7 @@ def rank_main(rank: int, args, engine: str, port: int, out_dir: str, queue) -> N
 
 def run_engine(args, engine: str):
     import torch.multiprocessing as mp
-    from scaleclr.distributed.launch import free_port
+    from scaleclr.launch import free_port
 
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()

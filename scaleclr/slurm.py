@@ -100,8 +100,7 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def __call__(self) -> int:
         from scaleclr.config import load_config
-        from scaleclr.distributed.launch import spawn
-        from scaleclr.main import already_finished, choose_device, setup_logging, start_method_for, worker
+        from scaleclr.launch import already_finished, choose_device, setup_logging, spawn, start_method_for, worker
 
         env = submitit.JobEnvironment()
         setup_logging(env.global_rank)

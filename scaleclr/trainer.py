@@ -117,7 +117,7 @@ class Trainer:
         root: the composed, validated and inferred config (``load_config``).
         rank, world_size, local_rank, local_world_size: this process's place (1 process: 0, 1, 0, 1).
         device: ``cuda:<local_rank>`` or ``cpu``.
-        stop: the process's installed stop handler (``main.worker``); None: never stops on a signal.
+        stop: the process's installed stop handler (``scaleclr.launch.worker``); None: never stops on a signal.
     """
 
     def __init__(self, root: DictConfig, rank: int = 0, world_size: int = 1, local_rank: int = 0,

@@ -278,7 +278,7 @@ def test_on_corrupt_is_validated():
 
 # ------------------------------------------------------------------------------------------ launcher signals
 def test_launcher_exit_status_is_a_documented_one():
-    from scaleclr.distributed.launch import exit_status
+    from scaleclr.launch import exit_status
 
     assert [exit_status(c) for c in (0, 2, 75, 1, 3, -9, -15, None)] == [0, 2, 75, 1, 1, 1, 1, 1]
     # negative control: the old `exit_code or 1` handed a killed worker's -9 to sys.exit -> status 247

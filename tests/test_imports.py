@@ -6,7 +6,9 @@
 - engines import nothing from the trainer-level modules (trainer, checkpoint, metrics, builders, main) nor the
   config tree (they receive an ``EngineSpec``);
 - the library layers below the trainer (losses, optim, data, distributed, eval, io) import neither
-  trainer-level modules nor engines.
+  trainer-level modules nor engines;
+- imports flow one way: no circle between files, nor between folders (a top-level module counts as its own
+  folder), function-level (lazy) imports included.
 """
 import ast
 import pathlib
@@ -19,6 +21,7 @@ PKG = pathlib.Path(__file__).resolve().parents[1] / "scaleclr"
 ALLOWED = {"deepspeed": {"engines/deepspeed.py"}, "triton": {"losses/infonce_triton.py"},
            "apex": {"distributed/sync_bn.py"}, "submitit": {"slurm.py"}}
 TRAINER_LEVEL = ("scaleclr.trainer", "scaleclr.checkpoint", "scaleclr.metrics", "scaleclr.builders", "scaleclr.main",
+                 "scaleclr.launch", "scaleclr.runlock",
                  "scaleclr.preflight",
                  "scaleclr.tasks", "scaleclr.summary")
 CONFIG = ("scaleclr.config", "hydra", "omegaconf")
@@ -103,3 +106,87 @@ def test_import_scaleclr_without_deepspeed_or_apex():
             "import scaleclr.trainer, scaleclr.main, scaleclr.engines.ddp, scaleclr.distributed.sync_bn\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+# ------------------------------------------------------------------------------------------------ circles
+def import_graph(extra=None):
+    """``{module: {modules of the package it imports}}`` over every file (function-level imports included);
+    ``extra``: ``{relative path: source line}`` appended to a file first (negative controls)."""
+    names = {module_name(f): f for f in PKG.rglob("*.py")}
+
+    def resolve(name):
+        while name and name not in names:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for mod, f in names.items():
+        rel = f.relative_to(PKG).as_posix()
+        source = f.read_text() + ("\n" + extra[rel] + "\n" if extra and rel in extra else "")
+        targets = {resolve(m) for m in imported_modules(f, source) if m.split(".")[0] == "scaleclr"}
+        # a package's __init__ importing its own modules is not a circle with them
+        graph[mod] = {t for t in targets if t and t != mod and not (f.name != "__init__.py" and mod.startswith(t + "."))}
+    return graph
+
+
+def folder_of(mod: str) -> str:
+    return ".".join(mod.split(".")[:2])
+
+
+def circles(graph):
+    """Strongly connected components with more than one node (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in list(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def folder_graph(graph):
+    folders = {}
+    for a, targets in graph.items():
+        for b in targets:
+            if folder_of(a) != folder_of(b):
+                folders.setdefault(folder_of(a), set()).add(folder_of(b))
+    return folders
+
+
+def test_imports_flow_one_way():
+    graph = import_graph()
+    assert circles(graph) == [], "file circles"
+    assert circles(folder_graph(graph)) == [], "folder circles"
+
+
+@pytest.mark.parametrize("rel,line,level", [
+    ("data/catalog.py", "    from scaleclr.config.compose import unknown_key_error", "folder"),  # lazy, in a function
+    ("launch.py", "from scaleclr import main", "file"),
+    ("engines/fsdp.py", "from scaleclr.interchange import formats", "folder"),
+])
+def test_a_new_circle_is_caught(rel, line, level):
+    """Negative controls: one added import line (module-level or inside a function) closes a circle."""
+    graph = import_graph({rel: "def _f():\n" + line if line.startswith("    ") else line})
+    found = circles(graph) if level == "file" else circles(folder_graph(graph))
+    assert found, f"{rel} + {line!r} should close a {level} circle"

@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 
+from scaleclr import launch
 from scaleclr import main as cli
 from scaleclr.config import ConfigError, load_config
 from scaleclr.losses.functional import resolve_impl
@@ -121,10 +122,10 @@ def test_worker_binds_its_gpu_and_sets_cuda_math_whatever_the_backend(monkeypatc
     monkeypatch.setattr(scaleclr.trainer, "Trainer", FakeTrainer)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     old = torch.get_float32_matmul_precision()
-    env = cli.DistEnv(rank=3, local_rank=3, world_size=4, local_world_size=4, node_rank=0, master_addr="h",
+    env = launch.DistEnv(rank=3, local_rank=3, world_size=4, local_world_size=4, node_rank=0, master_addr="h",
                       master_port=29500, launcher="torchrun")
     try:
-        assert cli.worker(root, env, backend, stop=None) == 0
+        assert launch.worker(root, env, backend, stop=None) == 0
     finally:
         torch.set_float32_matmul_precision(old)
     assert seen == {"device": torch.device("cuda", 3), "bound": [torch.device("cuda", 3)], "benchmark": True,
@@ -136,7 +137,7 @@ def test_cuda_math_untouched_on_cpu(monkeypatch):
     root, _ = load_config([QUICK, "config.MODEL.FLOAT32_MATMUL_PRECISION=medium"])
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     before = torch.get_float32_matmul_precision()
-    cli.set_cuda_math(root.config.MODEL, torch.device("cpu"))
+    launch.set_cuda_math(root.config.MODEL, torch.device("cpu"))
     assert (torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision()) == (False, before)
 
 

@@ -26,7 +26,7 @@ a single process). Detection order and rules:
    - one task per node (``srun --ntasks-per-node=1``, VISSL/submitit style; ``local_world_size == 1``): with
      NUM_PROC_PER_NODE > 1 each task is an agent that spawns its node's workers (global rank = node x
      NUM_PROC_PER_NODE + local rank, rendezvous at the master and port above; see
-     :meth:`DistEnv.for_spawned_worker` and ``scaleclr.distributed.launch.spawn``). A one-task step
+     :meth:`DistEnv.for_spawned_worker` and ``scaleclr.launch.spawn``). A one-task step
      (``srun -N1 -n1``) is this layout on one node.
 """
 from __future__ import annotations

@@ -25,6 +25,10 @@ raises KeyboardInterrupt in the worker, SIGTERM/SIGUSR1 kill it: 1). Whatever en
 left running (:func:`_reap`). The parent's status is one of the documented ones (:func:`exit_status`): 0 done,
 1 a worker failed or was killed, 2 bad input (a worker that found the run directory locked, an unreadable
 checkpoint), 75 stopped and checkpointed.
+
+What runs in a worker process (:func:`worker`: logging, its device, the CUDA math settings, the Trainer) lives here
+too, so both entry points, ``train.py`` (:mod:`scaleclr.main`) and the submitit job (:mod:`scaleclr.slurm`), import
+this module and neither imports the other.
 """
 import logging
 import os
@@ -39,9 +43,11 @@ import torch
 import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
-from scaleclr.config.errors import ConfigError
+from scaleclr.checkpoint import CheckpointManager
+from scaleclr.config import ConfigError
 from scaleclr.distributed.env import DistEnv, init_process_group
 from scaleclr.distributed.stop import EXIT_RESUMABLE, SignalForwarder, StopSignal, parse_signals
+from scaleclr.runlock import RunDirLocked
 
 logger = logging.getLogger(__name__)
 
@@ -226,3 +232,87 @@ def _start_forwarding(start: Callable[[], "mp.ProcessContext"], signals: Sequenc
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
     return context, forwarder
+
+
+# ------------------------------------------------------------------------- what runs in a worker process
+def setup_logging(rank: int = 0, verbose: bool = False) -> None:
+    level = logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING)
+    logging.basicConfig(level=level, stream=sys.stderr, force=True,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def choose_device(root, env: Optional[DistEnv]) -> tuple:
+    """(device, backend) for this process; `gpu` falls back to CPU + gloo when CUDA is absent."""
+    c = root.config
+    local_rank = env.local_rank if env else 0
+    if c.MACHINE.DEVICE == "gpu" and torch.cuda.is_available():
+        backend = c.DISTRIBUTED.BACKEND
+        return torch.device("cuda", local_rank % torch.cuda.device_count()), backend
+    if c.MACHINE.DEVICE == "gpu" and (env is None or env.rank == 0):
+        logger.warning("config.MACHINE.DEVICE=gpu but CUDA is not available: running on CPU with gloo")
+    return torch.device("cpu"), "gloo"
+
+
+def bind_device(device: torch.device) -> None:
+    """Make ``device`` this process's current CUDA device, whatever the backend (``init_process_group`` does it
+    for NCCL only; under gloo every rank would otherwise create its context, streams and Triton launches on
+    cuda:0). A no-op on CPU."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
+def set_cuda_math(model_cfg, device: torch.device) -> None:
+    """``config.MODEL.CUDNN_BENCHMARK`` and ``FLOAT32_MATMUL_PRECISION`` on CUDA (set before the model is built).
+    A no-op on CPU, where ``set_float32_matmul_precision`` would change oneDNN's fp32 matmuls too."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = bool(model_cfg.CUDNN_BENCHMARK)
+    torch.set_float32_matmul_precision(str(model_cfg.FLOAT32_MATMUL_PRECISION))
+
+
+def start_method_for(root, device: torch.device) -> str:
+    """``config.MULTI_PROCESSING_METHOD`` for spawning workers from this process. ``fork`` becomes ``forkserver``
+    when the workers use CUDA: this process has called ``torch.cuda.is_available()``, which marks every forked
+    child "bad fork", so the child's first CUDA call fails ("Cannot re-initialize CUDA in forked subprocess")."""
+    method = root.config.MULTI_PROCESSING_METHOD
+    if method == "fork" and device.type == "cuda":
+        logger.warning("config.MULTI_PROCESSING_METHOD=fork cannot start CUDA workers (CUDA is initialised in "
+                       "this launcher); using forkserver")
+        return "forkserver"
+    return method
+
+
+def already_finished(root) -> bool:
+    """Whether the run in CHECKPOINT.DIR has finished all its epochs (then nothing is started)."""
+    ck = root.config.CHECKPOINT
+    final = CheckpointManager(ck.DIR).final()
+    if not (final and ck.AUTO_RESUME and not ck.OVERWRITE_EXISTING):
+        return False
+    if final.get("epochs_done", final.get("epoch")) < root.config.OPTIMIZER.num_epochs:
+        return False
+    logger.info("training already finished in %s (%s); set config.CHECKPOINT.OVERWRITE_EXISTING=True or another "
+                "config.CHECKPOINT.DIR to train again", ck.DIR, final["path"])
+    return True
+
+
+def worker(root, env: DistEnv, backend: str, stop: StopSignal) -> int:
+    """One training process: 0 when done, ``EXIT_RESUMABLE`` when it stopped on a signal (checkpoint
+    written), 1 on a non-finite loss, 2 when another run owns CHECKPOINT.DIR or no recorded checkpoint can be
+    read (``config.CHECKPOINT.ON_CORRUPT``)."""
+    from scaleclr.checkpoint import CheckpointUnreadable
+    from scaleclr.trainer import NonFiniteLossError, Trainer
+
+    setup_logging(env.rank, root.config.VERBOSE)
+    device, _ = choose_device(root, env)
+    bind_device(device)
+    set_cuda_math(root.config.MODEL, device)
+    try:
+        results = Trainer(root, rank=env.rank, world_size=env.world_size, local_rank=env.local_rank,
+                          local_world_size=env.local_world_size, device=device, stop=stop).train()
+    except NonFiniteLossError as e:
+        logger.error("%s", e)
+        return 1
+    except (RunDirLocked, CheckpointUnreadable) as e:
+        logger.error("%s", e)
+        return 2
+    return EXIT_RESUMABLE if "stopped_by" in results else 0

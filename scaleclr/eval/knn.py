@@ -6,8 +6,8 @@ features are L2-normalised, each test image takes its ``k`` most cosine-similar 
 each neighbour votes for its class with weight ``exp(sim / T)``; the class with the largest vote wins.
 
 Sharded: every rank extracts the features of its shard of both splits through the engine's model
-(:func:`scaleclr.eval.linear.extract_shard`), the test rows are all-gathered (the held-out split is the small one), every rank finds
-the ``k`` best neighbours among its own training rows, and one all-gather of those ``W x k`` candidates per test
+(``eval.linear.extract_shard``), the test rows are all-gathered (the held-out split is the small one), every rank
+finds the ``k`` best neighbours among its own training rows, and one all-gather of those ``W x k`` candidates per test
 chunk gives the global top ``k``: the same neighbours, in the same order, as one process holding everything, so
 1 process == N processes. Memory per rank: ``O(N / W x D + M x D + chunk x N / W)``.
 

@@ -304,7 +304,7 @@ def build_feature_data(c, split: str, num_images: int, rank: int, world_size: in
 def build_knn_data(c, rank: int, world_size: int) -> Dict[str, Tuple[ShardedSampler, torch.utils.data.DataLoader]]:
     """``{"train": (sampler, loader), "val": (sampler, loader)}``: this rank's shard of the kNN split's labelled
     images under deterministic eval transforms (Resize, CenterCrop, Normalize), unshuffled, every rank the same
-    number of batches (the last global batch padded; :func:`scaleclr.eval.knn.extract_shard` marks the padding)."""
+    number of batches (the last global batch padded; :func:`scaleclr.eval.linear.extract_shard` marks the padding)."""
     k = c.KNN_EVAL
     if k.TRAIN_PATH and k.VAL_PATH:
         paths = {"train": k.TRAIN_PATH, "val": k.VAL_PATH}

@@ -32,7 +32,6 @@ import torch
 pytest.importorskip("deepspeed")
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 import numerics as nm  # noqa: E402
 from dist_helpers import run_distributed  # noqa: E402
 from numerics import BF16, LARC, OPTIONS, SGD  # noqa: E402
@@ -273,11 +272,6 @@ def _launch(out_dir, *overrides, json_name="zero2.json"):
 def _free_port():
     from dist_helpers import free_port
     return free_port()
-
-
-def step_losses(out_dir):
-    recs = [json.loads(line) for line in open(Path(out_dir) / "metrics.jsonl")]
-    return {r["step"]: r["loss"] for r in recs if "loss" in r}
 
 
 def initial_state(overrides=()):

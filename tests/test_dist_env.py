@@ -1,21 +1,28 @@
-"""Launcher detection from synthetic environments, hostlist parsing, and the rank helpers without a process group."""
+"""Launcher detection from synthetic environments (Slurm hostlists expanded by a stubbed ``scontrol``),
+process-group init and the barrier."""
 import pytest
 import torch.distributed as dist
 
 from dist_helpers import free_port
-from scaleclr.distributed.env import (
-    DistEnv,
-    barrier,
-    default_backend,
-    detect_launcher_env,
-    expand_hostlist,
-    get_rank,
-    get_world_size,
-    init_process_group,
-    is_main_process,
-    parse_tasks_per_node,
-    rank_zero_only,
-)
+from scaleclr.distributed.env import DistEnv, barrier, detect_launcher_env, init_process_group, parse_tasks_per_node
+
+#: what the stub ``scontrol show hostnames`` answers (Slurm's expansion of these lists, written out by hand)
+HOSTNAMES = {"node[01-03,07]": "node01 node02 node03 node07", "node[03,07]": "node03 node07", "a1,b2": "a1 b2"}
+
+
+@pytest.fixture(autouse=True)
+def scontrol(tmp_path, monkeypatch):
+    """A stub ``scontrol`` first on PATH (as tests/test_slurm.py stubs it for slurm/net_env.sh): ``show hostnames``
+    prints :data:`HOSTNAMES`' entry, exits 1 with Slurm's message for any other list; every call's arguments are
+    appended to the returned log file."""
+    stubs, log = tmp_path / "bin", tmp_path / "scontrol.log"
+    stubs.mkdir()
+    cases = "".join(f"    '{k}') printf '%s\\n' {v} ;;\n" for k, v in HOSTNAMES.items())
+    (stubs / "scontrol").write_text(f'#!/bin/sh\necho "$*" >> {log}\ncase "$3" in\n{cases}'
+                                    f'    *) echo "scontrol: error: Invalid hostlist: $3" >&2; exit 1 ;;\nesac\n')
+    (stubs / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{stubs}:/usr/bin:/bin")
+    return log
 
 
 def test_no_launcher_returns_none():
@@ -110,17 +117,25 @@ def test_slurm_outside_an_srun_step_is_not_a_launcher():
     assert detect_launcher_env({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "n1"}) is None
 
 
-def test_expand_hostlist():
-    assert expand_hostlist("node[01-03,07],gpu5") == ["node01", "node02", "node03", "node07", "gpu5"]
-    assert expand_hostlist("a1,b2") == ["a1", "b2"]
-    assert expand_hostlist("vm") == ["vm"]
-    assert expand_hostlist("n[8-10]") == ["n8", "n9", "n10"]
-    assert expand_hostlist("n[098-101]") == ["n098", "n099", "n100", "n101"]
-    assert expand_hostlist("r[1-2]-n[1-2].ib") == ["r1-n1.ib", "r1-n2.ib", "r2-n1.ib", "r2-n2.ib"]
-    assert expand_hostlist("gpu-[3,1],cpu[1-2]") == ["gpu-3", "gpu-1", "cpu1", "cpu2"]
-    for bad in ("node[01-", "node]1[", "n[3-1]", "n[a-b]", ""):
-        with pytest.raises(ValueError):
-            expand_hostlist(bad)
+def test_master_is_the_first_host_scontrol_names(scontrol):
+    """The master address comes from Slurm's own expansion (``scontrol show hostnames``); a single name needs none.
+    Negative control: the unexpanded list is no host."""
+    got = detect_launcher_env(_srun(SLURM_JOB_NODELIST="node[01-03,07]"))
+    assert got.master_addr == "node01" != "node[01-03,07]"
+    assert scontrol.read_text().splitlines() == ["show hostnames node[01-03,07]"]
+    assert detect_launcher_env(_srun(SLURM_JOB_NODELIST="vm")).master_addr == "vm"
+    assert len(scontrol.read_text().splitlines()) == 1  # no scontrol call for a single name
+
+
+def test_hostlist_errors_name_the_variable_and_master_addr(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"SLURM_STEP_NODELIST='n\[3-1\]'.*exit status 1: scontrol: error: "
+                                         r"Invalid hostlist.*export MASTER_ADDR"):
+        detect_launcher_env(_srun(SLURM_STEP_NODELIST="n[3-1]"))
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match=r"SLURM_JOB_NODELIST=.*scontrol is not on PATH; export MASTER_ADDR"):
+        detect_launcher_env(_srun())
+    assert detect_launcher_env(_srun(MASTER_ADDR="10.1.2.3")).master_addr == "10.1.2.3"  # no lookup needed
 
 
 def test_parse_tasks_per_node():
@@ -140,12 +155,9 @@ def test_dist_env_validation():
     assert DistEnv(3, 1, 4, 2, 1, "h", 1, "spawn").num_nodes == 2
 
 
-def test_helpers_without_process_group():
+def test_barrier_without_process_group_is_a_no_op():
     assert not dist.is_initialized()
-    assert (get_rank(), get_world_size(), is_main_process()) == (0, 1, True)
-    barrier()  # no-op
-    assert rank_zero_only(lambda x: x + 1)(1) == 2
-    assert default_backend() == "gloo"  # tests hide GPUs
+    barrier()
 
 
 def test_init_process_group_single_rank():
@@ -155,7 +167,7 @@ def test_init_process_group_single_rank():
         init_process_group(env, "gloo", None, 0)
     init_process_group(env, "gloo", None, 30.0)
     try:
-        assert dist.is_initialized() and (get_rank(), get_world_size()) == (0, 1)
+        assert dist.is_initialized() and (dist.get_rank(), dist.get_world_size()) == (0, 1)
         barrier()
         init_process_group(env, "gloo", None, 30.0)  # already initialised with the same rank/world: no-op
         with pytest.raises(ValueError, match="already initialised"):

@@ -1,6 +1,6 @@
 """SimCLR / multi-crop InfoNCE losses on one process: spec test vectors, float64 oracle values and gradients.
 
-The oracle below is written independently of ``scaleclr.losses``: explicit python loops over anchors and
+The oracle (tests/references.py) is written independently of ``scaleclr.losses``: explicit python loops over anchors and
 positives, VISSL's multiplicative form ``-log(pos / (pos + neg))`` without any log-sum-exp trick, float64.
 
 Tolerances (u: unit roundoff, fp32 6e-8, fp64 1.1e-16): the losses compute ``softplus(lse_neg - x_pos)`` with
@@ -13,54 +13,11 @@ import math
 import pytest
 import torch
 
+from references import loss_grad, oracle_info_nce
 from scaleclr.losses import (MulticropSimclrInfoNCELoss, SimclrInfoNCELoss, info_nce_dense,
                              multicrop_simclr_info_nce_loss, pair_columns, resolve_impl, simclr_info_nce_loss)
 
 IMPLS = ["reference", "streaming"]
-
-
-def oracle_info_nce(h, num_crops, temperature, ranks=1, negatives="global", normalize=True):
-    """Mean per-(anchor, positive) InfoNCE over a global batch, float64, by explicit loops.
-
-    Args:
-        h: ``[C * n_img, D]`` global batch, crop-major over ALL images (row ``c * n_img + n``).
-        num_crops: ``C``.
-        temperature: ``T``.
-        ranks: images ``n`` are owned by rank ``n // (n_img // ranks)`` (only matters for local negatives).
-        negatives: ``"global"`` (every other image) or ``"local"`` (other images of the same rank).
-        normalize: L2-normalise rows first (``max(||h||, 1e-12)``).
-
-    Returns:
-        0-d float64 tensor (differentiable w.r.t. ``h``).
-    """
-    h = h.double()
-    n_img = h.shape[0] // num_crops
-    per_rank = n_img // ranks
-    z = h / h.norm(dim=1, keepdim=True).clamp_min(1e-12) if normalize else h
-    terms = []
-    for n in range(n_img):
-        if negatives == "global":
-            others = [m for m in range(n_img) if m != n]
-        else:
-            r = n // per_rank
-            others = [m for m in range(r * per_rank, (r + 1) * per_rank) if m != n]
-        neg_rows = torch.tensor([c * n_img + m for m in others for c in range(num_crops)], dtype=torch.long)
-        for c in range(num_crops):
-            anchor = z[c * n_img + n]
-            neg = torch.exp(z[neg_rows] @ anchor / temperature).sum()
-            for c2 in range(num_crops):
-                if c2 == c:
-                    continue
-                pos = torch.exp(anchor @ z[c2 * n_img + n] / temperature)
-                terms.append(-torch.log(pos / (pos + neg)))
-    return torch.stack(terms).mean()
-
-
-def _value_and_grad(fn, h):
-    h = h.detach().clone().requires_grad_()
-    loss = fn(h)
-    (grad,) = torch.autograd.grad(loss, h)
-    return loss.detach(), grad
 
 
 # --------------------------------------------------------------------------------------- spec test vectors
@@ -152,9 +109,9 @@ def test_spec_mask_vectors_from_indices():
 @pytest.mark.parametrize("num_crops,temperature", [(2, 0.1), (2, 0.5), (3, 0.2), (4, 0.1)])
 def test_matches_float64_oracle_values_and_gradients(impl, num_crops, temperature):
     h = torch.randn(num_crops * 5, 7, dtype=torch.float64)
-    want, want_g = _value_and_grad(lambda x: oracle_info_nce(x, num_crops, temperature), h)
+    want, want_g = loss_grad(lambda x: oracle_info_nce(x, num_crops, temperature), h)
     for negatives in ["global", "local"]:                                       # identical in one process
-        got, got_g = _value_and_grad(lambda x: multicrop_simclr_info_nce_loss(
+        got, got_g = loss_grad(lambda x: multicrop_simclr_info_nce_loss(
             x, temperature, num_crops, negatives, impl), h)
         assert got.dtype == torch.float64
         # fp64, two formulas (log-sum-exp vs explicit sums of <= 20 exponentials of |x| <= 10): <~ 1e3 u = 1e-13
@@ -162,7 +119,7 @@ def test_matches_float64_oracle_values_and_gradients(impl, num_crops, temperatur
         torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
         torch.testing.assert_close(got_g, want_g, rtol=1e-9, atol=1e-14)
     if num_crops == 2:
-        got, got_g = _value_and_grad(lambda x: simclr_info_nce_loss(x, temperature, impl), h)
+        got, got_g = loss_grad(lambda x: simclr_info_nce_loss(x, temperature, impl), h)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
         torch.testing.assert_close(got_g, want_g, rtol=1e-9, atol=1e-14)
 
@@ -170,8 +127,8 @@ def test_matches_float64_oracle_values_and_gradients(impl, num_crops, temperatur
 @pytest.mark.parametrize("impl", IMPLS)
 def test_multicrop_two_crops_equals_simclr(impl):
     h = torch.randn(2 * 16, 32)
-    a, ga = _value_and_grad(SimclrInfoNCELoss(0.2, impl=impl), h)
-    b, gb = _value_and_grad(MulticropSimclrInfoNCELoss(0.2, num_crops=2, impl=impl), h)
+    a, ga = loss_grad(SimclrInfoNCELoss(0.2, impl=impl), h)
+    b, gb = loss_grad(MulticropSimclrInfoNCELoss(0.2, num_crops=2, impl=impl), h)
     # the same fp32 computation through two entry points: equal up to the default fp32 rtol (1.3e-6 ~ 20 u)
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(ga, gb)
@@ -181,15 +138,15 @@ def test_multicrop_two_crops_equals_simclr(impl):
 def test_low_temperature_is_finite_and_accurate(impl):
     h = torch.randn(3 * 8, 16)
     h[8:16] = h[:8] + 1e-3 * torch.randn(8, 16)                                  # near-perfect positives
-    loss, grad = _value_and_grad(MulticropSimclrInfoNCELoss(0.02, num_crops=3, impl=impl), h)
+    loss, grad = loss_grad(MulticropSimclrInfoNCELoss(0.02, num_crops=3, impl=impl), h)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
-    want, want_g = _value_and_grad(lambda x: oracle_info_nce(x, 3, 0.02), h.double())
+    want, want_g = loss_grad(lambda x: oracle_info_nce(x, 3, 0.02), h.double())
     # fp32 at T = 0.02: logits up to 50 with absolute errors <~ D u / T = 16 * 6e-8 * 50 = 5e-5, i.e. the loss
     # to ~1e-4 relative; gradients are differences of softmax weights (relative error ~ logit error, times the
     # 1/T chain factor of the near-cancelling positive terms): 1e-3 relative, 1e-5 absolute for entries ~0
     torch.testing.assert_close(loss.double(), want, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(grad.double(), want_g, rtol=1e-3, atol=1e-5)
-    collapsed, grad_c = _value_and_grad(SimclrInfoNCELoss(0.02, impl=impl), torch.ones(8, 4))
+    collapsed, grad_c = loss_grad(SimclrInfoNCELoss(0.02, impl=impl), torch.ones(8, 4))
     # all logits 50 (D = 4 exact sums): the equal terms cancel exactly in lse - x_pos
     assert collapsed.item() == pytest.approx(math.log(7), rel=1e-6) and torch.isfinite(grad_c).all()
 
@@ -217,8 +174,8 @@ def test_bf16_under_autocast_gives_fp32(impl):
 
 def test_degenerate_inputs_reference():
     tiny = torch.randn(2 * 6, 8, dtype=torch.float64) * 1e-9
-    got, got_g = _value_and_grad(SimclrInfoNCELoss(0.1), tiny)
-    want, want_g = _value_and_grad(lambda x: oracle_info_nce(x, 2, 0.1), tiny)
+    got, got_g = loss_grad(SimclrInfoNCELoss(0.1), tiny)
+    want, want_g = loss_grad(lambda x: oracle_info_nce(x, 2, 0.1), tiny)
     # fp64 (rows of norm 1e-9 normalise without underflow): default fp64 rtol 1e-7 ~ 1e9 u, far above the
     # ~1e3 u of two formulas; the gradient scales with 1 / ||h|| = 1e9, its relative error does not
     torch.testing.assert_close(got, want)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_helpers import run_distributed
-from test_losses import oracle_info_nce
+from references import oracle_info_nce
 from scaleclr.distributed.gather import all_gather_no_grad, gather_with_grad, world_info
 from scaleclr.losses import MulticropSimclrInfoNCELoss, SimclrInfoNCELoss, info_nce_dense, pair_columns
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from scaleclr.models import MLP, MODELS, ResNet, SimCLRModel, build_heads, build_trunk
+from scaleclr.models import MLP, RESNET_LAYERS, ResNet, SimCLRModel, build_heads, feature_dim
 
 SIMCLR_HEAD = [["mlp", {"dims": [2048, 2048], "use_relu": True, "skip_last_layer_relu_bn": False}],
                ["mlp", {"dims": [2048, 128]}]]
@@ -126,12 +126,15 @@ def test_norm_layer_names():
     assert isinstance(ln.layer1[0].bn1, nn.GroupNorm) and ln.layer1[0].bn1.num_groups == 1
 
 
-def test_registry():
+@pytest.mark.parametrize("depth", sorted(RESNET_LAYERS))
+@pytest.mark.parametrize("width", [1, 3])
+def test_feature_dim_is_the_pooled_output(depth, width):
+    """feature_dim (which the config inference and checkpoint readers use) = the channels a forward returns."""
     with torch.device("meta"):
-        assert build_trunk("resnet50_w4").num_features == 8192
-        assert MODELS["resnet18"]().num_features == 512
-    with pytest.raises(ValueError, match="resnet50_w2"):
-        build_trunk("resnet51")
+        trunk = ResNet(depth=depth, width_multiplier=width)
+        out = trunk(torch.empty(2, 3, 32, 32))
+    assert feature_dim(depth, width) == trunk.num_features == out.shape[1]
+    assert feature_dim(depth, width) == (512 if depth in (18, 34) else 2048) * width  # spec 3.1's table
 
 
 # ----------------------------------------------------------------------------------------------- heads
@@ -238,11 +241,21 @@ def test_multicrop_train_mode_batch_stats_per_group():
     torch.testing.assert_close(out, ref, rtol=0, atol=0)  # one group = the concatenated batch: the same ops
 
 
-def test_shard_units():
+@pytest.mark.parametrize("unit", ["block", "stage", "layer"])
+def test_shard_units(unit):
+    """The units the FSDP engine wraps (distributed.parallelize reads the model's names for them)."""
+    from scaleclr.distributed.parallelize import shard_units
+
     model = _small_model()
-    units = model.shard_units()
-    assert len(units) == 8 + 2
-    assert units[-1] is model.heads[1] and units[0] is model.trunk.layer1[0]
+    if unit == "layer":
+        with pytest.raises(ValueError, match="SHARD_UNIT='layer'; allowed: block, stage"):
+            shard_units(model, unit)
+        return
+    units = shard_units(model, unit)
+    trunk = model.trunk
+    expected = [trunk.layer1[0], trunk.layer1[1]] if unit == "block" else [trunk.layer1]
+    assert len(units) == (8 if unit == "block" else 4) + 2
+    assert units[:len(expected)] == expected and units[-2:] == list(model.heads)
 
 
 def test_model_code_never_imports_torch_distributed():

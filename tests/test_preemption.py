@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from train_helpers import (EXIT_RESUMABLE, QUICK, TWO, assert_every_step_logged_once, assert_models_equal,
+                           assert_stopped_at_agreed_step, finish, last_logged_step, latest, load, records,
+                           resumed_steps, run, start, stop_record, wait_for_step)
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from train_helpers import (EXIT_RESUMABLE, QUICK, TWO, assert_every_step_logged_once,  # noqa: E402
-                           assert_models_equal, assert_stopped_at_agreed_step, finish, last_logged_step, latest,
-                           load, records, resumed_steps, run, start, stop_record, wait_for_step)
 
 
 # ------------------------------------------------------------------------------------------------- spawn

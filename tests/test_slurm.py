@@ -23,7 +23,6 @@ import pytest
 import numerics as nm
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 QUICK = ["config=test/integration_test/quick_simclr_synthetic", "config.TRAINER.MAX_ITERATIONS=3"]
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import scaleclr.losses.streaming as streaming
 from dist_helpers import run_distributed
-from test_losses import oracle_info_nce
+from references import dense64, loss_grad, oracle_info_nce
 from scaleclr.losses import MulticropSimclrInfoNCELoss, info_nce_dense, info_nce_streaming
 
 SMALL_TILES = (32, 48)  # not dividing any N below: partial tiles in both directions
@@ -28,18 +28,6 @@ SMALL_TILES = (32, 48)  # not dividing any N below: partial tiles in both direct
 def _rows(n, num_crops):
     b = max(2, n // num_crops)
     return num_crops * b
-
-
-def _dense64(h, temperature, num_crops):
-    z = F.normalize(h.double(), dim=1)
-    return info_nce_dense(z, z, temperature=temperature, num_crops=num_crops)
-
-
-def _loss_grad(fn, h):
-    h = h.detach().clone().requires_grad_()
-    loss = fn(h)
-    (grad,) = torch.autograd.grad(loss, h)
-    return loss.detach(), grad
 
 
 def _streaming(temperature, num_crops, tiles=SMALL_TILES, negatives="global"):
@@ -61,12 +49,12 @@ def test_matches_dense_reference(n, num_crops, temperature):
     rows = _rows(n, num_crops)
     h = torch.randn(rows, dim, dtype=torch.float64)
     h[rows // num_crops:2 * rows // num_crops] += 2 * h[:rows // num_crops]   # correlated crops 0/1
-    want, want_g = _loss_grad(lambda x: _dense64(x, temperature, num_crops), h)
-    got, got_g = _loss_grad(_streaming(temperature, num_crops), h)
+    want, want_g = loss_grad(lambda x: dense64(x, temperature, num_crops), h)
+    got, got_g = loss_grad(_streaming(temperature, num_crops), h)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
     _assert_grad_close(got_g, want_g, 1e-10)
     if n >= 250:  # fp32 path (fixed shift for T >= 0.025, running max below) with default tiles
-        got32, got32_g = _loss_grad(_streaming(temperature, num_crops, tiles=(256, 512)), h.float())
+        got32, got32_g = loss_grad(_streaming(temperature, num_crops, tiles=(256, 512)), h.float())
         assert got32.dtype == torch.float32
         torch.testing.assert_close(got32.double(), want, rtol=1e-4, atol=0)
         _assert_grad_close(got32_g, want_g, 1e-3)
@@ -75,8 +63,8 @@ def test_matches_dense_reference(n, num_crops, temperature):
 @pytest.mark.parametrize("negatives", ["global", "local"])
 def test_module_impl_streaming_matches_reference(negatives):
     h = torch.randn(4 * 24, 32, dtype=torch.float64)
-    ref = _loss_grad(MulticropSimclrInfoNCELoss(0.1, 4, negatives, impl="reference"), h)
-    st = _loss_grad(MulticropSimclrInfoNCELoss(0.1, 4, negatives, impl="streaming"), h)
+    ref = loss_grad(MulticropSimclrInfoNCELoss(0.1, 4, negatives, impl="reference"), h)
+    st = loss_grad(MulticropSimclrInfoNCELoss(0.1, 4, negatives, impl="streaming"), h)
     # float64, N = 96 columns, D = 32, T = 0.1: <~ (D + N) u / T = 1.4e-13
     torch.testing.assert_close(st[0], ref[0], rtol=1e-12, atol=0)
     torch.testing.assert_close(st[1], ref[1], rtol=1e-10, atol=1e-15)
@@ -91,8 +79,8 @@ def test_degenerate_inputs(temperature):
         "small_norms": torch.randn(2 * 40, 64) * 1e-8,
     }
     for name, h in cases.items():
-        want, want_g = _loss_grad(lambda x: _dense64(x, temperature, 2), h.double())
-        got, got_g = _loss_grad(_streaming(temperature, 2), h)
+        want, want_g = loss_grad(lambda x: dense64(x, temperature, 2), h.double())
+        got, got_g = loss_grad(_streaming(temperature, 2), h)
         assert torch.isfinite(got) and torch.isfinite(got_g).all(), name
         # fp32, small tiles of 40 rows: as the fp32 case above (D = 64, T >= 0.02: 2.4e-5 absolute logit error,
         # here on exactly representable logits for all_equal / orthogonal); atol for losses ~0
@@ -105,7 +93,7 @@ def test_degenerate_inputs(temperature):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_inputs_accumulate_in_fp32(dtype):
     h = torch.randn(3 * 30, 64).to(dtype)
-    want, want_g = _loss_grad(lambda x: oracle_info_nce(x, 3, 0.1) if x.shape[0] <= 30 else _dense64(x, 0.1, 3),
+    want, want_g = loss_grad(lambda x: oracle_info_nce(x, 3, 0.1) if x.shape[0] <= 30 else dense64(x, 0.1, 3),
                               h.double())
     hh = h.clone().requires_grad_()
     loss = MulticropSimclrInfoNCELoss(0.1, num_crops=3, impl="streaming")(hh)
@@ -122,9 +110,9 @@ def test_huge_upstream_gradient_is_exact_without_a_host_check():
     logit errors ~ sqrt(32) u / 0.025 = 1.4e-5, times 1/T in the gradient's chain: < 1e-4 of its max)."""
     h = torch.randn(2 * 50, 32)
     fn = _streaming(0.025, 2)
-    _, want_g = _loss_grad(lambda x: _dense64(x, 0.025, 2), h.double())
-    _, g1 = _loss_grad(fn, h)
-    _, g_big = _loss_grad(lambda x: fn(x) * 1e30, h)
+    _, want_g = loss_grad(lambda x: dense64(x, 0.025, 2), h.double())
+    _, g1 = loss_grad(fn, h)
+    _, g_big = loss_grad(lambda x: fn(x) * 1e30, h)
     assert torch.isfinite(g_big).all()
     _assert_grad_close(g1, want_g, 1e-4)
     _assert_grad_close(g_big / 1e30, want_g, 1e-4)

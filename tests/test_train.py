@@ -11,38 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
+import numerics as nm
+from train_helpers import assert_states_close, final_state, run_train_py, step_losses
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-import numerics as nm  # noqa: E402
-from train_helpers import run_train_py  # noqa: E402
 
 QUICK = "config=test/integration_test/quick_simclr_synthetic"
 
 
 def run(out_dir, *overrides, launcher=(), env_extra=None, timeout=600, check=True):
     return run_train_py(out_dir, *overrides, launcher=launcher, env_extra=env_extra, timeout=timeout, check=check)
-
-
-def step_losses(out_dir):
-    recs = [json.loads(line) for line in open(Path(out_dir) / "metrics.jsonl")]
-    return {r["step"]: r["loss"] for r in recs if "loss" in r}
-
-
-def final_state(out_dir):
-    latest = json.load(open(Path(out_dir) / "checkpoint.json"))["latest"]["path"]
-    return torch.load(Path(out_dir) / latest, map_location="cpu", weights_only=True)
-
-
-def assert_states_close(a, b, rtol=0, atol=0):
-    """Every tensor of ``a`` close to ``b`` (default: equal). Only for runs that repeat the same operations on
-    the same values (same process count, same kernels: resume, rerun); runs in another reduction order are
-    compared with ``assert_equals_one_process``."""
-    assert a.keys() == b.keys()
-    for k in a:
-        if a[k].is_floating_point():
-            torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
-        else:
-            assert torch.equal(a[k], b[k]), k
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,7 @@ else:
     from scaleclr.losses import infonce_triton as it
     from scaleclr.losses import MulticropSimclrInfoNCELoss
 
-    from test_streaming_loss import _dense64, _loss_grad  # the same float64 reference as the streaming tests
+    from references import dense64 as _dense64, loss_grad as _loss_grad  # the streaming tests' float64 reference
 
     def _triton(temperature, num_crops, negatives="global", splits=0, precision="ieee"):
         return lambda h: it.info_nce_triton(F.normalize(h, dim=1), temperature=temperature, num_crops=num_crops,

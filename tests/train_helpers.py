@@ -1,6 +1,6 @@
-"""Helpers for tests that run train.py as a subprocess, signal it and check how it stopped and resumed
-(tests/test_preemption.py, tests/test_slurm.py). Waits are on observable events (a step in metrics.jsonl),
-with deadlines, never on sleeps.
+"""Helpers for tests that run train.py as a subprocess, read its outputs (losses, checkpoints), signal it and
+check how it stopped and resumed (tests/test_train.py, test_linear_eval.py, test_preemption.py, test_slurm.py).
+Waits are on observable events (a step in metrics.jsonl), with deadlines, never on sleeps.
 """
 import json
 import os
@@ -30,6 +30,28 @@ def run_train_py(out_dir, *overrides, config=QUICK, launcher=(), env_extra=None,
     if check:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     return r
+
+
+def step_losses(out_dir):
+    recs = [json.loads(line) for line in open(Path(out_dir) / "metrics.jsonl")]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}
+
+
+def final_state(out_dir):
+    latest = json.load(open(Path(out_dir) / "checkpoint.json"))["latest"]["path"]
+    return torch.load(Path(out_dir) / latest, map_location="cpu", weights_only=True)
+
+
+def assert_states_close(a, b, rtol=0, atol=0):
+    """Every tensor of ``a`` close to ``b`` (default: equal). Only for runs that repeat the same operations on
+    the same values (same process count, same kernels: resume, rerun); runs in another reduction order are
+    compared with ``assert_equals_one_process``."""
+    assert a.keys() == b.keys()
+    for k in a:
+        if a[k].is_floating_point():
+            torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
+        else:
+            assert torch.equal(a[k], b[k]), k
 
 
 def _env():

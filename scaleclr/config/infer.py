@@ -30,7 +30,11 @@ logger = logging.getLogger(__name__)
 
 
 def trunk_dim(depth: int, width_multiplier: int) -> int:
-    return (512 if depth in (18, 34) else 2048) * width_multiplier
+    """The trunk's pooled features (:func:`scaleclr.models.resnet.feature_dim`, imported here so that reading a
+    config does not import torchvision)."""
+    from scaleclr.models.resnet import feature_dim
+
+    return feature_dim(depth, width_multiplier)
 
 
 def loss_cfg(c: DictConfig) -> DictConfig:

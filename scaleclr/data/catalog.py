@@ -56,10 +56,6 @@ def split_path(data_paths, dataset_names, source: str, split: str = "TRAIN") -> 
     return resolve_path(dataset_names[0], CATALOG_SPLITS[split], f"config.DATA.{split}.DATASET_NAMES[0]")
 
 
-def train_path(data_paths, dataset_names, source: str) -> Optional[str]:
-    return split_path(data_paths, dataset_names, source, "TRAIN")
-
-
 def catalog_entry(name: str, split: str) -> Optional[str]:
     """What the catalog says for ``name``'s ``split`` (``train`` | ``val``), without checking that it exists or
     preparing the demo data (for ``--dry-run``); None for an unknown name."""

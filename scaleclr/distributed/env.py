@@ -1,4 +1,4 @@
-"""Rank/world discovery from launchers (torchrun, deepspeed, SLURM srun), process-group init and rank helpers.
+"""Rank/world discovery from launchers (torchrun, deepspeed, SLURM srun), process-group init and a barrier.
 
 ``detect_launcher_env`` reads what an external launcher put in the environment and returns a :class:`DistEnv`, or
 None when no launcher is present (then scaleclr spawns ``DISTRIBUTED.NUM_PROC_PER_NODE`` workers itself, or runs
@@ -15,7 +15,8 @@ a single process). Detection order and rules:
    SLURM_PROCID, world = the step's task count (SLURM_STEP_NUM_TASKS, else SLURM_NTASKS), local rank =
    SLURM_LOCALID, node = SLURM_STEP_NODEID (else SLURM_NODEID), local world = this node's entry of
    SLURM_STEP_TASKS_PER_NODE / SLURM_TASKS_PER_NODE (``"4(x2),3"``) or SLURM_NTASKS_PER_NODE; master =
-   MASTER_ADDR if set, else the first host of SLURM_STEP_NODELIST / SLURM_JOB_NODELIST; port = MASTER_PORT if
+   MASTER_ADDR if set, else the first host of SLURM_STEP_NODELIST / SLURM_JOB_NODELIST (``scontrol show
+   hostnames``, Slurm's own hostlist expansion); port = MASTER_PORT if
    set, else ``20000 + SLURM_JOB_ID % 20000``.
    Why the step rule: an ``sbatch`` batch script is itself "task 0" (SLURM_PROCID=0) and sees the job's
    SLURM_NTASKS (e.g. 8) but no SLURM_STEP_ID, so ``python train.py`` run directly from the script must not
@@ -33,13 +34,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import functools
 import logging
 import os
 import re
 import shutil
 import subprocess
-from typing import Callable, Mapping, TypeVar
+from typing import Mapping
 
 import torch
 import torch.distributed as dist
@@ -50,15 +50,9 @@ __all__ = [
     "DistEnv",
     "LAUNCHERS",
     "detect_launcher_env",
-    "expand_hostlist",
     "parse_tasks_per_node",
     "init_process_group",
-    "default_backend",
-    "is_main_process",
-    "get_rank",
-    "get_world_size",
     "barrier",
-    "rank_zero_only",
 ]
 
 LAUNCHERS = ("none", "spawn", "torchrun", "deepspeed", "slurm")
@@ -142,86 +136,35 @@ def _int(environ: Mapping[str, str], key: str, default: int | None = None) -> in
         raise ValueError(f"environment variable {key}={value!r} is not an integer") from None
 
 
-def _split_top_level(text: str) -> list[str]:
-    """Split on commas that are not inside [...]."""
-    parts, depth, start = [], 0, 0
-    for i, ch in enumerate(text):
-        if ch == "[":
-            depth += 1
-            if depth > 1:
-                raise ValueError(f"nested '[' in hostlist {text!r}")
-        elif ch == "]":
-            depth -= 1
-            if depth < 0:
-                raise ValueError(f"unbalanced ']' in hostlist {text!r}")
-        elif ch == "," and depth == 0:
-            parts.append(text[start:i])
-            start = i + 1
-    if depth != 0:
-        raise ValueError(f"unbalanced '[' in hostlist {text!r}")
-    parts.append(text[start:])
-    return parts
+def _first_host(key: str, hostlist: str) -> str:
+    """First host of the Slurm hostlist in environment variable ``key``: a single name is itself, anything else
+    (``node[01-03,07],gpu5``) goes to ``scontrol show hostnames``, with a timeout (Slurm clients retry for up to
+    60 s when no slurm.conf is reachable).
 
-
-def _expand_range_set(body: str, hostlist: str) -> list[str]:
-    """'01-03,07' -> ['01', '02', '03', '07'] (zero padding kept)."""
-    out = []
-    for item in body.split(","):
-        m = re.fullmatch(r"(\d+)(?:-(\d+))?", item.strip())
-        if not m:
-            raise ValueError(f"bad range {item!r} in hostlist {hostlist!r}")
-        lo, hi = m.group(1), m.group(2)
-        if hi is None:
-            out.append(lo)
-            continue
-        if int(hi) < int(lo):
-            raise ValueError(f"descending range {item!r} in hostlist {hostlist!r}")
-        width = len(lo)
-        out.extend(str(v).zfill(width) for v in range(int(lo), int(hi) + 1))
-    return out
-
-
-def expand_hostlist(hostlist: str) -> list[str]:
-    """Expand a Slurm compressed hostlist.
-
-    ``"node[01-03,07],gpu5"`` -> ``["node01", "node02", "node03", "node07", "gpu5"]``; several bracket groups
-    in one name expand as a product (``"r[1-2]n[1-2]"`` -> r1n1, r1n2, r2n1, r2n2). Raises ValueError on
-    malformed input.
+    Raises:
+        ValueError: scontrol is missing, fails, times out or prints nothing (the message names ``key`` and
+            MASTER_ADDR, which skips this lookup).
     """
-    hosts: list[str] = []
-    for part in _split_top_level(hostlist.strip()):
-        part = part.strip()
-        if not part:
-            continue
-        expansions = [""]
-        for literal, body in re.findall(r"([^\[\]]*)(?:\[([^\]]*)\])?", part):
-            if not literal and not body:
-                continue
-            suffixes = _expand_range_set(body, hostlist) if body else [""]
-            expansions = [e + literal + s for e in expansions for s in suffixes]
-        hosts.extend(expansions)
-    if not hosts:
-        raise ValueError(f"empty hostlist {hostlist!r}")
-    return hosts
-
-
-def _first_host(hostlist: str) -> str:
-    """First host of a Slurm hostlist: our parser, else ``scontrol show hostnames`` (with a timeout: Slurm clients
-    retry for up to 60 s when no slurm.conf is reachable)."""
+    hostlist = hostlist.strip()
+    if not re.search(r"[\[\],\s]", hostlist):
+        return hostlist
+    scontrol = shutil.which("scontrol")
+    if scontrol is None:
+        raise ValueError(f"{key}={hostlist!r}: finding its first host needs `scontrol show hostnames`, and scontrol "
+                         "is not on PATH; export MASTER_ADDR (the rank-0 host) instead")
     try:
-        return expand_hostlist(hostlist)[0]
-    except ValueError as parse_error:
-        scontrol = shutil.which("scontrol")
-        if scontrol is None:
-            raise
-        try:
-            out = subprocess.run([scontrol, "show", "hostnames", hostlist], capture_output=True, text=True,
-                                 timeout=10, check=True).stdout.split()
-        except (subprocess.SubprocessError, OSError) as e:
-            raise ValueError(f"cannot parse hostlist {hostlist!r} ({parse_error}); scontrol failed: {e}") from e
-        if not out:
-            raise ValueError(f"scontrol show hostnames {hostlist!r} returned nothing") from parse_error
-        return out[0]
+        out = subprocess.run([scontrol, "show", "hostnames", hostlist], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.split()
+    except subprocess.CalledProcessError as e:
+        raise ValueError(f"{key}={hostlist!r}: `scontrol show hostnames` failed (exit status {e.returncode}: "
+                         f"{(e.stderr or '').strip()}); export MASTER_ADDR instead") from e
+    except (subprocess.SubprocessError, OSError) as e:
+        raise ValueError(f"{key}={hostlist!r}: `scontrol show hostnames` failed ({e}); export MASTER_ADDR "
+                         "instead") from e
+    if not out:
+        raise ValueError(f"{key}={hostlist!r}: `scontrol show hostnames` printed no host; export MASTER_ADDR "
+                         "instead")
+    return out[0]
 
 
 def parse_tasks_per_node(text: str) -> list[int]:
@@ -278,9 +221,9 @@ def _slurm(environ: Mapping[str, str]) -> DistEnv:
         local_world = world
     master = environ.get("MASTER_ADDR")
     if not master:
-        nodelist = (environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST")
-                    or environ.get("SLURM_NODELIST"))
-        master = _first_host(nodelist) if nodelist else "127.0.0.1"
+        key = next((k for k in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST") if environ.get(k)),
+                   None)
+        master = _first_host(key, environ[key]) if key else "127.0.0.1"
     if environ.get("MASTER_PORT"):
         port = _int(environ, "MASTER_PORT")
     else:
@@ -320,11 +263,6 @@ def detect_launcher_env(environ: Mapping[str, str] = os.environ, local_rank_arg:
 # Process group and helpers
 # --------------------------------------------------------------------------------------------------------------
 
-def default_backend() -> str:
-    """``"nccl"`` when CUDA is available, else ``"gloo"``."""
-    return "nccl" if torch.cuda.is_available() else "gloo"
-
-
 def init_process_group(env: DistEnv, backend: str, init_method: str | None = None, timeout_s: float = 1800.0
                        ) -> None:
     """Initialise torch.distributed for ``env`` with an explicit timeout.
@@ -361,41 +299,7 @@ def init_process_group(env: DistEnv, backend: str, init_method: str | None = Non
                             timeout=datetime.timedelta(seconds=timeout_s), device_id=device_id)
 
 
-def _initialised() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def get_rank() -> int:
-    """Global rank, 0 without an initialised process group."""
-    return dist.get_rank() if _initialised() else 0
-
-
-def get_world_size() -> int:
-    """World size, 1 without an initialised process group."""
-    return dist.get_world_size() if _initialised() else 1
-
-
-def is_main_process() -> bool:
-    """True on rank 0 (and in a non-distributed run)."""
-    return get_rank() == 0
-
-
 def barrier() -> None:
     """``dist.barrier()`` when distributed with more than one rank; a no-op otherwise."""
-    if _initialised() and dist.get_world_size() > 1:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
-
-
-_F = TypeVar("_F", bound=Callable)
-
-
-def rank_zero_only(fn: _F) -> _F:
-    """Decorator: run ``fn`` on rank 0 only; other ranks get None. Never put collectives inside ``fn``."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        if is_main_process():
-            return fn(*args, **kwargs)
-        return None
-
-    return wrapper  # type: ignore[return-value]

@@ -58,7 +58,10 @@ def _check_equal_rows(x: torch.Tensor, world: int, group) -> None:
 
 
 def _all_gather_flat(out: torch.Tensor, x: torch.Tensor, group) -> None:
-    """All-gather ``x`` (same shape on all ranks) into ``out`` of shape ``[world * x.shape[0], ...]``."""
+    """All-gather ``x`` (same shape on all ranks) into ``out`` of shape ``[world * x.shape[0], ...]`` (the losses'
+    and SyncBN's one all-gather). torch >= 2.14 names it ``all_gather_single`` (``all_gather_into_tensor`` is a
+    deprecated alias); looked up at call time so wrappers installed on torch.distributed (tests counting
+    collectives) see it."""
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     fn(out, x.contiguous(), group=group)
 

@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from scaleclr.distributed.gather import all_gather_rows, world_info
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -58,19 +60,6 @@ class ApexNotAvailableError(ImportError, ValueError):
 
 def _dist_ready() -> bool:
     return dist.is_available() and dist.is_initialized()
-
-
-def _group_size(process_group) -> int:
-    """Number of ranks in ``process_group`` (None = whole world); 1 when torch.distributed is not initialised."""
-    if not _dist_ready():
-        return 1
-    return dist.get_world_size(process_group)
-
-
-def _all_gather_single(out: torch.Tensor, x: torch.Tensor, group=None) -> None:
-    """torch >= 2.14 names it all_gather_single (all_gather_into_tensor is a deprecated alias); looked up at call
-    time so wrappers installed on torch.distributed (tests counting collectives) see it."""
-    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, x, group=group)
 
 
 def _reduce_dims(x: torch.Tensor) -> list[int]:
@@ -107,9 +96,7 @@ def _group_batch_stats(x: torch.Tensor, process_group, group_size: int):
         var, mean = torch.var_mean(xa, dim=_reduce_dims(x), correction=0)
         packed[2:2 + channels] = mean
         packed[2 + channels:] = var * n_local
-    gathered = torch.empty(group_size * packed.numel(), dtype=acc, device=x.device)  # flat: gloo needs "cat" form
-    _all_gather_single(gathered, packed, group=process_group)
-    gathered = gathered.view(group_size, packed.numel())
+    gathered = all_gather_rows(packed, process_group).view(group_size, packed.numel())  # flat: gloo's "cat" form
 
     counts64 = gathered[:, 0].double() + gathered[:, 1].double() * _COUNT_SPLIT  # (W,), exact integers
     total64 = counts64.sum()
@@ -228,7 +215,7 @@ class SyncBatchNorm(_BatchNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """Normalise ``input`` (N, C, *) with group statistics in training mode; see the class docstring."""
         self._check_input_dim(input)
-        group_size = _group_size(self.process_group) if self.training else 1
+        group_size = world_info(self.process_group)[1] if self.training else 1
         if group_size == 1:
             # Same as torch BatchNorm: eval mode with running stats, local batch stats otherwise.
             return super().forward(input)
@@ -253,7 +240,7 @@ class SyncBatchNorm(_BatchNorm):
 
     def extra_repr(self) -> str:
         try:
-            group = f", group_size={_group_size(self.process_group)}"
+            group = f", group_size={world_info(self.process_group)[1]}"
         except (RuntimeError, ValueError):  # e.g. the process group was destroyed
             group = ""
         return super().extra_repr() + group
@@ -469,7 +456,7 @@ def describe_sync_bn(module: nn.Module) -> str:
             kind = _bn_kind(m)
             kinds[kind] += 1
             if kind != "plain":
-                group_sizes.add(_group_size(getattr(m, "process_group", None)))
+                group_sizes.add(world_info(getattr(m, "process_group", None))[1])
     plain = kinds.pop("plain", 0)
     plain_txt = f"{plain} plain BatchNorm module{'s' if plain != 1 else ''} (per-rank statistics)"
     if not kinds:

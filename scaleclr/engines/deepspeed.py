@@ -94,7 +94,6 @@ class FlatLayout:
     fragments: List[Tuple[int, int]]
     partitioned: bool
     group: Any = None
-    params: Optional[List[nn.Parameter]] = None  # the original (module) parameters, same order as fragments
 
 
 def _dp_rank(group) -> int:
@@ -121,7 +120,7 @@ def build_flat_layouts(ds_optimizer) -> Dict[int, FlatLayout]:
                 frags.append((offset, valid))
                 offset += part
             assert offset == flat.numel(), (cls, sub, offset, flat.numel())
-            layouts[id(flat)] = FlatLayout(flat, frags, True, ds_optimizer.dp_process_group, list(params))
+            layouts[id(flat)] = FlatLayout(flat, frags, True, ds_optimizer.dp_process_group)
         return layouts
     if hasattr(ds_optimizer, "single_partition_of_fp32_groups") or hasattr(ds_optimizer,
                                                                            "fp32_groups_flat_partition"):
@@ -141,7 +140,7 @@ def build_flat_layouts(ds_optimizer) -> Dict[int, FlatLayout]:
                     a = m.get_hp_fragment_address()
                     frags.append((int(a.start), int(a.numel)))
             group = ds_optimizer.real_dp_process_group[i]
-            layouts[id(flat)] = FlatLayout(flat, frags, True, group, list(params))
+            layouts[id(flat)] = FlatLayout(flat, frags, True, group)
         return layouts
     if hasattr(ds_optimizer, "fp32_groups_flat"):  # FP16_Optimizer: unpartitioned flat copies
         for params, flat in zip(ds_optimizer.fp16_groups, ds_optimizer.fp32_groups_flat):
@@ -149,7 +148,7 @@ def build_flat_layouts(ds_optimizer) -> Dict[int, FlatLayout]:
             for p in params:
                 frags.append((offset, p.numel()))
                 offset += p.numel()
-            layouts[id(flat)] = FlatLayout(flat, frags, False, None, list(params))
+            layouts[id(flat)] = FlatLayout(flat, frags, False, None)
         return layouts
     return layouts
 
@@ -170,7 +169,6 @@ class ZeroLARC(LARC):
         self.layouts: Dict[int, FlatLayout] = {}
         self._bound = False
         self._entry_layouts: List[Optional[FlatLayout]] = []  # per entry of the step in progress
-        self._owners: List[Any] = []  # the original parameter of every entry (trust_ratios() keys)
         self._views: List[torch.Tensor] = []  # fragment views whose .grad must be dropped after the step
 
     def bind(self, ds_optimizer) -> None:
@@ -224,26 +222,21 @@ class ZeroLARC(LARC):
                     raise RuntimeError("ZeroLARC: DeepSpeed stepped a tensor it has no partition layout "
                                        f"for (shape {tuple(p.shape)}); call bind() after initialize/load")
                 entries.append((p, weight_decay, group["lr"]))
-                self._owners.append(p)
                 self._entry_layouts.append(None)
                 continue
             flat_p, flat_g = p.detach().view(-1), p.grad.view(-1)
-            for (start, numel), owner in zip(lay.fragments, lay.params):
+            for start, numel in lay.fragments:
                 view = flat_p.narrow(0, start, numel)
                 view.grad = flat_g.narrow(0, start, numel)
                 self._views.append(view)
                 entries.append((view, weight_decay, group["lr"]))
-                self._owners.append(owner)
                 self._entry_layouts.append(lay)
         return entries
-
-    def _entry_keys(self, entries) -> List[Any]:
-        return list(self._owners)  # trust_ratios() keyed by the original parameters, not fragment views
 
     def _finish_step(self) -> None:
         for view in self._views:  # drop the fragment views' grads: they would keep DeepSpeed's flat grads alive
             view.grad = None
-        self._views, self._owners, self._entry_layouts = [], [], []
+        self._views, self._entry_layouts = [], []
 
 
 def _skip_cpu_shm_comm_build() -> None:

@@ -6,8 +6,8 @@ features are L2-normalised, each test image takes its ``k`` most cosine-similar 
 each neighbour votes for its class with weight ``exp(sim / T)``; the class with the largest vote wins.
 
 Sharded: every rank extracts the features of its shard of both splits through the engine's model
-(:func:`extract_shard`), the test rows are all-gathered (the held-out split is the small one), every rank finds
-the ``k`` best neighbours among its own training rows, and one all-gather of those ``W x k`` candidates per test
+(``eval.linear.extract_shard``), the test rows are all-gathered (the held-out split is the small one), every rank
+finds the ``k`` best neighbours among its own training rows, and one all-gather of those ``W x k`` candidates per test
 chunk gives the global top ``k``: the same neighbours, in the same order, as one process holding everything, so
 1 process == N processes. Memory per rank: ``O(N / W x D + M x D + chunk x N / W)``.
 
@@ -15,8 +15,7 @@ Legend: ``N`` training rows, ``M`` test rows, ``D`` feature dim, ``C`` classes, 
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -24,34 +23,9 @@ import torch.nn.functional as F
 
 from scaleclr.distributed.collectives import collective_device
 from scaleclr.distributed.gather import all_gather_no_grad, world_info
-from scaleclr.eval.linear import split_batch, valid_rows
+from scaleclr.eval.linear import extract_shard  # re-exported: the kNN's input (one extractor, in linear.py)
 
 __all__ = ["extract_shard", "knn_top1"]
-
-
-def extract_shard(features: Callable[[torch.Tensor], torch.Tensor], loader: Iterable[Any], sampler,
-                  device: torch.device, non_blocking: bool = False
-                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """This rank's features of a split, padding rows included and marked, on ``device``.
-
-    Args:
-        features: images ``[B, 3, H, W]`` -> features ``[B, D]`` (caller: eval mode, ``no_grad``, autocast).
-        loader, sampler: this rank's loader over the unshuffled, padded :class:`ShardedSampler` (every rank runs
-            the same number of batches, so collectives inside ``features`` pair up).
-
-    Returns:
-        ``(features [S·B, D] float32, labels [S·B] int64, valid [S·B] bool)``: ``valid`` is False on the rows that
-        pad the last global batch (:func:`valid_rows`).
-    """
-    feats, labels, valid = [], [], []
-    for step, batch in enumerate(loader):
-        inputs, y = split_batch(batch)
-        feats.append(features(inputs.to(device, non_blocking=non_blocking)).float().flatten(1))
-        labels.append(torch.as_tensor(y, dtype=torch.int64).to(device))
-        valid.append(valid_rows(sampler, step, device=device)[:labels[-1].shape[0]])
-    if not feats:
-        raise ValueError("feature extraction: the loader yielded no batch")
-    return torch.cat(feats), torch.cat(labels), torch.cat(valid)
 
 
 def knn_top1(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,

@@ -15,15 +15,16 @@ Legend: ``N`` images of the split, ``B`` rows per rank and batch, ``W`` ranks, `
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 
 from scaleclr.data.sampler import ShardedSampler
 from scaleclr.distributed.collectives import all_reduce_sum, collective_device, is_distributed
+from scaleclr.distributed.gather import all_gather_rows
 
-__all__ = ["topk_correct", "valid_rows", "evaluate_topk", "topk_percent", "extract_sharded_features",
+__all__ = ["topk_correct", "valid_rows", "evaluate_topk", "topk_percent", "shard_batches", "extract_shard",
+           "extract_sharded_features",
            "FeatureDataset", "collate_feature_batch", "check_labels", "split_batch"]
 
 
@@ -80,6 +81,39 @@ def split_batch(batch: Any) -> Tuple[torch.Tensor, torch.Tensor]:
     return batch[0], batch[1]
 
 
+def shard_batches(features: Callable[[torch.Tensor], torch.Tensor], loader: Iterable[Any], sampler: ShardedSampler,
+                  device: torch.device, non_blocking: bool = False
+                  ) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """This rank's features, one batch at a time (the one extraction loop of kNN and linear evaluation).
+
+    Args:
+        features: images ``[B, 3, H, W]`` -> features ``[B, F]`` (caller: eval mode, ``no_grad``, autocast).
+        loader, sampler: this rank's loader over the unshuffled, padded :class:`ShardedSampler` (every rank runs
+            the same number of batches, so collectives inside ``features`` pair up).
+
+    Yields:
+        ``(features [B, F] float32, labels [B] int64, valid [B] bool)`` on ``device``, in sampler order; ``valid``
+        is False on the rows that pad the last global batch (:func:`valid_rows`).
+    """
+    for step, batch in enumerate(loader):
+        inputs, y = split_batch(batch)
+        labels = torch.as_tensor(y, dtype=torch.int64).to(device)
+        yield (features(inputs.to(device, non_blocking=non_blocking)).float().flatten(1), labels,
+               valid_rows(sampler, step, device=device)[:labels.shape[0]])
+
+
+def extract_shard(features: Callable[[torch.Tensor], torch.Tensor], loader: Iterable[Any], sampler: ShardedSampler,
+                  device: torch.device, non_blocking: bool = False
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's features of a split, padding rows included and marked, on ``device``: :func:`shard_batches`
+    concatenated, ``(features [S·B, F], labels [S·B], valid [S·B])`` for ``S`` batches."""
+    parts = list(shard_batches(features, loader, sampler, device, non_blocking))
+    if not parts:
+        raise ValueError("feature extraction: the loader yielded no batch")
+    feats, labels, valid = (torch.cat(p) for p in zip(*parts))
+    return feats, labels, valid
+
+
 def evaluate_topk(forward: Callable[[torch.Tensor], torch.Tensor], loader: Iterable[Any], sampler: ShardedSampler,
                   ks: Sequence[int], device: torch.device, non_blocking: bool = False) -> torch.Tensor:
     """This rank's counts over its shard: ``[rows counted, correct@k for k in ks]``, float64 on ``device``.
@@ -122,7 +156,8 @@ def extract_sharded_features(features: Callable[[torch.Tensor], torch.Tensor], l
                              path: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The features of a whole split, computed shard by shard and gathered on every rank one step at a time.
 
-    Every rank runs ``features`` on its batches (same count on every rank, the padded sampler's); after each
+    Every rank runs ``features`` on its batches (:func:`shard_batches`, same count on every rank, the padded
+    sampler's); after each
     batch one all-gather of the ``[B, F]`` rows of every rank (``G·F`` values on the collective device, never the
     whole ``N x F``) puts them at their dataset positions, the padding dropped. The shuffled training sampler
     hands any image to any rank in a later epoch, so every rank reads the whole matrix: with ``path`` it is a
@@ -142,14 +177,12 @@ def extract_sharded_features(features: Callable[[torch.Tensor], torch.Tensor], l
     out: Optional[torch.Tensor] = None
     labels = torch.empty(n, dtype=torch.int64)
     steps = 0
-    for step, batch in enumerate(loader):
-        inputs, y = split_batch(batch)
-        f = features(inputs.to(device, non_blocking=non_blocking)).float()  # [B, F]
+    for step, (f, y, _) in enumerate(shard_batches(features, loader, sampler, device, non_blocking)):
         if out is None:
             width = f.shape[1]
             out = (torch.from_file(path, shared=True, size=n * width, dtype=torch.float32).view(n, width)
                    if path else torch.empty(n, width, dtype=torch.float32))
-        parts_f, parts_y = _all_gather(f), _all_gather(torch.as_tensor(y, dtype=torch.int64).to(device))
+        parts_f, parts_y = _all_gather(f), _all_gather(y)
         for r, (pf, py) in enumerate(zip(parts_f, parts_y)):  # rank r's rows are positions step·G + r·B + i
             lo = step * g + r * b
             keep = max(0, min(b, n - lo))
@@ -167,10 +200,7 @@ def _all_gather(x: torch.Tensor) -> List[torch.Tensor]:
     """Every rank's equally shaped ``x``, rank-major, on the CPU."""
     if not is_distributed():
         return [x.cpu()]
-    dev = collective_device()
-    parts = [torch.empty_like(x, device=dev) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.to(dev))
-    return [p.cpu() for p in parts]
+    return list(all_gather_rows(x.to(collective_device())).cpu().unflatten(0, (-1, x.shape[0])).unbind(0))
 
 
 class FeatureDataset(torch.utils.data.Dataset):

@@ -26,10 +26,10 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import torch
 from torchvision.models.resnet import BasicBlock
 
-from scaleclr.models.resnet import RESNET_LAYERS
+from scaleclr.models.resnet import RESNET_LAYERS, feature_dim
 
 __all__ = ["TRUNK", "HEADS", "VISSL_TRUNK_PREFIXES", "CLASSIFIER_LAYOUTS", "TORCHVISION_ARCHS", "Classifier",
-           "Detected", "classifier_of", "infer_trunk_config", "num_features", "torchvision_arch", "to_torchvision",
+           "Detected", "classifier_of", "infer_trunk_config", "torchvision_arch", "to_torchvision",
            "from_torchvision", "to_vissl", "from_vissl", "scaleclr_payload", "detect_format", "fp32",
            "describe_trunk", "fold_bn_into_linear"]
 
@@ -122,12 +122,6 @@ def infer_trunk_config(state: Mapping[str, torch.Tensor], prefix: str = TRUNK) -
     return {"depth": depth, "width_multiplier": w, "groups": groups, "width_per_group": wpg}
 
 
-def num_features(cfg: Mapping[str, int]) -> int:
-    """Pooled trunk features of an :func:`infer_trunk_config` result: ``512·w`` (depths 18/34) or ``2048·w``."""
-    block, _ = RESNET_LAYERS[cfg["depth"]]
-    return 512 * cfg["width_multiplier"] * block.expansion
-
-
 def describe_trunk(cfg: Mapping[str, int]) -> str:
     """``"ResNet-50"``, ``"ResNet-50 w2"``, ``"ResNeXt-101 32x8d"``."""
     name = f"ResNet-{cfg['depth']}" if cfg["groups"] == 1 else f"ResNeXt-{cfg['depth']} {cfg['groups']}x" \
@@ -201,7 +195,8 @@ def classifier_of(state: Mapping[str, torch.Tensor]) -> Optional[Classifier]:
     if not heads:
         return None
     try:
-        feats = num_features(infer_trunk_config(state))
+        cfg = infer_trunk_config(state)
+        feats = feature_dim(cfg["depth"], cfg["width_multiplier"])
     except ValueError:
         return None
     for layout, (required, optional) in CLASSIFIER_LAYOUTS.items():

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-__all__ = ["ResNet", "RESNET_LAYERS", "make_norm_layer"]
+__all__ = ["ResNet", "RESNET_LAYERS", "feature_dim", "make_norm_layer"]
 
 Block = Union[BasicBlock, Bottleneck]
 NormLayer = Callable[[int], nn.Module]
@@ -35,6 +35,13 @@ RESNET_LAYERS: Dict[int, Tuple[Type[Block], Tuple[int, int, int, int]]] = {
 }
 
 NORM_NAMES = ("BatchNorm", "LayerNorm", "GroupNorm")
+
+
+def feature_dim(depth: int, width_multiplier: int) -> int:
+    """Channels of the pooled trunk output: ``512·w·expansion`` of the depth's block (``512·w`` for depths
+    18/34, ``2048·w`` otherwise). The one rule :class:`ResNet`, the config inference and the checkpoint readers
+    share."""
+    return 512 * width_multiplier * RESNET_LAYERS[depth][0].expansion
 
 
 def make_norm_layer(name: str, groupnorm_groups: int = 32) -> NormLayer:
@@ -164,7 +171,7 @@ class ResNet(nn.Module):
                                           norm_layer, groups, width_per_group)
             self.add_module(f"layer{i + 1}", stage)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.num_features = 512 * w * block.expansion
+        self.num_features = feature_dim(depth, w)
 
         self._init_weights(zero_init_residual)
 

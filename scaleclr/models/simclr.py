@@ -80,7 +80,3 @@ class SimCLRModel(nn.Module):
             z = head(z)
         return (z, h) if return_features else z
 
-    def shard_units(self) -> List[nn.Module]:
-        """Units an FSDP engine wraps separately: the trunk's residual blocks, then each head."""
-        units = list(self.trunk.shard_units()) if hasattr(self.trunk, "shard_units") else []
-        return units + list(self.heads)

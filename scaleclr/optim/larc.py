@@ -107,7 +107,6 @@ class LARC(torch.optim.Optimizer):
         self.clip = bool(clip)
         self.eps = float(eps)
         self.norm_fn: NormFn = norm_fn if norm_fn is not None else local_norms
-        self._last: Optional[Tuple[List[Any], torch.Tensor, torch.Tensor]] = None  # keys, factors, adapted
 
     # ------------------------------------------------------------------ delegation to the inner optimizer
     @property
@@ -184,21 +183,6 @@ class LARC(torch.optim.Optimizer):
                 f" wrapping {self.optim!r}")
 
     # -------------------------------------------------------------------------------------- LARC step
-    def trust_ratios(self) -> Dict[torch.Tensor, float]:
-        """The ``local`` factors of the last :meth:`step`, keyed by parameter (reads them on the host).
-
-        Only adapted parameters appear (not ``larc_exclude`` groups, parameters without gradient, or
-        zero-norm parameters / zero gradients).
-        """
-        if self._last is None:
-            return {}
-        keys, factors, adapt = self._last
-        return {k: f for k, f, a in zip(keys, factors.tolist(), adapt.tolist()) if a}
-
-    def _entry_keys(self, entries: List[Tuple[torch.Tensor, float, Any]]) -> List[Any]:
-        """What :meth:`trust_ratios` is keyed by, one per entry (sharded subclasses: the original parameter)."""
-        return [e[0] for e in entries]
-
     @torch.no_grad()
     def _adapt_gradients(self, entries: List[Tuple[torch.Tensor, float, Any]]) -> None:
         """Applies the LARC gradient transform to ``(param, weight_decay, lr)`` entries in place.
@@ -212,7 +196,6 @@ class LARC(torch.optim.Optimizer):
         pass. Works on plain tensors, ``DTensor`` shards (their local tensors are updated) and ZeRO partition
         fragments (views).
         """
-        self._last = None
         n = len(entries)
         if n == 0:
             return
@@ -231,7 +214,6 @@ class LARC(torch.optim.Optimizer):
             local = torch.clamp(local / lr, max=1.0)
         adapt = (pn != 0) & (gn != 0)
         factor = torch.where(adapt, local, torch.ones_like(local))
-        self._last = (self._entry_keys(entries), factor, adapt)
         grads = [_local(p.grad) for p in params]
         with_wd = [(start, stop) for start, stop, key in runs if key[0] != 0]  # weight decay is known on the host
         if with_wd:

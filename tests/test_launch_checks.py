@@ -93,8 +93,9 @@ def test_fork_stays_on_cpu(monkeypatch, tmp_path):
     assert seen["method"] == "fork"
 
 
+@pytest.mark.gpu  # without a CUDA driver whether is_available() poisons fork depends on what ran before it
 def test_cuda_is_available_poisons_fork():
-    """The fact behind the fork rule, on any machine: after is_available() a forked child is a "bad fork"."""
+    """The fact behind the fork rule: after is_available() has initialised CUDA, a forked child is a "bad fork"."""
     torch.cuda.is_available()
     pid = os.fork()
     if pid == 0:

@@ -34,6 +34,7 @@ import shutil
 import zipfile
 from typing import Any, Dict, List, Optional
 
+from scaleclr.interchange.checkpoints import migrate_record
 from scaleclr.interchange.formats import CONSOLIDATED_SUFFIX
 from scaleclr.io import atomic_write_text, fsync_dir
 
@@ -127,7 +128,7 @@ class CheckpointManager:
         """The final checkpoint, and epoch checkpoints after epoch E with E % CHECKPOINT_FREQUENCY == 0."""
         if h["final"]:
             return True
-        done = h.get("epochs_done", h.get("epoch"))
+        done = migrate_record(h)["epochs_done"]
         return h["path"].startswith("model_phase") and (done - 1) % self.epoch_frequency == 0
 
     def prune(self) -> List[str]:
@@ -171,7 +172,7 @@ class CheckpointManager:
         hist = [h for h in self.read()["history"] if os.path.exists(os.path.join(self.directory, h["path"]))]
         if len(hist) < nth:
             return None
-        entry = dict(hist[-nth])
+        entry = migrate_record(hist[-nth])
         entry["abspath"] = os.path.join(self.directory, entry["path"])
         return entry
 
@@ -209,7 +210,7 @@ class CheckpointManager:
                 if bad:
                     logger.warning("resuming from %s, the newest readable checkpoint (%d newer one(s) unreadable)",
                                    path, len(bad))
-                return {**h, "abspath": path}
+                return {**migrate_record(h), "abspath": path}
         if bad:
             raise CheckpointUnreadable(f"no readable checkpoint to resume from in {self.directory} ("
                                        + "; ".join(bad) + "). Nothing was deleted: repair or move them, or set "

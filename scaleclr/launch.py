@@ -288,7 +288,7 @@ def already_finished(root) -> bool:
     final = CheckpointManager(ck.DIR).final()
     if not (final and ck.AUTO_RESUME and not ck.OVERWRITE_EXISTING):
         return False
-    if final.get("epochs_done", final.get("epoch")) < root.config.OPTIMIZER.num_epochs:
+    if final["epochs_done"] < root.config.OPTIMIZER.num_epochs:
         return False
     logger.info("training already finished in %s (%s); set config.CHECKPOINT.OVERWRITE_EXISTING=True or another "
                 "config.CHECKPOINT.DIR to train again", ck.DIR, final["path"])

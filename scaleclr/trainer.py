@@ -40,7 +40,7 @@ from scaleclr.distributed.sync_bn import convert_sync_batchnorm, create_sync_bn_
 from scaleclr.engines import build_engine
 from scaleclr.eval.knn import extract_shard, knn_top1
 from scaleclr.eval.online import OnlineProbe
-from scaleclr.interchange.checkpoints import write_consolidated
+from scaleclr.interchange.checkpoints import migrate_checkpoint, write_consolidated
 from scaleclr.io import fsync_dir
 from scaleclr.metrics import METRICS_FILE, MetricLogger
 from scaleclr.runlock import RunDirLocked, RunLock
@@ -69,10 +69,7 @@ class TrainState:
 
     @classmethod
     def from_checkpoint(cls, d: Dict[str, int]) -> "TrainState":
-        if "epochs_done" in d:
-            return cls(**d)
-        # checkpoints written before the fields were renamed
-        return cls(epochs_done=d["epoch"], step=d["iteration"], step_in_epoch=d["iteration_in_epoch"])
+        return cls(**d)  # migrate_checkpoint brings older layouts to this one
 
 
 class StepStats:
@@ -499,8 +496,7 @@ class Trainer:
             entry = self._choose_checkpoint(self._load_failures)
             if entry is None:
                 return False
-            done = entry.get("epochs_done", entry.get("epoch"))
-            if entry["final"] and done >= c.OPTIMIZER.num_epochs:
+            if entry["final"] and entry["epochs_done"] >= c.OPTIMIZER.num_epochs:
                 if self.is_main:
                     logger.info("training already finished in %s (%s); set config.CHECKPOINT.OVERWRITE_EXISTING="
                                 "True or another config.CHECKPOINT.DIR to train again", self.out_dir, entry["path"])
@@ -509,8 +505,9 @@ class Trainer:
                 raise ValueError(f"{entry['abspath']} was written by the {entry['engine']!r} engine but "
                                  f"config.DISTRIBUTED.ENGINE={self.engine.name}; resume with the same engine.")
             client = self._load(entry)
+        client = migrate_checkpoint(client, self.sampler.global_batch_size)
         state = TrainState.from_checkpoint(client["train_state"])
-        saved_spe = client.get("steps_per_epoch", client.get("iters_per_epoch"))
+        saved_spe = client["steps_per_epoch"]
         if saved_spe != self.steps_per_epoch and state.step_in_epoch:
             raise ValueError(f"{entry['abspath']} stopped mid-epoch with {saved_spe} steps per epoch but this run "
                              f"has {self.steps_per_epoch} (world size {client['world_size']} -> {self.world_size});"
@@ -518,11 +515,7 @@ class Trainer:
         if saved_spe != self.steps_per_epoch:
             state.step = state.epochs_done * self.steps_per_epoch
         self.state = state
-        if "sampler" in client:  # checks that the data and the seed did not change, then skips consumed batches
-            self.sampler.load_state_dict(client["sampler"])
-        else:
-            self.sampler.set_epoch(state.epochs_done)
-            self.sampler.set_start_iter(state.step_in_epoch)
+        self.sampler.load_state_dict(client["sampler"])  # checks the data and the seed, skips consumed batches
         # the count is summed over ranks when logged: rank 0 carries the restored total
         self.skipped_images = int(client.get("skipped_images", 0)) if self.is_main else 0
         if state.step_in_epoch and client.get("epoch_steps"):
@@ -535,11 +528,7 @@ class Trainer:
         return True
 
     def _restore_rng(self, client: Dict[str, Any]) -> None:
-        rng = client.get("rng")
-        if rng is None:  # older checkpoints: rank 0's CPU state only
-            torch.set_rng_state(client["rng_cpu"])
-            return
-        cpu, cuda = rng["cpu"], rng["cuda"]
+        cpu, cuda = client["rng"]["cpu"], client["rng"]["cuda"]
         if len(cpu) != self.world_size:
             logger.warning("the checkpoint holds the RNG states of %d ranks, this run has %d: rank r takes state "
                            "r mod %d (random ops such as dropout do not continue exactly)", len(cpu),

@@ -71,3 +71,27 @@ def test_keep_last_is_validated():
 
     with pytest.raises(ConfigError, match=r"config\.CHECKPOINT\.KEEP_LAST: = -2; allowed: -1"):
         load_config(["config=test/integration_test/quick_simclr_synthetic", "config.CHECKPOINT.KEEP_LAST=-2"])
+
+
+def test_older_checkpoint_layouts_migrate_in_one_place():
+    """migrate_checkpoint / migrate_record: every older layout rule (renamed train-state fields, iters_per_epoch, no
+    sampler state, rank 0's CPU generator only, pointer records saying epoch) gives today's layout, which the
+    trainer then reads with no fallback of its own; today's layout passes through unchanged."""
+    import torch
+
+    from scaleclr.interchange.checkpoints import migrate_checkpoint, migrate_record
+
+    rng = torch.get_rng_state()
+    old = {"train_state": {"epoch": 2, "iteration": 13, "iteration_in_epoch": 3}, "iters_per_epoch": 5,
+           "rng_cpu": rng, "world_size": 1}
+    new = migrate_checkpoint(old, global_batch_size=8)
+    assert new["train_state"] == {"epochs_done": 2, "step": 13, "step_in_epoch": 3}
+    assert new["steps_per_epoch"] == 5 and "iters_per_epoch" not in new
+    assert new["sampler"] == {"epoch": 2, "consumed_samples": 24}
+    assert torch.equal(new["rng"]["cpu"][0], rng) and new["rng"]["cuda"] == [None] and "rng_cpu" not in new
+    assert "epoch" in old["train_state"] and "rng_cpu" in old  # the input is not modified
+    current = {"train_state": new["train_state"], "steps_per_epoch": 5, "sampler": {"epoch": 2, "x": 1},
+               "rng": new["rng"]}
+    assert migrate_checkpoint(current, global_batch_size=8) == current
+    assert migrate_record({"path": "p", "epoch": 4})["epochs_done"] == 4
+    assert migrate_record({"path": "p", "epochs_done": 4, "epoch": 9})["epochs_done"] == 4

@@ -30,7 +30,8 @@ import torch
 from scaleclr.interchange import formats
 from scaleclr.io import atomic_torch_save
 
-__all__ = ["Checkpoint", "read_checkpoint", "load_weights_file", "pickle_error", "write_consolidated"]
+__all__ = ["Checkpoint", "read_checkpoint", "load_weights_file", "pickle_error", "write_consolidated",
+           "migrate_checkpoint", "migrate_record", "migrate_train_state"]
 
 RUN_POINTER = "checkpoint.json"  # scaleclr.checkpoint.POINTER (not imported: keeps this module light)
 
@@ -93,9 +94,9 @@ def load_weights_file(path: str, allow_pickle: bool = False, what: str = "") -> 
 
 def _position(train_state: Dict[str, Any]) -> Dict[str, int]:
     """``phase_idx`` (epochs done: VISSL's restart phase) and ``iteration`` (steps done) of a scaleclr train
-    state (``epochs_done``/``step``; checkpoints written before the rename: ``epoch``/``iteration``)."""
-    return {"phase_idx": int(train_state.get("epochs_done", train_state.get("epoch", 0))),
-            "iteration": int(train_state.get("step", train_state.get("iteration", 0)))}
+    state."""
+    ts = migrate_train_state(train_state) if train_state else {}
+    return {"phase_idx": int(ts.get("epochs_done", 0)), "iteration": int(ts.get("step", 0))}
 
 
 def _from_loaded(obj: Any, path: str) -> Checkpoint:
@@ -175,3 +176,37 @@ def write_consolidated(engine, path: str, tag: str) -> None:
     if engine.rank == 0:
         atomic_torch_save(formats.scaleclr_payload(state, engine=engine.name, tag=tag, meta=engine.checkpoint_meta()),
                           path + formats.CONSOLIDATED_SUFFIX)
+
+
+# ------------------------------------------------------------------------------ older layouts, in one place
+def migrate_train_state(ts: Dict[str, Any]) -> Dict[str, int]:
+    """A train state in today's names (``epochs_done`` / ``step`` / ``step_in_epoch``; older checkpoints say
+    ``epoch`` / ``iteration`` / ``iteration_in_epoch``)."""
+    if "epochs_done" in ts:
+        return dict(ts)
+    return {"epochs_done": ts.get("epoch", 0), "step": ts.get("iteration", 0),
+            "step_in_epoch": ts.get("iteration_in_epoch", 0)}
+
+
+def migrate_checkpoint(client: Dict[str, Any], global_batch_size: int) -> Dict[str, Any]:
+    """A checkpoint's client state in today's layout (the one home of every older-format rule).
+
+    Older scaleclr checkpoints: ``train_state`` with ``epoch`` / ``iteration`` / ``iteration_in_epoch`` (now
+    ``epochs_done`` / ``step`` / ``step_in_epoch``), ``iters_per_epoch`` (now ``steps_per_epoch``), no ``sampler``
+    (its resume point follows from the train state and this run's ``global_batch_size``), ``rng_cpu`` (rank 0's CPU
+    generator only; now ``rng`` = every rank's CPU and CUDA states).
+    """
+    c = dict(client)
+    ts = c["train_state"] = migrate_train_state(c["train_state"])
+    if "steps_per_epoch" not in c and "iters_per_epoch" in c:
+        c["steps_per_epoch"] = c.pop("iters_per_epoch")
+    if "sampler" not in c:
+        c["sampler"] = {"epoch": ts["epochs_done"], "consumed_samples": ts["step_in_epoch"] * global_batch_size}
+    if "rng" not in c:
+        c["rng"] = {"cpu": [c.pop("rng_cpu")], "cuda": [None]}
+    return c
+
+
+def migrate_record(entry: Dict[str, Any]) -> Dict[str, Any]:
+    """A pointer record in today's layout (older ones say ``epoch`` for ``epochs_done``)."""
+    return entry if "epochs_done" in entry else {**entry, "epochs_done": entry["epoch"]}

@@ -21,7 +21,7 @@ PKG = pathlib.Path(__file__).resolve().parents[1] / "scaleclr"
 ALLOWED = {"deepspeed": {"engines/deepspeed.py"}, "triton": {"losses/infonce_triton.py"},
            "apex": {"distributed/sync_bn.py"}, "submitit": {"slurm.py"}}
 TRAINER_LEVEL = ("scaleclr.trainer", "scaleclr.checkpoint", "scaleclr.metrics", "scaleclr.builders", "scaleclr.main",
-                 "scaleclr.launch", "scaleclr.runlock",
+                 "scaleclr.launch", "scaleclr.runlock", "scaleclr.monitor",
                  "scaleclr.preflight",
                  "scaleclr.tasks", "scaleclr.summary")
 CONFIG = ("scaleclr.config", "hydra", "omegaconf")

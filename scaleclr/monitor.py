@@ -34,19 +34,20 @@ class Monitor:
         c: the ``config`` node.
         ctx: the task context (:class:`scaleclr.tasks.TaskContext`: rank, world, device, memory format, copies).
         num_features: ``F``, the trunk's output width.
-        train_labels: the training images' labels (the probe's classes; checked when the probe is on).
+        train_data: the training dataset (with the probe on: its ``source.labels`` give the probe's classes).
     """
 
-    def __init__(self, c, ctx, num_features: int, train_labels) -> None:
+    def __init__(self, c, ctx, num_features: int, train_data) -> None:
         self.c, self.ctx = c, ctx
-        self.probe = self._build_probe(num_features, train_labels)
+        self.probe = self._build_probe(num_features, train_data)
         self._data = None  # the kNN split's loaders, built at the first evaluation
         self.evaluated_at = -1  # the step of the last evaluation
 
-    def _build_probe(self, num_features: int, labels) -> Optional[OnlineProbe]:
+    def _build_probe(self, num_features: int, train_data) -> Optional[OnlineProbe]:
         p = self.c.ONLINE_LINEAR_PROBE
         if not p.ENABLED:
             return None
+        labels = train_data.source.labels
         if len(labels) == 0 or min(labels) < 0:
             raise ValueError("config.ONLINE_LINEAR_PROBE.ENABLED=True needs labelled training images "
                              "(config.DATA.TRAIN: class folders of disk_folder, or LABEL_SOURCES with LABEL_PATHS); "

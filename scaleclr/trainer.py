@@ -148,7 +148,7 @@ class Trainer:
         self.loss_fn = self.task.loss_fn
         self.dataset, self.sampler, self.loader = self.task.build_train_data()
         self.device_stage = builders.build_device_augmentation(c, self.device_augmentation)
-        self.monitor = Monitor(c, ctx, model.trunk.num_features, self.dataset.source.labels)
+        self.monitor = Monitor(c, ctx, model.trunk.num_features, self.dataset)
         self.lr_at, self.head_lr_at = builders.build_lr_schedules(c)
         self.steps_per_epoch = self.sampler.num_batches
         self.total_steps = c.OPTIMIZER.num_epochs * self.steps_per_epoch

@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 import numerics as nm  # noqa: E402
 from dist_helpers import run_distributed  # noqa: E402
 from numerics import BF16, LARC, OPTIONS, SGD  # noqa: E402
+from train_helpers import step_losses  # noqa: E402
 
 STAGES = (0, 1, 2, 3)
 

@@ -123,7 +123,6 @@ def build_deepspeed_config(c, world_size: int, path: Optional[str] = None) -> Di
             names both), a forbidden section, an unknown ``"auto"``, or a bad ZeRO stage.
     """
     path = path or str(c.DISTRIBUTED.DEEPSPEED_CONFIG)
-    src = f"{KEY}={path}"
     ds = copy.deepcopy(load_json(path))
     for section, why in FORBIDDEN_SECTIONS.items():
         if section in ds:

@@ -5,7 +5,6 @@ keys added with ``+`` that the schema does not know, allowed names, ranges and c
 Every error names the full key and what is allowed.
 """
 import logging
-import math
 import os
 from typing import Any, List
 

@@ -120,7 +120,6 @@ def scan_shard(path: str) -> ShardSamples:
     current: dict[str, tarfile.TarInfo] = {}
     cur_key: str | None = None
     seen: set[str] = set()
-    cls_bytes: dict[str, bytes] = {}
 
     def close(key: str | None, f) -> None:
         if key is None:

@@ -22,7 +22,7 @@ from collections import OrderedDict
 import numpy as np
 from PIL import Image
 
-from scaleclr.data.shards.index import ShardError, ShardIndex, expand_shards, load_or_build_index
+from scaleclr.data.shards.index import ShardError, expand_shards, load_or_build_index
 from scaleclr.data.sources import ImageSource, load_rgb
 
 

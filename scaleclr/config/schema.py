@@ -177,6 +177,8 @@ class ModelConfig:
     TORCH_COMPILE: bool = False  # torch.compile the trunk and heads (DDP, FSDP2; not DeepSpeed)
     TORCH_COMPILE_MODE: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     TORCH_COMPILE_BACKEND: str = "inductor"  # inductor | aot_eager (traces, no code generation: debugging)
+    # scaleclr.plan's prediction before the model is built (CUDA): warn | error (exit 2) | off
+    MEMORY_CHECK: str = "warn"
 
 
 # ----------------------------------------------------------------------------------------------- LOSS

@@ -29,6 +29,7 @@ ALLOWED = {
     "config.MODEL.AMP_PARAMS.AMP_DTYPE": ("float16", "bfloat16"),
     "config.MODEL.FSDP_CONFIG.SHARD_UNIT": ("block", "stage"),
     "config.MODEL.CHANNELS_LAST": ("auto", "on", "off"),
+    "config.MODEL.MEMORY_CHECK": ("warn", "error", "off"),
     "config.MODEL.TORCH_COMPILE_MODE": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "config.MODEL.TORCH_COMPILE_BACKEND": ("inductor", "aot_eager", "eager"),
     "config.MODEL.FSDP_CONFIG.MIXED_PRECISION": ("none", "bfloat16", "float16"),

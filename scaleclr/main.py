@@ -14,7 +14,7 @@ inferred values), the launcher's world against NUM_NODES x NUM_PROC_PER_NODE, op
 config asks for (apex), data paths, the rendezvous address.
 
 Exit statuses: 0 trained (or already finished), 1 training failed (NaN/Inf loss, a worker crashed),
-2 configuration error, 75 (``EXIT_RESUMABLE``) stopped on one of ``config.TRAINER.STOP_SIGNALS`` after
+2 configuration error (and ``config.MODEL.MEMORY_CHECK=error`` predicting an out-of-memory), 75 (``EXIT_RESUMABLE``) stopped on one of ``config.TRAINER.STOP_SIGNALS`` after
 writing the checkpoint of the step all ranks agreed on: rerun the same command to resume.
 """
 import argparse
@@ -149,6 +149,18 @@ def submit_to_slurm(root, overrides: List[str], env: Optional[DistEnv]) -> int:
     return 0
 
 
+def memory_precheck(root, device: torch.device) -> bool:
+    """``config.MODEL.MEMORY_CHECK`` on CUDA, before the model is built (:func:`scaleclr.plan.memory_check`):
+    False when the run is predicted not to fit and the mode is ``error`` (the message names what fits)."""
+    from scaleclr.planner.rows import MemoryCheckError, memory_check
+    try:
+        memory_check(root, device)
+    except MemoryCheckError as e:
+        logger.error("%s", e)
+        return False
+    return True
+
+
 def worker(root, env: DistEnv, backend: str, stop: StopSignal) -> int:
     """One training process: 0 when done, ``EXIT_RESUMABLE`` when it stopped on a signal (checkpoint
     written), 1 on a non-finite loss."""
@@ -156,6 +168,8 @@ def worker(root, env: DistEnv, backend: str, stop: StopSignal) -> int:
 
     setup_logging(env.rank, root.config.VERBOSE)
     device, _ = choose_device(root, env)
+    if not memory_precheck(root, device):
+        return 2
     try:
         results = Trainer(root, rank=env.rank, world_size=env.world_size, local_rank=env.local_rank,
                           local_world_size=env.local_world_size, device=device, stop=stop).train()

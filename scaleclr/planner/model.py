@@ -99,8 +99,8 @@ def row_bytes(layout: MemoryLayout, trace: ScaledTrace, b: int, *, workspace: Ca
     """
     held_grads = max(0, layout.grads - int(layout.backward_grads * trace.grad_bytes))
     states = layout.params + layout.optimizer + layout.buffers
-    act_peak, grads_at_peak = trace.peak(b, layout.backward_grads)
-    dyn = act_peak + workspace(b)
+    total, grads_at_peak = trace.peak(b, layout.backward_grads)
+    dyn = total - grads_at_peak + workspace(b)  # activations and temporaries at the peak
     fwd_bwd = states + held_grads + grads_at_peak + layout.gathered + int(overhead * dyn)
     step = states + layout.grads + int(trace.step_transient * layout.step_share)
     saved, loss = trace.saved(b), trace.loss_saved(b)

@@ -151,16 +151,19 @@ def trace_step(build_model, build_loss, make_optimizer, views: Sequence[Tuple[in
         activation_checkpointing: checkpoint every residual block (the engines' function).
         as_list: the model gets a list of crops (multicrop collator) instead of one stacked tensor.
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
     from scaleclr.distributed.parallelize import apply_activation_checkpointing
     from scaleclr.engines.precision import autocast
 
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    with FakeTensorMode(allow_non_fake_inputs=False):
+    # real (not fake) index tables the streaming loss caches per shape: real CPU tensors inside the trace
+    with FakeTensorMode(allow_non_fake_inputs=True) as fake:
         model = build_model()
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
+        if channels_last:  # per tensor (module.to would swap parameters, which fake tensors' weakrefs forbid)
+            for p in model.parameters():
+                if p.dim() == 4:
+                    p.data = p.data.contiguous(memory_format=torch.channels_last)
         if activation_checkpointing:
             apply_activation_checkpointing(model)
         model.train()
@@ -171,6 +174,9 @@ def trace_step(build_model, build_loss, make_optimizer, views: Sequence[Tuple[in
         grad_bytes = sum(p.numel() * 4 for p in params)
         cpu = torch.device("cpu")
 
+        with unset_fake_temporarily(), _loss_patches(world):  # fills the streaming loss's index cache
+            dim = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].out_features
+            build_loss()(torch.randn(sum(n for n, _ in views) * batch, dim))
         tracker = LiveBytes()
         tracker.exclude(list(model.parameters()) + list(model.buffers()))
         with tracker, _loss_patches(world):

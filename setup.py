@@ -22,5 +22,6 @@ setup(
         "deepspeed": ["deepspeed==0.19.8"],
         "dev": ["pytest", "pytest-timeout", "pytest-xdist"],
         "slurm": ["submitit==1.5.4"],  # config.SLURM.USE_SLURM=True (scaleclr/slurm.py)
+        "plot": ["matplotlib"],  # python -m scaleclr.summary RUN --plot FILE.png (scaleclr/plot.py)
     },
 )

@@ -12,6 +12,7 @@ from torch import nn
 
 from scaleclr.data import (DeviceAugmentation, DeviceStage, EvalDataset, HostStage, ShardedSampler, SSLDataset,
                            build_dataloader, build_source, build_transforms, eval_transform_specs, get_collator)
+from scaleclr.config.validate_linear import is_linear_eval
 from scaleclr.data.catalog import DEMO, resolve_path, split_path
 from scaleclr.distributed.stop import parse_signals
 from scaleclr.engines.spec import DTYPES, EngineSpec, FSDPSpec, PrecisionSpec
@@ -25,11 +26,6 @@ from scaleclr.optim.schedulers import build_scheduler
 
 def plain(node) -> Any:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
-
-
-def is_linear_eval(c) -> bool:
-    """``config.MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON`` (with FREEZE_TRUNK_ONLY; validated): linear evaluation."""
-    return bool(c.MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON)
 
 
 def stop_signals(c) -> list:
@@ -276,8 +272,10 @@ def build_feature_data(c, split: str, num_images: int, rank: int, world_size: in
     return dataset, sampler, loader
 
 
-def build_knn_loaders(c) -> Tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
-    """Labelled train/val loaders with deterministic eval transforms (Resize, CenterCrop, Normalize)."""
+def build_knn_data(c, rank: int, world_size: int) -> Dict[str, Tuple[ShardedSampler, torch.utils.data.DataLoader]]:
+    """``{"train": (sampler, loader), "val": (sampler, loader)}``: this rank's shard of the kNN split's labelled
+    images under deterministic eval transforms (Resize, CenterCrop, Normalize), unshuffled, every rank the same
+    number of batches (the last global batch padded; :func:`scaleclr.eval.knn.extract_shard` marks the padding)."""
     k = c.KNN_EVAL
     if k.TRAIN_PATH and k.VAL_PATH:
         paths = {"train": k.TRAIN_PATH, "val": k.VAL_PATH}
@@ -287,11 +285,13 @@ def build_knn_loaders(c) -> Tuple[torch.utils.data.DataLoader, torch.utils.data.
     norm = next((tr for tr in plain(c.DATA.TRAIN.TRANSFORMS) if tr["name"] == "Normalize"), {})
     spec_kw = {kk: norm[kk] for kk in ("mean", "std") if kk in norm}
     tf = build_transforms(eval_transform_specs(k.IMAGE_SIZE, **spec_kw), key="config.KNN_EVAL")
-    loaders = []
+    out = {}
     for split in ("train", "val"):
         ds = EvalDataset(build_source("disk_folder", paths[split], path_key=f"config.KNN_EVAL.{split.upper()}_PATH"),
                          tf)
-        loaders.append(build_dataloader(ds, k.BATCHSIZE, c.DATA.NUM_DATALOADER_WORKERS, None, None,
-                                        pin_memory=c.DATA.PIN_MEMORY and torch.cuda.is_available(),
-                                        ignore_signals=stop_signals(c)))
-    return loaders[0], loaders[1]
+        sampler = ShardedSampler(len(ds), world_size, rank, shuffle=False, seed=c.SEED_VALUE, drop_last=False,
+                                 batch_size=k.BATCHSIZE)
+        out[split] = (sampler, build_dataloader(ds, k.BATCHSIZE, c.DATA.NUM_DATALOADER_WORKERS, None, sampler,
+                                                pin_memory=c.DATA.PIN_MEMORY and torch.cuda.is_available(),
+                                                ignore_signals=stop_signals(c)))
+    return out

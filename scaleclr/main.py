@@ -84,6 +84,51 @@ def choose_device(root, env: Optional[DistEnv]) -> tuple:
     return torch.device("cpu"), "gloo"
 
 
+def bind_device(device: torch.device) -> None:
+    """Make ``device`` this process's current CUDA device, whatever the backend (``init_process_group`` does it
+    for NCCL only; under gloo every rank would otherwise create its context, streams and Triton launches on
+    cuda:0). A no-op on CPU."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
+def set_cuda_math(model_cfg, device: torch.device) -> None:
+    """``config.MODEL.CUDNN_BENCHMARK`` and ``FLOAT32_MATMUL_PRECISION`` on CUDA (set before the model is built).
+    A no-op on CPU, where ``set_float32_matmul_precision`` would change oneDNN's fp32 matmuls too."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = bool(model_cfg.CUDNN_BENCHMARK)
+    torch.set_float32_matmul_precision(str(model_cfg.FLOAT32_MATMUL_PRECISION))
+
+
+def start_method_for(root, device: torch.device) -> str:
+    """``config.MULTI_PROCESSING_METHOD`` for spawning workers from this process. ``fork`` becomes ``forkserver``
+    when the workers use CUDA: this process has called ``torch.cuda.is_available()``, which marks every forked
+    child "bad fork", so the child's first CUDA call fails ("Cannot re-initialize CUDA in forked subprocess")."""
+    method = root.config.MULTI_PROCESSING_METHOD
+    if method == "fork" and device.type == "cuda":
+        logger.warning("config.MULTI_PROCESSING_METHOD=fork cannot start CUDA workers (CUDA is initialised in "
+                       "this launcher); using forkserver")
+        return "forkserver"
+    return method
+
+
+def check_loss_impl(root) -> None:
+    """``impl=triton`` with an embedding wider than the kernel handles (``TRITON_MAX_DIM``) is refused."""
+    from scaleclr.losses.functional import TRITON_MAX_DIM
+
+    c = root.config
+    if c.MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON or c.LOSS.name not in ("simclr_info_nce_loss",
+                                                                       "multicrop_simclr_info_nce_loss"):
+        return
+    lc = c.LOSS[c.LOSS.name]
+    if lc.impl == "triton" and lc.buffer_params.embedding_dim > TRITON_MAX_DIM:
+        raise ConfigError(f"config.LOSS.{c.LOSS.name}.impl", f"= triton with buffer_params.embedding_dim = "
+                          f"{lc.buffer_params.embedding_dim}: the Triton kernel keeps a [rows, D] fp32 tile per "
+                          f"program and handles D <= {TRITON_MAX_DIM}; use impl=streaming or auto (which picks "
+                          "streaming above that width).")
+
+
 def is_agent(root, env: Optional[DistEnv]) -> bool:
     """One task per node under SLURM with NUM_PROC_PER_NODE > 1: this task spawns its node's workers."""
     return env is not None and env.launcher == "slurm" and env.local_world_size == 1 and \
@@ -116,13 +161,12 @@ def preflight(root, env: Optional[DistEnv]) -> None:
             d.NUM_PROC_PER_NODE > torch.cuda.device_count():
         raise ConfigError("config.DISTRIBUTED.NUM_PROC_PER_NODE", f"= {d.NUM_PROC_PER_NODE} but this node has "
                           f"{torch.cuda.device_count()} GPUs.")
+    check_loss_impl(root)
     if d.ENGINE == "deepspeed":
         from scaleclr.config.deepspeed_json import check_deepspeed_config
         check_deepspeed_config(root)
-    from scaleclr.builders import resolve_train_data_path
-    resolve_train_data_path(c)  # checks the path (prepares the demo cache once, here) without scanning it
-    if c.MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON and (c.TEST_MODEL or c.TEST_ONLY):
-        resolve_train_data_path(c, "TEST")  # linear evaluation's labelled test split
+    from scaleclr.preflight import check_inputs
+    check_inputs(root, config_world)  # data (demo cache prepared once, here; a folder probed, not listed), run dir
 
 
 def already_finished(root) -> bool:
@@ -168,6 +212,8 @@ def worker(root, env: DistEnv, backend: str, stop: StopSignal) -> int:
 
     setup_logging(env.rank, root.config.VERBOSE)
     device, _ = choose_device(root, env)
+    bind_device(device)
+    set_cuda_math(root.config.MODEL, device)
     if not memory_precheck(root, device):
         return 2
     try:
@@ -200,6 +246,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         except ValueError as e:  # data / engine set-up errors name their key already
             raise e if isinstance(e, ConfigError) else ConfigError("", str(e)) from e
         device, backend = choose_device(root, env)
+        root.config.MULTI_PROCESSING_METHOD = start_method_for(root, device)
         if is_agent(root, env):
             return spawn(worker, root, backend, agent=env)
         if env is not None:

@@ -101,7 +101,7 @@ class TrainJob(submitit.helpers.Checkpointable):
     def __call__(self) -> int:
         from scaleclr.config import load_config
         from scaleclr.distributed.launch import spawn
-        from scaleclr.main import already_finished, choose_device, setup_logging, worker
+        from scaleclr.main import already_finished, choose_device, setup_logging, start_method_for, worker
 
         env = submitit.JobEnvironment()
         setup_logging(env.global_rank)
@@ -117,7 +117,8 @@ class TrainJob(submitit.helpers.Checkpointable):
                     env.num_tasks, os.environ.get("SLURM_RESTART_COUNT", "0"), list(c.TRAINER.STOP_SIGNALS))
         if already_finished(root):
             return 0
-        _, backend = choose_device(root, None)
+        device, backend = choose_device(root, None)
+        c.MULTI_PROCESSING_METHOD = start_method_for(root, device)
         rc = spawn(worker, root, backend, started=self._started)
         if rc == EXIT_RESUMABLE and env.global_rank == 0 and callable(signal.getsignal(_preempt_signal())):
             # preempted (SIGTERM): the workers saved; submitit's own handler checkpoints and requeues

@@ -1,6 +1,8 @@
-"""The demo's figures side by side, read back from the runs' ``metrics.jsonl`` (the last line of ``make train``)::
+"""The demo's figures side by side, read back from the runs' ``metrics.jsonl`` (the last line of ``make train``), and
+a picture of one or more runs::
 
     python -m scaleclr.summary runs/quickstart --linear runs/quickstart_linear --linear-init runs/quickstart_linear_init
+    python -m scaleclr.summary runs/a runs/b --plot curves.png      # runs side by side (matplotlib: the plot extra)
 
 prints the kNN top-1 of the pretraining run (``knn_top1`` after training, ``knn_top1_init`` at initialisation) and
 the last test phase of two linear evaluations with the same protocol (``linear_top1`` / ``linear_top5``): one on
@@ -60,15 +62,27 @@ def summarize(pretrain: str, linear: Optional[str] = None, linear_init: Optional
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m scaleclr.summary", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("pretrain", help="the pretraining run's config.CHECKPOINT.DIR (kNN figures)")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (config.CHECKPOINT.DIR); the first one's kNN "
+                   "figures are printed, all of them are drawn with --plot")
     p.add_argument("--linear", help="linear evaluation of the pretrained trunk (its CHECKPOINT.DIR)")
     p.add_argument("--linear-init", help="the same protocol on the trunk at initialisation")
+    p.add_argument("--plot", metavar="FILE.png", help="draw loss, learning rate, images/s and the evaluations of "
+                   "every RUN into this picture")
     args = p.parse_args(argv)
-    lines = summarize(args.pretrain, args.linear, args.linear_init)
-    if not lines:
-        print(f"no kNN or linear-evaluation records in {args.pretrain}/{METRICS_FILE}", file=sys.stderr)
+    if args.plot:
+        from scaleclr.plot import plot_runs
+
+        try:
+            print(f"learning curves: {plot_runs(args.runs, args.plot)}")
+        except (FileNotFoundError, ValueError, ImportError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    lines = summarize(args.runs[0], args.linear, args.linear_init)
+    if not lines and not args.plot:
+        print(f"no kNN or linear-evaluation records in {args.runs[0]}/{METRICS_FILE}", file=sys.stderr)
         return 2
-    print("\n".join(lines))
+    if lines:
+        print("\n".join(lines))
     return 0
 
 

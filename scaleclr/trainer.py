@@ -37,10 +37,11 @@ from scaleclr.distributed.env import barrier
 from scaleclr.distributed.stop import StopSignal, control_group
 from scaleclr.distributed.sync_bn import convert_sync_batchnorm, create_sync_bn_process_group, describe_sync_bn
 from scaleclr.engines import build_engine
-from scaleclr.eval.knn import extract_features, knn_top1
+from scaleclr.eval.knn import extract_shard, knn_top1
+from scaleclr.eval.online import OnlineProbe
 from scaleclr.io import fsync_dir
 from scaleclr.metrics import METRICS_FILE, MetricLogger
-from scaleclr.tasks import build_task
+from scaleclr.tasks import TaskContext, build_task
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +127,14 @@ class Trainer:
         self.out_dir = c.CHECKPOINT.DIR
         self.is_main = rank == 0
 
-        self.task = build_task(self)  # SimCLR pretraining or linear evaluation
+        spec = builders.build_engine_spec(c, world_size, self.device)
+        self.device_augmentation = resolve_device_augmentation(c.DATA.TRAIN.DEVICE_AUGMENTATION, self.device)
+        self.non_blocking = bool(c.DATA.ENABLE_ASYNC_GPU_COPY)
+        self.memory_format = torch.channels_last if spec.precision.channels_last else torch.contiguous_format
+        self.task = build_task(c, TaskContext(  # SimCLR pretraining or linear evaluation
+            rank=rank, world_size=world_size, local_world_size=local_world_size, device=self.device,
+            device_augmentation=self.device_augmentation, non_blocking=self.non_blocking,
+            memory_format=self.memory_format, out_dir=self.out_dir))
         model = builders.build_model(c)
         sbn = c.MODEL.SYNC_BN_CONFIG
         if sbn.CONVERT_BN_TO_SYNC_BN and world_size > 1:
@@ -134,13 +142,14 @@ class Trainer:
             convert_sync_batchnorm(self.task.sync_bn_scope(model), sbn.SYNC_BN_TYPE, process_group=group,
                                    device=self.device)  # in place
         logger.info("BatchNorm: %s", describe_sync_bn(model))
-        self.engine = build_engine(builders.build_engine_spec(c, world_size, self.device), self.device, rank,
-                                   world_size)
+        self.engine = build_engine(spec, self.device, rank, world_size)
         self.engine.setup(model, builders.make_optimizer_factory(c))
         self.loss_fn = self.task.loss_fn
-        self.device_augmentation = resolve_device_augmentation(c.DATA.TRAIN.DEVICE_AUGMENTATION, self.device)
         self.dataset, self.sampler, self.loader = self.task.build_train_data()
         self.device_stage = builders.build_device_augmentation(c, self.device_augmentation)
+        self.probe = self._build_probe(model)
+        self._knn_data = None  # built at the first kNN evaluation
+        self._evaluated_at = -1
         self.lr_at, self.head_lr_at = builders.build_lr_schedules(c)
         self.steps_per_epoch = self.sampler.num_batches
         self.total_steps = c.OPTIMIZER.num_epochs * self.steps_per_epoch
@@ -148,9 +157,6 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.out_dir, keep_last=c.CHECKPOINT.KEEP_LAST,
                                              epoch_frequency=c.CHECKPOINT.CHECKPOINT_FREQUENCY)
         self.images_per_step = c.DATA.TRAIN.BATCHSIZE_PER_REPLICA * world_size
-        self.non_blocking = bool(c.DATA.ENABLE_ASYNC_GPU_COPY)
-        self.memory_format = torch.channels_last if self.engine.spec.precision.channels_last else \
-            torch.contiguous_format
         self.skipped_images = 0  # this rank's count; summed over ranks when logged
         self.stats = StepStats(self.device)
         self.metrics: Optional[MetricLogger] = None
@@ -176,12 +182,11 @@ class Trainer:
                                     tensorboard=c.HOOKS.TENSORBOARD_SETUP.USE_TENSORBOARD,
                                     resume_step=self.state.step if resumed else None)
         try:
-            self.task.start()
+            self.task.start(self.engine)
             if c.TEST_ONLY:
-                return self.task.test_only()
+                return self.task.test_only(self.engine, self.metrics, self.state.step, self.state.epochs_done)
             if c.KNN_EVAL.ENABLED and not resumed:
-                results["knn_top1_init"] = self.knn_eval()
-                self.metrics.write({"step": 0, "epoch": 0, "knn_top1_init": results["knn_top1_init"]})
+                results.update(self.evaluate(tag="_init"))
             if self.should_stop():
                 logger.info("nothing to train: %s", self.stop_reason())
             while not self.should_stop():
@@ -189,7 +194,8 @@ class Trainer:
             if self.stopped_by_signal():
                 results["stopped_by"] = self._report_signal_stop()
             else:
-                self.task.finish(results)
+                if self.state.epochs_done >= c.OPTIMIZER.num_epochs:
+                    self.task.finish(results)
                 if c.KNN_EVAL.ENABLED:
                     self.report_knn(results)
         finally:
@@ -264,7 +270,11 @@ class Trainer:
             return
         results["epoch_loss"] = self.end_epoch_stats(epoch)
         self.state.epochs_done, self.state.step_in_epoch = epoch + 1, 0
-        self.task.end_epoch(results)  # linear evaluation's test phase, before the epoch's checkpoint
+        # linear evaluation's test phase, before the epoch's checkpoint
+        self.task.end_epoch(self.engine, self.metrics, self.state.step, self.state.epochs_done, results)
+        every = c.KNN_EVAL.EVERY_N_EPOCHS
+        if c.KNN_EVAL.ENABLED and every and self.state.epochs_done % every == 0:
+            results.update(self.evaluate(tag=""))  # before the checkpoint: a resumed run neither repeats nor skips it
         last = self.state.epochs_done == c.OPTIMIZER.num_epochs
         # VISSL's rule: after phase `epoch` when epoch % CHECKPOINT_FREQUENCY == 0, and after the last one
         if last or epoch % c.CHECKPOINT.CHECKPOINT_FREQUENCY == 0 or self.should_stop():
@@ -298,11 +308,15 @@ class Trainer:
         self.engine.set_lr(self.lr_at(where), self.head_lr_at(where) if self.head_lr_at else None)
 
         with self.engine.autocast():
-            embedding = self.engine.model(views)  # [num_crops * B, D], crop-major
+            embedding = self.engine.model(views, **({"return_features": True} if self.probe else {}))
+        if self.probe:  # (embeddings, trunk features [num_crops * B, F])
+            embedding, features = embedding
         loss = self.task.loss(embedding, batch)  # the rank's mean loss (InfoNCE / cross-entropy), fp32
         self.engine.backward(loss)
         self.engine.step()
         self.engine.zero_grad()
+        if self.probe:  # no gradient reaches the trunk: the probe reads detached features
+            self.probe.train_step(features, batch["label"].to(self.device, non_blocking=self.non_blocking))
 
         self.state.step += 1
         self.state.step_in_epoch += 1
@@ -384,7 +398,8 @@ class Trainer:
                 "sampler": self.sampler.state_dict(iteration=self.state.step_in_epoch, epoch=self.state.epochs_done),
                 "world_size": self.world_size, "rng": self._rng_states(), "skipped_images": int(skipped),
                 "epoch_loss_sum": epoch_sum if mid_epoch else 0.0,
-                "epoch_steps": self.stats.epoch_steps if mid_epoch else 0}
+                "epoch_steps": self.stats.epoch_steps if mid_epoch else 0,
+                **({"online_probe": self.probe.state_dict()} if self.probe else {})}
 
     def save_checkpoint(self, end_of_epoch: bool, final: bool = False) -> Optional[str]:
         tag = tag_for(self.state.epochs_done, self.state.step, end_of_epoch, final)
@@ -455,6 +470,8 @@ class Trainer:
         if state.step_in_epoch and client.get("epoch_steps"):
             self._epoch_carry = (float(client["epoch_loss_sum"]), int(client["epoch_steps"]))
         self._restore_rng(client)
+        if self.probe is not None and "online_probe" in client:  # replicated: every rank loads the same state
+            self.probe.load_state_dict(client["online_probe"])
         self._last_saved_tag = entry["path"].rsplit(".torch", 1)[0]
         logger.info("resumed from %s: %d epochs done, step %d", entry["abspath"], state.epochs_done, state.step)
         return True
@@ -475,34 +492,69 @@ class Trainer:
             torch.cuda.set_rng_state(cuda[i], self.device)
 
     # ------------------------------------------------------------------------------------- eval
-    def knn_eval(self) -> float:
-        """kNN top-1 (%) of the trunk on the held-out split; computed on rank 0 (on its device, with the
-        data-loader workers), broadcast to all. The other ranks wait in the broadcast, so the labelled
-        split must be extracted within config.DISTRIBUTED.TIMEOUT_SECONDS."""
-        state = self.engine.full_state_dict()  # collective for sharded engines
-        acc = torch.zeros(1, dtype=torch.float64, device=collective_device())
-        if self.is_main:
-            model = builders.build_model(self.c, init_weights=False)
-            model.load_state_dict(state)
-            model.to(self.device).eval()
-            train_loader, val_loader = builders.build_knn_loaders(self.c)
-            k = self.c.KNN_EVAL
-            tr_f, tr_l = extract_features(model.trunk_features, train_loader, device=self.device)
-            va_f, va_l = extract_features(model.trunk_features, val_loader, device=self.device)
-            acc[0] = knn_top1(tr_f, tr_l, va_f, va_l, k=k.TOPK, temperature=k.TEMPERATURE)
-        if is_distributed():
-            dist.broadcast(acc, src=0)
-        return float(acc[0].cpu())
+    def knn_eval(self) -> Dict[str, float]:
+        """kNN top-1 (%) of the trunk on the held-out split, and the online probe's top-1 on it: every rank extracts
+        its shard of both splits through the engine's model (eval mode, the engine's autocast), then the exact
+        sharded kNN (:func:`scaleclr.eval.knn.knn_top1`); every rank returns the same figures."""
+        if self._knn_data is None:
+            self._knn_data = builders.build_knn_data(self.c, self.rank, self.world_size)
+        model = self.engine.model
+        was_training = model.training
+        model.eval()
+        feats = lambda x: model(x.contiguous(memory_format=self.memory_format), features_only=True)  # noqa: E731
+        with torch.no_grad(), self.engine.autocast():
+            (tr_f, tr_y, tr_v), (va_f, va_y, va_v) = (
+                extract_shard(feats, loader, sampler, self.device, non_blocking=self.non_blocking)
+                for sampler, loader in (self._knn_data["train"], self._knn_data["val"]))
+        model.train(was_training)
+        k = self.c.KNN_EVAL
+        out = {"knn_top1": knn_top1(tr_f, tr_y, va_f, va_y, k=k.TOPK, temperature=k.TEMPERATURE, train_valid=tr_v,
+                                    test_valid=va_v)}
+        if self.probe is not None:
+            correct, rows = all_reduce_sum(self.probe.correct(va_f, va_y, va_v)).tolist()
+            out["probe_top1"] = 100.0 * correct / rows
+        return out
+
+    def evaluate(self, tag: str) -> Dict[str, float]:
+        """Runs :meth:`knn_eval` and writes its record: ``tag="_init"`` before training (``knn_top1_init``; the
+        probe is untrained then), ``""`` after an epoch (``knn_top1``, ``probe_top1``, ``eval_s``)."""
+        t0 = time.perf_counter()
+        figures = self.knn_eval()
+        if tag == "_init":
+            figures = {"knn_top1_init": figures["knn_top1"]}
+        elapsed = time.perf_counter() - t0
+        self.metrics.write({"step": self.state.step, "epoch": max(self.state.epochs_done - 1, 0), **figures,
+                            "eval_s": round(elapsed, 3)})
+        logger.info("evaluation at step %d: %s (%.1f s)", self.state.step,
+                    ", ".join(f"{k} {v:.2f}%" for k, v in figures.items()), elapsed)
+        self._evaluated_at = self.state.step
+        return figures
 
     def report_knn(self, results: Dict[str, Any]) -> None:
-        results["knn_top1"] = self.knn_eval()
+        """The run's closing figures: kNN (and probe) top-1 after training next to kNN top-1 at initialisation."""
+        if self._evaluated_at != self.state.step:  # not evaluated at this step by the EVERY_N_EPOCHS schedule
+            results.update(self.knn_eval())
         if "knn_top1_init" not in results:
             results["knn_top1_init"] = self._logged("knn_top1_init")
-        self.metrics.write({"step": self.state.step, "epoch": self.state.epochs_done,
-                            **{k: results[k] for k in ("knn_top1", "knn_top1_init")}})
+        final = {k: results[k] for k in ("knn_top1", "knn_top1_init", "probe_top1") if k in results}
+        self.metrics.write({"step": self.state.step, "epoch": self.state.epochs_done, **final})
         if self.is_main:
+            probe = f" (online linear probe {results['probe_top1']:.2f}%)" if "probe_top1" in results else ""
             print(f"kNN top-1 (k={self.c.KNN_EVAL.TOPK}) on the held-out split: {results['knn_top1']:.2f}% after "
-                  f"training, {results['knn_top1_init']:.2f}% at initialisation", flush=True)
+                  f"training{probe}, {results['knn_top1_init']:.2f}% at initialisation", flush=True)
+
+    def _build_probe(self, model) -> Optional[OnlineProbe]:
+        """``config.ONLINE_LINEAR_PROBE`` on the trunk's features, for the training data's classes."""
+        p = self.c.ONLINE_LINEAR_PROBE
+        if not p.ENABLED:
+            return None
+        labels = self.dataset.source.labels
+        if len(labels) == 0 or min(labels) < 0:
+            raise ValueError("config.ONLINE_LINEAR_PROBE.ENABLED=True needs labelled training images "
+                             "(config.DATA.TRAIN: class folders of disk_folder, or LABEL_SOURCES with LABEL_PATHS); "
+                             f"{'none' if len(labels) == 0 else 'some'} of config.DATA.TRAIN's images have a label")
+        return OnlineProbe(model.trunk.num_features, int(max(labels)) + 1, p.LR, p.MOMENTUM, p.WEIGHT_DECAY,
+                           self.c.SEED_VALUE, self.device)
 
     def _logged(self, key: str) -> float:
         """The last value of ``key`` in metrics.jsonl (NaN when absent)."""

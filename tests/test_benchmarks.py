@@ -6,7 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def test_gpu_check_cpu_smoke(tmp_path):
@@ -15,8 +19,88 @@ def test_gpu_check_cpu_smoke(tmp_path):
                        capture_output=True, text=True, timeout=600, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads(out.read_text())
-    for section in ("loss", "step", "device_aug", "sync_bn", "engine_memory"):
+    for section in ("tests", "loss", "step", "device_aug", "sync_bn", "engine_memory"):
         assert section in res and "error" not in res[section], (section, res.get(section))
+    # the GPU pass ran (pytest -m gpu) and was summarised: on a CPU every test skips, with the reason
+    t = res["tests"]
+    assert t["exit_status"] == 0 and t["skipped"] > 0 and t["passed"] == t["failed"] == t["errors"] == 0, t
+    assert all("needs CUDA" in reason for reason in t["skip_reasons"]), t["skip_reasons"]
     assert res["loss"]["streaming_vs_reference"]["loss_rel"] < 1e-5  # fp32 vs fp32 over 256 rows
-    assert res["sync_bn"]["out_dtype"] == "torch.bfloat16" and res["sync_bn"]["running_var_dtype"] == "torch.float32"
-    assert res["step"][0]["trainer_img_s"] > 0 and res["device_aug"]["views_per_s"] > 0
+    # step rows: the two-stage data path on (float views from the device stage, for the bare loop too), eager and
+    # compiled trainers, the bare loop on its own eager model
+    rows = res["step"]
+    assert [row["compile"] for row in rows] == [False, True]
+    for row in rows:
+        assert row["device_augmentation"] is True and row["channels_last"] is True, row
+        assert row["bare_compiled_modules"] == 0 and row["trainer_img_s"] > 0 and row["bare_img_s"] > 0, row
+    assert rows[0]["trainer_compiled_modules"] == 0 and rows[1]["trainer_compiled_modules"] > 0
+    assert rows[1]["compile_backend"] == "aot_eager"
+    assert res["device_aug"]["views_per_s"] > 0
+    # SyncBN: the sync function ran (not the one-rank fallback) and is within its limits
+    for name, chk in res["sync_bn"]["checks"].items():
+        assert chk["ok"] and chk["sync_path"] and "SyncBatchNorm" in chk["grad_fn"], (name, chk)
+    assert set(res["sync_bn"]["checks"]) == {"scaleclr_float32", "scaleclr_bfloat16"}
+    assert set(res["engine_memory"]) == {"ddp", "fsdp", "zero1", "zero2", "zero3"}
+
+
+def test_compiled_modules_counts_compiled_blocks():
+    """Negative control of the bare loop's check (its model must be eager): blocks compiled in place (what the
+    trainer does) and compiled wrappers are counted."""
+    from step_throughput import compiled_modules
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    assert compiled_modules(model) == 0
+    model[0].compile(backend="aot_eager")  # lazy: nothing is traced here
+    assert compiled_modules(model) == 1
+    assert compiled_modules(torch.compile(torch.nn.Linear(2, 2), backend="aot_eager")) == 1
+
+
+@pytest.fixture
+def one_rank_gloo():
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_sync_bn_check_catches_the_fallback_and_a_broken_merge(one_rank_gloo, dtype):
+    """gpu_check's SyncBN section: scaleclr's sync function passes; the two failures it must report do not: a
+    module in a one-rank group (plain batch norm, not the sync path) and statistics of part of the batch."""
+    import sync_bn_check as sbc
+    from scaleclr.distributed.sync_bn import SyncBatchNorm
+
+    case = sbc.make_case(8, 16, 8, dtype, "cpu")
+    ref = sbc.reference64(case)
+    assert sbc.compare(sbc.run_scaleclr(case, one_rank_gloo), ref, dtype)["ok"]
+    broken = sbc.compare(sbc.run_scaleclr(case, one_rank_gloo, stats_rows=4), ref, dtype)
+    assert broken["sync_path"] and not broken["ok"]
+    bn = SyncBatchNorm(16)
+    with torch.no_grad():
+        bn.weight.copy_(case["weight"])
+        bn.bias.copy_(case["bias"])
+    x = case["x"].clone().requires_grad_()
+    y = bn(x)  # one rank: falls back to plain batch norm
+    y.backward(case["dy"])
+    fallback = sbc.compare({"y": y.detach(), "dx": x.grad, "grad_fn": type(y.grad_fn).__name__}, ref, dtype)
+    assert not fallback["sync_path"] and not fallback["ok"]
+
+
+def test_junit_summary(tmp_path):
+    from gpu_check import junit_summary
+
+    xml = tmp_path / "j.xml"
+    xml.write_text('<testsuites><testsuite name="pytest" tests="4">'
+                   '<testcase classname="tests.test_gpu" name="test_a"/>'
+                   '<testcase classname="tests.test_gpu" name="test_b"><failure message="assert 1 == 2&#10;more"/>'
+                   '</testcase><testcase classname="tests.test_gpu" name="test_c"><skipped message="needs CUDA"/>'
+                   '</testcase><testcase classname="tests.test_gpu" name="test_d"><error message="boom"/></testcase>'
+                   '</testsuite></testsuites>')
+    s = junit_summary(xml)
+    assert (s["passed"], s["failed"], s["errors"], s["skipped"]) == (1, 1, 1, 1)
+    assert s["failing"][0] == {"id": "tests.test_gpu::test_b", "kind": "failure", "message": ["assert 1 == 2"]}
+    assert s["skip_reasons"] == {"needs CUDA": 1}

@@ -348,3 +348,17 @@ def test_resume_with_other_world_size_or_stage_stops_with_instructions(tmp_path)
         msg = str(e.value)
         assert "2 processes with ZeRO-2" in msg and "python -m scaleclr.engines.deepspeed export" in msg
         assert "config.MODEL.WEIGHTS_INIT.PARAMS_FILE" in msg
+
+
+# ---------------------------------------------------------------------------------------------- LOCAL_RANK
+def test_local_rank_is_the_chosen_cuda_device_never_none(monkeypatch):
+    """DeepSpeed sets its device from LOCAL_RANK: a bare ``cuda`` device (no index) used to export "None"."""
+    from scaleclr.engines.deepspeed import deepspeed_local_rank
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)  # no GPU here: the current device is faked
+    assert deepspeed_local_rank(torch.device("cuda", 2), {"LOCAL_RANK": "5"}) == "2"  # srun: rank 5 on cuda:2
+    assert deepspeed_local_rank(torch.device("cuda"), {}) == "3"
+    assert deepspeed_local_rank(torch.device("cpu"), {"LOCAL_RANK": "1"}) == "1"
+    assert deepspeed_local_rank(torch.device("cpu"), {}) == "0"
+    # negative control: the old expression, ``str(device.index)``, gives the string DeepSpeed cannot parse
+    assert str(torch.device("cuda").index) == "None"

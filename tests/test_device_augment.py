@@ -509,13 +509,13 @@ def test_bad_input_same_skip_or_conversion_as_the_host_path(tmp_path, caplog):
         with caplog.at_level(logging.WARNING, logger="scaleclr.data.dataset"):
             samples = [ds[i] for i in range(len(ds))]
             ds[1]  # a bad file is warned about once per process
-        records[key] = (samples, [r.getMessage() for r in caplog.records])
+        records[key] = (samples, [r.getMessage() for r in caplog.records if r.name == "scaleclr.data.dataset"])
     (host, host_warn), (stage, stage_warn) = records["host"], records["stage"]
     assert host_warn == stage_warn and len(stage_warn) == 2  # same messages, naming each bad file once
     assert "1_corrupt.jpg" in stage_warn[0] and "2_truncated.jpg" in stage_warn[1]
     for i, (a, b) in enumerate(zip(host, stage)):
         assert (a["skipped"], a["label"], a["data_idx"]) == (b["skipped"], b["label"], b["data_idx"]), names[i]
-        for va, vb in zip(a["data"], b["data"]):  # converted like img.convert("RGB"); crop resize <= 1 level
+        for va, vb in zip(a["data"], b["data"]):  # converted by the same to_rgb; crop resize <= 1 level
             assert vb.dtype == torch.uint8 and _levels(vb.float() / 255, va).max() <= 1.0 + EPS_LEVELS, names[i]
     # skipped counts the sample's own file (0 | 1): each unreadable file once per epoch
     assert [s["skipped"] for s in stage] == [0, 1, 1] + [0] * 7

@@ -19,6 +19,7 @@ PKG = pathlib.Path(__file__).resolve().parents[1] / "scaleclr"
 ALLOWED = {"deepspeed": {"engines/deepspeed.py"}, "triton": {"kernels/infonce_triton.py"},
            "apex": {"distributed/sync_bn.py"}, "submitit": {"slurm.py"}}
 TRAINER_LEVEL = ("scaleclr.trainer", "scaleclr.checkpoint", "scaleclr.metrics", "scaleclr.builders", "scaleclr.main",
+                 "scaleclr.preflight",
                  "scaleclr.tasks", "scaleclr.summary")
 CONFIG = ("scaleclr.config", "hydra", "omegaconf")
 RULES = {  # package folder -> forbidden module prefixes

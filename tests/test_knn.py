@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from scaleclr.eval import extract_features, knn_top1
+from scaleclr.data.sampler import ShardedSampler
+from scaleclr.eval import extract_shard, knn_top1
 
 
 def _reference_top1(train, train_labels, test, test_labels, k, temperature):
@@ -68,15 +69,17 @@ def test_knn_rejects_unlabelled_and_bad_shapes():
         knn_top1(x, y.abs(), x, y.abs(), num_classes=1)
 
 
-def test_extract_features_stacks_without_grad():
+def test_extract_shard_stacks_without_grad():
     model = torch.nn.Linear(6, 4)
     images = torch.randn(7, 6)
     labels = torch.arange(7)
+    sampler = ShardedSampler(7, 1, 0, shuffle=False, seed=0, drop_last=False, batch_size=4)  # 4 + 3 (+ 1 padding)
     loader = [(images[:4], labels[:4]), {"data": images[4:], "label": labels[4:]}]
-    feats, got_labels = extract_features(model, loader)
-    assert feats.shape == (7, 4) and not feats.requires_grad
+    with torch.no_grad():
+        feats, got_labels, valid = extract_shard(model, loader, sampler, torch.device("cpu"))
+    assert feats.shape == (7, 4) and not feats.requires_grad and valid.all()
     # batches of 4 + 3 vs 7 rows: the 6-term products may run in other kernels: fp32 rounding, within allclose's
     # rtol 1e-5 (~200 u)
     assert torch.allclose(feats, model(images).detach()) and torch.equal(got_labels, labels)
     with pytest.raises(ValueError, match="no batch"):
-        extract_features(model, [])
+        extract_shard(model, [], sampler, torch.device("cpu"))

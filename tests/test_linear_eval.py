@@ -263,7 +263,7 @@ def _engines_and_precompute(rank, world, out):
                                 "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=8", "config.LOG_FREQUENCY=1000", *extra),
                           rank, world)
         if name == "precomputed":
-            tr.task.start()  # extracts the features (collective), as train() does
+            tr.task.start(tr.engine)  # extracts the features (collective), as train() does
         results["hot"][name] = _steady_state_counts(tr)
     for name, extra in (("ddp", []), ("fsdp", ["config.DISTRIBUTED.ENGINE=fsdp"]), ("precomputed", PRECOMPUTED)):
         res, losses, tr = train_recording(quick(f"{out}/{name}", f"config.DISTRIBUTED.NUM_PROC_PER_NODE={world}",
@@ -306,6 +306,37 @@ def test_two_processes_ddp_fsdp_and_precomputed_equal_one_process(single_run, tm
     for case, counts in r0["hot"].items():
         assert {k: v for k, v in counts.items() if k.startswith("Tensor.")} == {}, (case, counts)
         assert counts == {"dist.all_gather_single": 1.0} or counts == {"dist.all_gather_into_tensor": 1.0}, counts
+
+
+def _extract(rank, world, folder, n=13, b=3, f=5):
+    """Identity 'features' of n rows [i, i+.1, ...] through each rank's padded shard; counts the gathered rows."""
+    import scaleclr.eval.linear as lin
+    from scaleclr.data.sampler import ShardedSampler
+
+    sampler = ShardedSampler(n, world, rank, shuffle=False, drop_last=False, batch_size=b)
+    rows = torch.arange(n, dtype=torch.float32)[:, None] + torch.arange(f) / 10
+    order = torch.tensor(list(sampler))
+    loader = [(rows[order[k:k + b]], order[k:k + b]) for k in range(0, len(order), b)]  # label = dataset index
+    gathered, real = [], lin._all_gather
+    lin._all_gather = lambda x: gathered.append(x.numel() * world) or real(x)
+    path = os.path.join(folder, f"w{world}.node0.f32")  # one node: both ranks share the file
+    feats, labels = lin.extract_sharded_features(lambda x: x, loader, sampler, torch.device("cpu"), path=path)
+    return {"feats": feats.clone(), "labels": labels.clone(), "file": feats.untyped_storage().filename,
+            "largest_gather": max(gathered), "expected": rows}
+
+
+@pytest.mark.dist
+def test_precomputed_features_are_file_backed_and_gathered_a_step_at_a_time(tmp_path):
+    """1 process == 2 processes (13 rows, batches of 3: a padded last global batch), the [N, F] matrix lives in the
+    node's file (page cache shared by its ranks, no private N x F copy per rank), and no collective carries more
+    than one global batch (G x F values, not N x F)."""
+    one = _extract(0, 1, str(tmp_path))
+    two = run_distributed(_extract, 2, str(tmp_path))
+    for r in [one, *two]:
+        assert torch.equal(r["feats"], r["expected"]) and torch.equal(r["labels"], torch.arange(13))
+    assert two[0]["file"] == two[1]["file"] == str(tmp_path / "w2.node0.f32")
+    assert os.path.getsize(two[0]["file"]) == 13 * 5 * 4
+    assert one["largest_gather"] == 3 * 5 and two[0]["largest_gather"] == 2 * 3 * 5  # G x F; N x F would be 65
 
 
 # ------------------------------------------------------------------------------------- export to torchvision

@@ -301,3 +301,45 @@ def test_use_slurm_inside_a_launcher_is_refused(tmp_path):
                         f"config.CHECKPOINT.DIR={tmp_path}"], capture_output=True, text=True, cwd=ROOT, env=env,
                        timeout=120)
     assert r.returncode == 2 and "config.SLURM.USE_SLURM: = True submits a job" in r.stderr, r.stderr[-3000:]
+
+
+# ------------------------------------------------------------------- slurm/net_env.sh (no cluster needed)
+def _net_env(tmp_path, nodelist, route, **env):
+    """Source slurm/net_env.sh as train.sbatch's srun line does, with scontrol / getent / ip stubbed: node01 and
+    the given node list, ``ip route get`` answering ``route``. Returns (exported variables, stderr)."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir(exist_ok=True)
+    for name, body in {"scontrol": f"printf '%s\\n' {' '.join(nodelist)}",
+                       "getent": "echo \"10.0.0.$(( ${#2} )) STREAM $2\"",
+                       "ip": f"echo '{route}'"}.items():
+        (stubs / name).write_text(f"#!/bin/sh\n{body}\n")
+        (stubs / name).chmod(0o755)
+    base = {k: v for k, v in os.environ.items() if not k.endswith("_SOCKET_IFNAME")}
+    r = subprocess.run(["bash", "-c", '. slurm/net_env.sh && exec "$@"', "scaleclr", "sh", "-c",
+                        'echo "${GLOO_SOCKET_IFNAME:-} ${NCCL_SOCKET_IFNAME:-}"'],
+                       cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=30,
+                       env={**base, "PATH": f"{stubs}:{base['PATH']}", "SLURMD_NODENAME": "node01",
+                            "SLURM_JOB_NODELIST": "node[01-02]", **env})
+    assert r.returncode == 0, r.stderr
+    return r.stdout.split(), r.stderr
+
+
+def test_template_exports_the_interface_that_reaches_the_other_nodes(tmp_path):
+    assert _net_env(tmp_path, ["node01", "node02"], "10.0.0.6 dev ib0 src 10.0.0.5 uid 0")[0] == ["ib0", "ib0"]
+
+
+def test_template_keeps_the_users_interfaces(tmp_path):
+    got, _ = _net_env(tmp_path, ["node01", "node02"], "10.0.0.6 dev ib0 src 10.0.0.5", GLOO_SOCKET_IFNAME="eth1")
+    assert got == ["eth1", "ib0"]
+
+
+def test_template_leaves_one_node_jobs_and_loopback_routes_alone(tmp_path):
+    """Controls: one node (loopback works) and a route through lo (nothing better to say) export nothing."""
+    assert _net_env(tmp_path, ["node01"], "10.0.0.6 dev ib0 src 10.0.0.5")[0] == []
+    got, err = _net_env(tmp_path, ["node01", "node02"], "local 10.0.0.6 dev lo src 10.0.0.6")
+    assert got == [] and "set GLOO_SOCKET_IFNAME yourself" in err
+
+
+def test_template_sources_net_env_before_train_py():
+    text = (Path(__file__).resolve().parents[1] / "slurm" / "train.sbatch").read_text()
+    assert """srun --kill-on-bad-exit=1 bash -c '. slurm/net_env.sh && exec "$@"' scaleclr "$PY" train.py""" in text

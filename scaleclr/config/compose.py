@@ -143,6 +143,15 @@ def _translate(e: Exception, overrides: Sequence[str]) -> ConfigError:
     return ConfigError(key or "", text.strip())
 
 
+def yaml_error(e: "yaml.YAMLError") -> ConfigError:
+    """A YAML file that does not parse: its path, line and column (1-based) and the parser's words."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f"{mark.name}:{mark.line + 1}:{mark.column + 1}" if mark is not None else "a YAML config file"
+    what = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
+    return ConfigError("config", f"{where}: the YAML does not parse ({what}); fix that line (indentation, a "
+                       "missing ']' or '}', a ':' inside an unquoted value).")
+
+
 def compose(overrides: Sequence[str]) -> DictConfig:
     """Compose the whole tree for `overrides` (Hydra syntax). Raises ConfigError."""
     schema.register()
@@ -154,6 +163,8 @@ def compose(overrides: Sequence[str]) -> DictConfig:
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
             cfg = hydra_compose(config_name="defaults", overrides=list(overrides))
+    except yaml.YAMLError as e:
+        raise yaml_error(e) from None
     except (HydraException, OmegaConfBaseException, ValueError, KeyError) as e:
         raise _translate(e, overrides) from e
     finally:

@@ -182,11 +182,11 @@ def infer(root: DictConfig, world_size: Optional[int] = None,
         sched = OmegaConf.to_container(c.OPTIMIZER.param_schedulers[name], resolve=True)
         if not sched:
             continue
-        if sched.get("auto_lr_scaling", {}).get("auto_scale", False):
-            new_lr, lr_info = auto_scale_lr(sched, bs, procs, nodes)
-            c.OPTIMIZER.param_schedulers[name] = new_lr
-            info[name] = lr_info
         try:
+            if sched.get("auto_lr_scaling", {}).get("auto_scale", False):
+                new_lr, lr_info = auto_scale_lr(sched, bs, procs, nodes)
+                c.OPTIMIZER.param_schedulers[name] = new_lr
+                info[name] = lr_info
             build_scheduler(OmegaConf.to_container(c.OPTIMIZER.param_schedulers[name], resolve=True),
                             num_epochs=c.OPTIMIZER.num_epochs)
         except ValueError as e:

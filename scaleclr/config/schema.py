@@ -179,6 +179,10 @@ class ModelConfig:
     TORCH_COMPILE_BACKEND: str = "inductor"  # inductor | aot_eager (traces, no code generation: debugging)
     # scaleclr.plan's prediction before the model is built (CUDA): warn | error (exit 2) | off
     MEMORY_CHECK: str = "warn"
+    # CUDA only (the worker sets them before the model is built; nothing changes on CPU): cuDNN autotuning of
+    # convolutions (fixed input sizes) and torch.set_float32_matmul_precision (highest = fp32, high = TF32)
+    CUDNN_BENCHMARK: bool = True
+    FLOAT32_MATMUL_PRECISION: str = "high"  # highest | high | medium
 
 
 # ----------------------------------------------------------------------------------------------- LOSS
@@ -347,7 +351,8 @@ class MetersConfig:
 
 @dataclass
 class KnnEvalConfig:
-    """kNN top-1 of the trunk on a labelled split (Wu et al. 2018 weighted votes), at the start and end."""
+    """kNN top-1 of the trunk on a labelled split (Wu et al. 2018 weighted votes), at the start, the end and every
+    EVERY_N_EPOCHS epochs; sharded over the ranks through the engine's model (exact)."""
     ENABLED: bool = False
     DATASET_NAME: str = ""  # catalog entry with train/val splits, e.g. scaleclr_demo_digits
     TRAIN_PATH: str = ""  # or explicit ImageFolder roots
@@ -356,6 +361,18 @@ class KnnEvalConfig:
     TEMPERATURE: float = 0.07
     IMAGE_SIZE: int = 224  # eval transform: resize to IMAGE_SIZE*8/7, center-crop IMAGE_SIZE
     BATCHSIZE: int = 256
+    EVERY_N_EPOCHS: int = 0  # also after every N epochs (0: only at the start and the end)
+
+
+@dataclass
+class OnlineLinearProbeConfig:
+    """A linear classifier on the detached trunk features of the training views, trained in the same step
+    (solo-learn's online classifier); its top-1 on the kNN held-out split is reported with every kNN evaluation.
+    Needs labelled training data (config.DATA.TRAIN.LABEL_TYPE=standard) and config.KNN_EVAL.ENABLED."""
+    ENABLED: bool = False
+    LR: float = 0.1  # constant, SGD
+    MOMENTUM: float = 0.9
+    WEIGHT_DECAY: float = 0.0
 
 
 @dataclass
@@ -399,6 +416,7 @@ class Config:
     MACHINE: MachineConfig = field(default_factory=MachineConfig)
     CHECKPOINT: CheckpointConfig = field(default_factory=CheckpointConfig)
     KNN_EVAL: KnnEvalConfig = field(default_factory=KnnEvalConfig)
+    ONLINE_LINEAR_PROBE: OnlineLinearProbeConfig = field(default_factory=OnlineLinearProbeConfig)
     SLURM: SlurmConfig = field(default_factory=SlurmConfig)
 
 

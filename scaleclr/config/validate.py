@@ -5,6 +5,7 @@ keys added with ``+`` that the schema does not know, allowed names, ranges and c
 Every error names the full key and what is allowed.
 """
 import logging
+import math
 import os
 from typing import Any, List
 
@@ -14,7 +15,9 @@ from scaleclr.config import schema
 from scaleclr.config.compose import unknown_key_error
 from scaleclr.config.errors import ConfigError
 from scaleclr.config.policy import apply_policies
+from scaleclr.config.validate_gpu import check_gpu_combinations
 from scaleclr.config.validate_linear import check_linear_eval, is_linear_eval
+from scaleclr.config.validate_numbers import check_numbers
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +35,7 @@ ALLOWED = {
     "config.MODEL.MEMORY_CHECK": ("warn", "error", "off"),
     "config.MODEL.TORCH_COMPILE_MODE": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "config.MODEL.TORCH_COMPILE_BACKEND": ("inductor", "aot_eager", "eager"),
+    "config.MODEL.FLOAT32_MATMUL_PRECISION": ("highest", "high", "medium"),
     "config.MODEL.FSDP_CONFIG.MIXED_PRECISION": ("none", "bfloat16", "float16"),
     "config.OPTIMIZER.name": ("sgd",),
     "config.DISTRIBUTED.ENGINE": ("ddp", "deepspeed", "fsdp"),
@@ -124,14 +128,7 @@ def validate(root: DictConfig) -> None:
                      "config.LOSS.multicrop_simclr_info_nce_loss.buffer_params.embedding_dim",
                      "config.KNN_EVAL.TOPK", "config.KNN_EVAL.BATCHSIZE", "config.TEST_EVERY_NUM_EPOCH",
                      "config.DATA.TEST.BATCHSIZE_PER_REPLICA"])
-    _positive(root, ["config.DATA.NUM_DATALOADER_WORKERS", "config.OPTIMIZER.weight_decay",
-                     "config.OPTIMIZER.momentum", "config.OPTIMIZER.larc_config.trust_coefficient",
-                     "config.OPTIMIZER.larc_config.eps", "config.OPTIMIZER.gradient_clipping",
-                     "node_id"], allow_zero=True)
-    for loss in ("simclr_info_nce_loss", "multicrop_simclr_info_nce_loss"):
-        key = f"config.LOSS.{loss}.temperature"
-        if _get(root, key) <= 0:
-            raise ConfigError(key, f"must be > 0 (it divides the cosine similarities), got {_get(root, key)}.")
+    _positive(root, ["config.DATA.NUM_DATALOADER_WORKERS", "node_id"], allow_zero=True)  # floats: validate_numbers
     if c.MODEL.SYNC_BN_CONFIG.GROUP_SIZE < -1:
         raise ConfigError("config.MODEL.SYNC_BN_CONFIG.GROUP_SIZE",
                           f"= {c.MODEL.SYNC_BN_CONFIG.GROUP_SIZE}; allowed: -1 (processes of one node), "
@@ -152,8 +149,6 @@ def validate(root: DictConfig) -> None:
                           f"{c.DISTRIBUTED.NUM_NODES}).")
     k = c.KNN_EVAL
     if k.ENABLED:
-        if k.TEMPERATURE <= 0:
-            raise ConfigError("config.KNN_EVAL.TEMPERATURE", f"must be > 0, got {k.TEMPERATURE}.")
         if bool(k.TRAIN_PATH) != bool(k.VAL_PATH):
             raise ConfigError("config.KNN_EVAL.TRAIN_PATH" if not k.TRAIN_PATH else "config.KNN_EVAL.VAL_PATH",
                               "is empty: set both TRAIN_PATH and VAL_PATH (labelled ImageFolder roots), or "
@@ -161,6 +156,7 @@ def validate(root: DictConfig) -> None:
         if not k.TRAIN_PATH and not k.DATASET_NAME:
             raise ConfigError("config.KNN_EVAL.DATASET_NAME", "is empty and so are TRAIN_PATH/VAL_PATH: say "
                               "which labelled data the kNN evaluation uses (e.g. scaleclr_demo_digits).")
+    _check_online_evaluation(root)
     if c.MODEL.FSDP_CONFIG.HSDP_REPLICATE < 1:
         raise ConfigError("config.MODEL.FSDP_CONFIG.HSDP_REPLICATE", "must be >= 1.")
     if c.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY == 0 or c.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY < -1:
@@ -173,8 +169,10 @@ def validate(root: DictConfig) -> None:
     _check_weights_init(root)
     _check_data(root)
     _check_transforms(root)
+    check_numbers(root)
     check_linear_eval(root)
     _check_loss_vs_views(root)
+    check_gpu_combinations(root)
 
 
 def _check_stop_signals(root) -> None:
@@ -277,7 +275,7 @@ def _check_data(root, split: str = "TRAIN") -> None:
 def _check_loss_vs_views(root) -> None:
     c = root.config
     views = transforms_num_views(c.DATA.TRAIN.TRANSFORMS)
-    if is_linear_eval(root):
+    if is_linear_eval(root.config):
         return  # one labelled view per image (validate_linear)
     if c.LOSS.name == "simclr_info_nce_loss":
         if views != 2:
@@ -291,3 +289,25 @@ def _check_loss_vs_views(root) -> None:
         raise ConfigError("config.DATA.TRAIN.TRANSFORMS", f"produce {views} view per image; "
                           "multicrop_simclr_info_nce_loss needs ImgPilToMultiCrop or ImgReplicatePil with >= 2.")
 
+
+
+def _check_online_evaluation(root: DictConfig) -> None:
+    """``config.KNN_EVAL.EVERY_N_EPOCHS`` and ``config.ONLINE_LINEAR_PROBE`` (evaluation during pretraining)."""
+    c = root.config
+    if c.KNN_EVAL.EVERY_N_EPOCHS < 0:
+        raise ConfigError("config.KNN_EVAL.EVERY_N_EPOCHS", f"= {c.KNN_EVAL.EVERY_N_EPOCHS}; allowed: 0 (only at the "
+                          "start and the end) or N > 0 (also after every N epochs).")
+    p = c.ONLINE_LINEAR_PROBE
+    if not p.ENABLED:
+        return
+    if is_linear_eval(root.config):
+        raise ConfigError("config.ONLINE_LINEAR_PROBE.ENABLED", "= True is for pretraining; linear evaluation "
+                          "trains and tests its classifier itself.")
+    if not c.KNN_EVAL.ENABLED:
+        raise ConfigError("config.ONLINE_LINEAR_PROBE.ENABLED", "= True reports the probe's top-1 on the kNN "
+                          "held-out split: set config.KNN_EVAL.ENABLED=True (with its DATASET_NAME or TRAIN_PATH/"
+                          "VAL_PATH) too.")
+    if c.DATA.TRAIN.LABEL_TYPE != "standard":
+        raise ConfigError("config.ONLINE_LINEAR_PROBE.ENABLED", "= True trains a classifier on the training "
+                          f"labels, but config.DATA.TRAIN.LABEL_TYPE={c.DATA.TRAIN.LABEL_TYPE!r}: set it to "
+                          "'standard' (class folders of disk_folder, or LABEL_SOURCES with LABEL_PATHS).")

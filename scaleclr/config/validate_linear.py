@@ -30,8 +30,10 @@ _MAP_HELP = ('only ["res5avg", ["Identity", []]] (the final average pool, 2048 x
              "depths 18/34) is implemented")
 
 
-def is_linear_eval(root: DictConfig) -> bool:
-    return bool(root.config.MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON)
+def is_linear_eval(c: DictConfig) -> bool:
+    """``config.MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON`` (with FREEZE_TRUNK_ONLY; validated): linear evaluation
+    rather than pretraining. ``c`` is the ``config`` node."""
+    return bool(c.MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON)
 
 
 def _plain(v: Any) -> Any:
@@ -46,7 +48,7 @@ def check_linear_eval(root: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first linear-evaluation problem (or pretraining misuse of its keys)."""
     c = root.config
     fe = c.MODEL.FEATURE_EVAL_SETTINGS
-    if not is_linear_eval(root):
+    if not is_linear_eval(c):
         _check_pretraining(c)
         return
     if fe.FREEZE_TRUNK_AND_HEAD:
@@ -60,12 +62,7 @@ def check_linear_eval(root: DictConfig) -> None:
     if c.LOSS.name != CE_LOSS:
         raise ConfigError("config.LOSS.name", f"= {c.LOSS.name!r}: linear evaluation ({FEATURE_KEY}.EVAL_MODE_ON=True) "
                           f"trains the classifier with {CE_LOSS}.")
-    ce = c.LOSS[CE_LOSS]
-    if ce.temperature <= 0:
-        raise ConfigError(f"config.LOSS.{CE_LOSS}.temperature", f"= {ce.temperature}: must be > 0 (it divides the "
-                          "logits; 1.0 is the plain cross-entropy).")
-    if not 0.0 <= ce.label_smoothing < 1.0:
-        raise ConfigError(f"config.LOSS.{CE_LOSS}.label_smoothing", f"= {ce.label_smoothing}: must lie in [0, 1).")
+    # temperature and label_smoothing: scaleclr.config.validate_numbers.RANGES
     if not c.MODEL.WEIGHTS_INIT.PARAMS_FILE and not c.TEST_ONLY:
         logger.warning("config.MODEL.WEIGHTS_INIT.PARAMS_FILE is empty: linear evaluation of the trunk at its "
                        "random initialisation (set PARAMS_FILE=<a scaleclr checkpoint or export> to evaluate a "

@@ -19,7 +19,7 @@ Steps of one sample:
    image coordinates, the flips, and the device parameters ``[V, P]``;
 2. *decode*, at 1/2, 1/4 or 1/8 scale by JPEG DCT scaling (``PIL.Image.draft``) when every view's first
    step is a crop that keeps at least its output size per side at that scale (:func:`draft_scale`),
-   converting to RGB exactly like the host path (``img.convert("RGB")``);
+   converting to RGB exactly like the host path (:func:`scaleclr.data.decode.to_rgb`);
 3. *execute* the geometry on uint8 tensors: crop = slicing, resize = ``torch.nn.functional.interpolate``
    (bilinear, antialiased, uint8: the same filter as Pillow's bilinear resize, within 1 uint8 level and
    ~2.8x faster), flip. A reduced decode resamples the crop box mapped to the small image with Pillow's
@@ -43,6 +43,7 @@ import torchvision.transforms.functional as F
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
+from scaleclr.data.decode import to_rgb
 from scaleclr.data.device_augment import TransformSplit, split_transforms
 from scaleclr.data.transforms import (CenterCrop, ImgPilToMultiCrop, ImgReplicatePil, RandomHorizontalFlip,
                                       RandomResizedCrop, Resize)
@@ -112,7 +113,7 @@ def draft_scale(plans: Sequence[ViewPlan], max_scale: int = DRAFT_SCALES[0]) -> 
 
 
 def decode_rgb(img: Image.Image, scale: int = 1) -> tuple[Image.Image, int]:
-    """Decodes an opened (not yet loaded) image to RGB like the host path's ``img.convert("RGB")``.
+    """Decodes an opened (not yet loaded) image to RGB like the host path (:func:`scaleclr.data.decode.to_rgb`).
 
     With ``scale > 1`` and a JPEG, libjpeg decodes at ``1/scale`` by DCT scaling (``Image.draft``), giving
     ``ceil(W / scale) x ceil(H / scale)`` pixels where original pixel ``x`` maps to ``x / scale``.
@@ -129,10 +130,7 @@ def decode_rgb(img: Image.Image, scale: int = 1) -> tuple[Image.Image, int]:
         drafted = img.draft("RGB", (width // scale, height // scale))
         if drafted is not None:
             used = int(round(width / drafted[1][2]))
-    if img.mode != "RGB":
-        img = img.convert("RGB")  # loads; exactly the host path's conversion (CMYK, L, P, RGBA, I;16, ...)
-    img.load()
-    return img, used
+    return to_rgb(img, getattr(img, "scaleclr_path", "")), used  # loads; exactly the host path's conversion
 
 
 def _to_tensor(img: Image.Image, padded: bool = False) -> torch.Tensor:

@@ -27,20 +27,23 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+from scaleclr.data.decode import to_rgb
+from scaleclr.data.listing import list_image_folder
 
 SOURCE_NAMES = ("disk_filelist", "disk_folder", "synthetic")
 
 
 def load_rgb(path: str) -> Image.Image:
-    """Decodes an image file fully and converts it to RGB.
+    """Decodes an image file fully and converts it to 8-bit RGB (:func:`scaleclr.data.decode.to_rgb`: 16-bit
+    scaled, transparency composited over grey, both counted).
 
     Raises:
         OSError: unreadable, truncated or unidentifiable file (``PIL.UnidentifiedImageError``).
     """
     with open(path, "rb") as f:
         img = Image.open(f)
-        return img.convert("RGB")  # convert() forces the decode while the file is open
+        return to_rgb(img, path)  # decodes while the file is open
 
 
 def open_image(path: str) -> Image.Image:
@@ -53,7 +56,9 @@ def open_image(path: str) -> Image.Image:
     with open(path, "rb") as f:
         data = f.read()
         try:
-            return Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data))
+            img.scaleclr_path = path  # named by to_rgb's conversion warning (``filename`` would make Pillow mmap it)
+            return img
         except UnidentifiedImageError:
             f.seek(0)
             Image.open(f)  # raises what load_rgb raises, so the skip warning reads the same
@@ -109,18 +114,18 @@ class ImageSource:
 class DiskFolderSource(ImageSource):
     """An ImageFolder tree ``root/<class>/**/<image>``: classes are the sorted sub-folder names and
     images are listed recursively in sorted order with torchvision's rules (same indices and labels as
-    ``torchvision.datasets.ImageFolder``).
+    ``torchvision.datasets.ImageFolder``), except that symlink loops are not followed and a file reached
+    twice through links is listed once (:mod:`scaleclr.data.listing`; ``duplicates`` and ``skipped_links``
+    say what was left out, and a warning names each link).
 
     Raises:
         ValueError: ``root`` is missing, has no class folders, or a class folder has no image.
     """
 
     def __init__(self, root: str):
-        try:
-            self.classes, class_to_idx = find_classes(root)
-            samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS)
-        except (FileNotFoundError, NotADirectoryError) as e:
-            raise ValueError(f"disk_folder root {root!r} is not an ImageFolder tree: {e}") from e
+        listing = list_image_folder(root)  # symlink loops not followed, each real file once (data/listing.py)
+        self.classes, samples = listing.classes, listing.samples
+        self.duplicates, self.skipped_links = listing.duplicates, listing.skipped_links
         self.root = root
         self._paths = PathTable([p for p, _ in samples])
         self.labels = np.fromiter((label for _, label in samples), dtype=np.int64, count=len(samples))

@@ -104,6 +104,12 @@ def _check_probability(p: float, name: str = "p") -> float:
     return float(p)
 
 
+def _check_finite(name: str, values: Sequence[float]) -> None:
+    """NaN and inf pass every ``<`` / ``<=`` test written for finite numbers: refuse them first."""
+    if not all(math.isfinite(float(v)) for v in values):
+        raise ValueError(f"{name}={list(values)} must be finite numbers (no nan / inf)")
+
+
 # ------------------------------------------------------------------------------------ copy transforms
 class ImgReplicatePil:
     """Returns ``num_times`` references to the input image (VISSL ``img_replicate_pil.py``).
@@ -142,8 +148,11 @@ class RandomResizedCrop:
         self.size = _size_pair(size, "size")
         self.scale = tuple(float(s) for s in scale)
         self.ratio = tuple(float(r) for r in ratio)
-        if len(self.scale) != 2 or not 0.0 < self.scale[0] <= self.scale[1]:
-            raise ValueError(f"scale={list(scale)} must be [low, high] with 0 < low <= high")
+        _check_finite("scale", self.scale)
+        _check_finite("ratio", self.ratio)
+        if len(self.scale) != 2 or not 0.0 < self.scale[0] <= self.scale[1] <= 1.0:
+            raise ValueError(f"scale={list(scale)} must be [low, high] with 0 < low <= high <= 1 (fractions of the "
+                             "image's area)")
         if len(self.ratio) != 2 or not 0.0 < self.ratio[0] <= self.ratio[1]:
             raise ValueError(f"ratio={list(ratio)} must be [low, high] with 0 < low <= high")
         self.interpolation = _interpolation(interpolation)
@@ -242,6 +251,7 @@ class ColorJitter:
 
     def __init__(self, brightness: float = 0.0, contrast: float = 0.0, saturation: float = 0.0,
                  hue: float = 0.0):
+        _check_finite("brightness, contrast, saturation, hue", (brightness, contrast, saturation, hue))
         for name, value in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation)):
             if float(value) < 0:
                 raise ValueError(f"{name}={value} must be >= 0")
@@ -334,6 +344,7 @@ class ImgPilGaussianBlur:
 
     def __init__(self, p: float = 0.5, radius_min: float = 0.1, radius_max: float = 2.0):
         self.p = _check_probability(p)
+        _check_finite("radius_min, radius_max", (radius_min, radius_max))
         if not 0.0 <= float(radius_min) <= float(radius_max):
             raise ValueError(f"need 0 <= radius_min <= radius_max, got radius_min={radius_min} "
                              f"radius_max={radius_max}")
@@ -371,6 +382,7 @@ class Normalize:
 
     def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
         self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
+        _check_finite("mean, std", self.mean + self.std)
         if len(self.mean) != len(self.std) or min(self.std) <= 0:
             raise ValueError(f"mean={self.mean} and std={self.std} need equal lengths and std > 0")
 

@@ -276,6 +276,15 @@ def check_resumable(path: str, meta: Dict[str, Any], now: Dict[str, Any]) -> Non
             "(the SGD momentum and the LR schedule restart).")
 
 
+def deepspeed_local_rank(device: torch.device, environ=os.environ) -> str:
+    """The ``LOCAL_RANK`` DeepSpeed must see: it sets its device from it, so on CUDA it is the index of the device
+    scaleclr chose (srun may bind one GPU per task, so local rank 3 can be ``cuda:0``); a bare ``cuda`` means
+    the current device. On CPU the launcher's ``LOCAL_RANK``, else 0 (present when no launcher exported it)."""
+    if device.type == "cuda":
+        return str(device.index if device.index is not None else torch.cuda.current_device())
+    return str(environ.get("LOCAL_RANK", 0))
+
+
 # ------------------------------------------------------------------------------------------------ engine
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
@@ -295,10 +304,7 @@ class DeepSpeedEngine(Engine):
             model.register_forward_pre_hook(lambda module, args: broadcast_buffers(module))
 
         _skip_cpu_shm_comm_build()
-        # DeepSpeed sets its device from LOCAL_RANK: make it the device scaleclr chose (srun may bind one GPU
-        # per task, so local rank 3 can be cuda:0), and present when no launcher exported it
-        os.environ["LOCAL_RANK"] = str(self.device.index if self.device.type == "cuda" else
-                                       os.environ.get("LOCAL_RANK", 0))
+        os.environ["LOCAL_RANK"] = deepspeed_local_rank(self.device)
         optimizer = make_optimizer(model)
         client = optimizer
         if isinstance(optimizer, LARC):

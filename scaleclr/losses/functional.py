@@ -20,6 +20,11 @@ from .streaming import info_nce_streaming
 
 #: ``impl="auto"`` switches from the dense reference to the streaming path at this many logits per rank.
 AUTO_STREAMING_MIN_LOGITS = 2048 * 2048
+#: Widest embedding the Triton kernel takes: each program keeps a ``[64, BLOCK_D]`` fp32 row tile (and, in the
+#: backward, a ``[64, BLOCK_D]`` fp32 accumulator) resident, which spills registers above D = 128 and exceeds
+#: shared memory from D = 1024 (64 x 1024 x 4 B = 256 KiB > 228 KiB on H100). ``impl="auto"`` takes the streaming
+#: path above it; ``impl="triton"`` is refused.
+TRITON_MAX_DIM = 128
 
 
 def triton_available(device: torch.device) -> bool:
@@ -31,15 +36,19 @@ def triton_available(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve_impl(impl: str, device: torch.device, rows: int, cols: int) -> str:
-    """Map ``impl`` (``reference | streaming | triton | auto``) to the implementation that will run."""
+def resolve_impl(impl: str, device: torch.device, rows: int, cols: int, dim: int = 0) -> str:
+    """Map ``impl`` (``reference | streaming | triton | auto``) to the implementation that will run for ``rows`` x
+    ``cols`` logits of ``dim``-wide embeddings (Triton only up to :data:`TRITON_MAX_DIM`)."""
     if impl == "auto":
-        if device.type == "cuda" and triton_available(device):
+        if device.type == "cuda" and dim <= TRITON_MAX_DIM and triton_available(device):
             return "triton"
-        return "streaming" if rows * cols >= AUTO_STREAMING_MIN_LOGITS else "reference"
+        return "streaming" if rows * cols >= AUTO_STREAMING_MIN_LOGITS or dim > TRITON_MAX_DIM else "reference"
     if impl == "triton" and not triton_available(device):
         raise ValueError("impl='triton': triton impl needs CUDA and triton (or TRITON_INTERPRET=1 on CPU); "
                          f"tensor is on {device}. Use impl='streaming', 'reference' or 'auto'.")
+    if impl == "triton" and dim > TRITON_MAX_DIM:
+        raise ValueError(f"impl='triton' handles embeddings up to D = {TRITON_MAX_DIM} wide, got D = {dim} "
+                         "(config.LOSS.<loss>.buffer_params.embedding_dim). Use impl='streaming' or 'auto'.")
     return impl
 
 
@@ -77,7 +86,7 @@ def multicrop_simclr_info_nce_loss(embedding: torch.Tensor, temperature: float =
         raise ValueError(f"InfoNCE needs at least 2 images in the negative domain ({negatives!r} negatives): "
                          f"got {B} image(s) per rank x {world} rank(s)")
     L = embedding.shape[0]
-    impl = resolve_impl(impl, embedding.device, L, L * world)
+    impl = resolve_impl(impl, embedding.device, L, L * world, embedding.shape[1])
     dtype = torch.promote_types(embedding.dtype, torch.float32)
     with torch.autocast(device_type=embedding.device.type, enabled=False):
         z = F.normalize(embedding.to(dtype), dim=1, eps=1e-12)

@@ -4,7 +4,7 @@ Single-device code: SyncBN conversion and data-parallel / sharded wrapping are a
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Union
+from typing import List, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -57,21 +57,28 @@ class SimCLRModel(nn.Module):
             start = end
         return feats[0] if len(feats) == 1 else torch.cat(feats, dim=0)
 
-    def forward(self, x: Union[torch.Tensor, Sequence[torch.Tensor]]) -> torch.Tensor:
+    def forward(self, x: Union[torch.Tensor, Sequence[torch.Tensor]], features_only: bool = False,
+                return_features: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """Computes embeddings ``z = g(f(x))``.
 
         Args:
             x: images ``[N, 3, H, W]``, or a list of ``C`` crops ``[B, 3, H_c, W_c]`` in crop-major order
                 (multicrop). Consecutive crops with the same spatial size go through the trunk in one pass.
+            features_only: return the trunk features ``h = f(x)`` ``[N, F]`` instead (kNN evaluation through
+                whatever wraps the model: DDP, FSDP, DeepSpeed).
+            return_features: return ``(z, h)`` (the online linear probe reads ``h``, detached).
 
         Returns:
             Embeddings ``[N, D]`` or ``[C·B, D]`` (row ``c·B + i`` = crop ``c`` of image ``i``); ``D`` is the
             last head's output width. The heads run once on the concatenated features.
         """
-        z = self.trunk_features(x)
+        h = self.trunk_features(x)
+        if features_only:
+            return h
+        z = h
         for head in self.heads:
             z = head(z)
-        return z
+        return (z, h) if return_features else z
 
     def shard_units(self) -> List[nn.Module]:
         """Units an FSDP engine wraps separately: the trunk's residual blocks, then each head."""

@@ -14,8 +14,8 @@ inferred values), the launcher's world against NUM_NODES x NUM_PROC_PER_NODE, op
 config asks for (apex), data paths, the rendezvous address.
 
 Exit statuses: 0 trained (or already finished), 1 training failed (NaN/Inf loss, a worker crashed),
-2 configuration error (and ``config.MODEL.MEMORY_CHECK=error`` predicting an out-of-memory), 75 (``EXIT_RESUMABLE``) stopped on one of ``config.TRAINER.STOP_SIGNALS`` after
-writing the checkpoint of the step all ranks agreed on: rerun the same command to resume.
+2 configuration error (and ``config.MODEL.MEMORY_CHECK=error`` predicting an out-of-memory), 75
+(``EXIT_RESUMABLE``) stopped on one of ``config.TRAINER.STOP_SIGNALS`` after writing the checkpoint of the step all ranks agreed on: rerun the same command to resume.
 """
 import argparse
 import logging

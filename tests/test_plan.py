@@ -23,6 +23,12 @@ def _root(*extra):
 
 
 @pytest.fixture(scope="module")
+def planner():
+    """One planner (its traces cached) for the tests that read rows of the default quick config."""
+    return Planner(_root(), "cpu")
+
+
+@pytest.fixture(scope="module")
 def planned():
     return plan(_root(), "cpu", 512 * MIB)
 
@@ -54,8 +60,8 @@ def test_cli_needs_gpu_memory_without_a_gpu(monkeypatch, capsys):
         parse_bytes("80 apples")
 
 
-def test_checkpointing_lowers_activations():
-    pl = Planner(_root(), "cpu")  # 256 images: activations, not the optimizer step, make the peak
+def test_checkpointing_lowers_activations(planner):
+    pl = planner  # 256 images: activations, not the optimizer step, make the peak
     for e in ROWS:
         on, off = (pl.row(e, ac, None, batch=256)["activations_bytes"] for ac in (True, False))
         assert 0 < on < 0.7 * off
@@ -69,8 +75,8 @@ def test_sharded_engines_divide_parameters_by_the_world(planned):
     assert _row(planned, "zero1", False)["params_bytes"] == ddp  # ZeRO-1/2 keep the module's parameters
 
 
-def test_peak_grows_with_the_batch_and_max_batch_is_the_limit():
-    pl = Planner(_root(), "cpu")
+def test_peak_grows_with_the_batch_and_max_batch_is_the_limit(planner):
+    pl = planner
     peaks = [pl.row("ddp", False, None, batch=b)["peak_bytes"] for b in (4, 16, 64, 256)]
     assert peaks == sorted(peaks) and peaks[-1] > peaks[0]
     total = pl.row("ddp", False, None, batch=100)["peak_bytes"]
@@ -120,6 +126,7 @@ def test_train_worker_stops_with_status_2_on_a_fake_gpu_size(monkeypatch, capsys
     """train.py's worker on (fake) CUDA with a GPU too small: exit status 2 before the model is built."""
     root = _root("config.MODEL.MEMORY_CHECK=error")
     monkeypatch.setattr(train_main, "choose_device", lambda root, env: (torch.device("cuda", 0), "nccl"))
+    monkeypatch.setattr(train_main, "bind_device", lambda device: None)  # no CUDA to bind here
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=MIB))
     built = []
     monkeypatch.setattr("scaleclr.trainer.Trainer", lambda *a, **k: built.append(1))

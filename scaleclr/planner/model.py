@@ -2,10 +2,11 @@
 
 Per row: the engine's own :meth:`~scaleclr.engines.base.Engine.memory_layout` (what it shards, replicates, keeps
 in fp32) for the model states, plus the traced step (:mod:`scaleclr.planner.trace`) for everything a batch
-costs. The step is traced at three batch sizes; every allocation of the step is the same operator at every
-batch, and each tensor's size is a polynomial of degree <= 2 in the batch (activations are linear, the
-reference loss's ``N x W*N`` logits quadratic), so each timeline point is fitted exactly by a quadratic and the
-peak at any batch, and the largest batch that fits (a bisection), need no further trace.
+costs. The step is traced at a few small batch sizes; every allocation of the step is the same operator at
+every batch, and each tensor's size is a polynomial of degree <= 2 in the batch (activations are linear, the
+reference loss's ``N x W*N`` logits quadratic), so each timeline point is fitted exactly by a line (two
+traces: streaming loss) or a parabola (three traces: reference loss) and the peak at any batch, and the largest
+batch that fits (a bisection), need no further trace.
 
 Peak of a row (bytes per rank)::
 
@@ -29,11 +30,17 @@ from scaleclr.planner.trace import StepTrace
 
 __all__ = ["ScaledTrace", "row_bytes", "max_batch", "TRACE_BATCHES"]
 
-TRACE_BATCHES = (2, 3, 4)
+#: batches traced: a parabola through three (the reference loss's logits), a line through two (linear steps)
+TRACE_BATCHES = {2: (2, 4), 3: (2, 3, 4)}
 
 
 def _quad(xs: Sequence[float], ys: Sequence[float]) -> Tuple[float, float, float]:
-    """Coefficients ``(c0, c1, c2)`` of the parabola through three points (Lagrange)."""
+    """Coefficients ``(c0, c1, c2)`` of the parabola through three points (Lagrange), or of the line through
+    two (``c2 = 0``)."""
+    if len(xs) == 2:
+        (x0, x1), (y0, y1) = xs, ys
+        c1 = (y1 - y0) / (x1 - x0)
+        return y0 - c1 * x0, c1, 0.0
     (x0, x1, x2), (y0, y1, y2) = xs, ys
     d0, d1, d2 = (x0 - x1) * (x0 - x2), (x1 - x0) * (x1 - x2), (x2 - x0) * (x2 - x1)
     c2 = y0 / d0 + y1 / d1 + y2 / d2
@@ -44,10 +51,12 @@ def _quad(xs: Sequence[float], ys: Sequence[float]) -> Tuple[float, float, float
 
 @dataclass
 class ScaledTrace:
-    """Three traces of the same step at ``TRACE_BATCHES``, evaluated at any batch."""
+    """Traces of the same step at ``batches`` (two or three), evaluated at any batch; ``step_transient``: the
+    optimizer step's temporaries (:func:`~scaleclr.planner.trace.trace_optimizer_step`)."""
 
     traces: List[StepTrace]
-    batches: Tuple[int, ...] = TRACE_BATCHES
+    batches: Tuple[int, ...]
+    step_transient: int = 0
 
     def __post_init__(self):
         lengths = {len(t.points) for t in self.traces}
@@ -61,7 +70,6 @@ class ScaledTrace:
         self._loss = f([t.loss_saved for t in self.traces])
         self._fwd = f([t.forward_peak for t in self.traces])
         self._largest = f([t.largest for t in self.traces])
-        self.step_transient = self.traces[-1].step_transient
         self.grad_bytes = self.traces[-1].grad_bytes
 
     @staticmethod

@@ -17,7 +17,7 @@ from scaleclr.config.validate import transforms_num_views
 from scaleclr.distributed.parallelize import batchnorm_params, shard_units
 from scaleclr.engines.base import ModelCounts
 from scaleclr.planner.model import TRACE_BATCHES, ScaledTrace, max_batch, row_bytes
-from scaleclr.planner.trace import trace_step
+from scaleclr.planner.trace import trace_optimizer_step, trace_steps
 
 logger = logging.getLogger("scaleclr.plan")
 
@@ -94,6 +94,7 @@ class Planner:
         self.batch = int(self.c.DATA.TRAIN.BATCHSIZE_PER_REPLICA)
         self.views, self.as_list = crop_views(self.c)
         self._traces: Dict[Any, ScaledTrace] = {}
+        self._step: Optional[int] = None
         self.counts = self._counts()
 
     def _counts(self) -> ModelCounts:
@@ -110,6 +111,13 @@ class Planner:
                                sizes=tuple(p.numel() for p in params), largest_unit=largest,
                                momentum=float(self.c.OPTIMIZER.momentum) > 0)
 
+    def step_transient(self) -> int:
+        """The optimizer step's temporaries (traced once: they depend on the parameters only)."""
+        if self._step is None:
+            self._step = trace_optimizer_step(lambda: builders.build_model(self.c, init_weights=False),
+                                              builders.make_optimizer_factory(self.c))
+        return self._step
+
     def trace(self, spec) -> ScaledTrace:
         p = spec.precision
         key = (p.autocast_dtype, p.channels_last, spec.activation_checkpointing)
@@ -122,12 +130,12 @@ class Planner:
                 impl = resolve_impl(lc.impl, torch.device("cpu"), rows, rows * self.world)
                 lc.impl = "streaming" if lc.impl == "auto" and self.device.type == "cuda" and \
                     impl == "triton" else impl
-            traces = [trace_step(lambda: builders.build_model(c, init_weights=False),
-                                 lambda: builders.build_loss(c), builders.make_optimizer_factory(c),
-                                 self.views, b, world=self.world, autocast_dtype=p.autocast_dtype,
+            batches = TRACE_BATCHES[3 if lc.get("impl", "reference") == "reference" else 2]
+            traces = trace_steps(lambda: builders.build_model(c, init_weights=False), lambda: builders.build_loss(c),
+                                 self.views, batches, world=self.world, autocast_dtype=p.autocast_dtype,
                                  channels_last=p.channels_last, activation_checkpointing=key[2],
-                                 as_list=self.as_list) for b in TRACE_BATCHES]
-            self._traces[key] = ScaledTrace(traces)
+                                 as_list=self.as_list)
+            self._traces[key] = ScaledTrace(traces, batches, self.step_transient())
         return self._traces[key]
 
     def row(self, engine: str, checkpointing: bool, gpu_memory: Optional[int], batch: Optional[int] = None

@@ -11,8 +11,8 @@ timeline of allocations and frees, from which :class:`StepTrace` reads
 * the backward's timeline as points ``(activation bytes, gradient bytes)`` taken after every allocation, so an
   engine that keeps only a fraction of the full-size gradients during backward can be evaluated without a
   second trace (``peak(grad_fraction)``);
-* ``step_transient``: the largest temporaries of the optimizer step over the live state (SGD's foreach
-  temporaries, LARC's norms).
+* (:func:`trace_optimizer_step`, once per config) the largest temporaries of the optimizer step over the live
+  state (SGD's foreach temporaries, LARC's norms).
 
 Parameters and buffers are created before tracing starts and are not counted here: the engines' layouts count
 them (:mod:`scaleclr.planner.states`). Activation checkpointing is applied with the engines' own function
@@ -34,7 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["LiveBytes", "StepTrace", "trace_step"]
+__all__ = ["LiveBytes", "StepTrace", "trace_steps", "trace_optimizer_step"]
 
 
 class LiveBytes(TorchDispatchMode):
@@ -93,7 +93,6 @@ class StepTrace:
         loss_saved: the loss's part of ``saved`` (logits or streaming buffers, normalised embeddings).
         forward_peak: largest live total during forward + loss.
         points: backward timeline, ``(activation bytes, full-size fp32 gradient bytes)`` after every allocation.
-        step_transient: optimizer-step temporaries on top of the live state, for the full (unsharded) model.
         grad_bytes: all parameters' gradients (fp32, unsharded).
         largest: the largest single allocation of forward and backward.
     """
@@ -102,7 +101,6 @@ class StepTrace:
     loss_saved: int
     forward_peak: int
     points: List[Tuple[int, int]] = field(default_factory=list)
-    step_transient: int = 0
     grad_bytes: int = 0
     largest: int = 0
 
@@ -134,17 +132,32 @@ def _loss_patches(world: int):
     return stack
 
 
-def trace_step(build_model, build_loss, make_optimizer, views: Sequence[Tuple[int, int]], batch: int, *,
-               world: int, autocast_dtype: Optional[torch.dtype], channels_last: bool,
-               activation_checkpointing: bool, as_list: bool = False) -> StepTrace:
-    """Trace one training step on fake CPU tensors.
+def _fake_model(build_model, channels_last: bool, activation_checkpointing: bool):
+    """The model under the active fake mode, in the layout the engines give it, in train mode."""
+    from scaleclr.distributed.parallelize import apply_activation_checkpointing
+
+    model = build_model()
+    if channels_last:  # per tensor (module.to would swap parameters, which fake tensors' weakrefs forbid)
+        for p in model.parameters():
+            if p.dim() == 4:
+                p.data = p.data.contiguous(memory_format=torch.channels_last)
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    return model.train()
+
+
+def trace_steps(build_model, build_loss, views: Sequence[Tuple[int, int]], batches: Sequence[int], *,
+                world: int, autocast_dtype: Optional[torch.dtype], channels_last: bool,
+                activation_checkpointing: bool, as_list: bool = False) -> List[StepTrace]:
+    """Forward, loss and backward of one training step on fake CPU tensors, once per batch in ``batches`` (one
+    fake model for all: the cost of a trace is its operator count, not the batch). The optimizer step is
+    traced once, by :func:`trace_optimizer_step`.
 
     Args:
         build_model: ``() -> SimCLRModel`` (called under fake mode: no real weights).
         build_loss: ``() -> loss module`` taking the ``[V*B, D]`` embedding.
-        make_optimizer: the trainer's factory, ``(module, norm_fn=...) -> optimizer``.
         views: ``(count, side)`` per crop group, e.g. ``[(2, 224)]`` or ``[(2, 160), (4, 96)]``.
-        batch: images per rank ``B``.
+        batches: images per rank ``B`` to trace at.
         world: data-parallel ranks (sizes the loss's gathered embedding).
         autocast_dtype: the forward's autocast dtype, None for fp32.
         channels_last: model and inputs NHWC.
@@ -153,57 +166,67 @@ def trace_step(build_model, build_loss, make_optimizer, views: Sequence[Tuple[in
     """
     from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
-    from scaleclr.distributed.parallelize import apply_activation_checkpointing
     from scaleclr.engines.precision import autocast
 
     fmt = torch.channels_last if channels_last else torch.contiguous_format
+    cpu = torch.device("cpu")
+    out = []
     # real (not fake) index tables the streaming loss caches per shape: real CPU tensors inside the trace
-    with FakeTensorMode(allow_non_fake_inputs=True) as fake:
-        model = build_model()
-        if channels_last:  # per tensor (module.to would swap parameters, which fake tensors' weakrefs forbid)
-            for p in model.parameters():
-                if p.dim() == 4:
-                    p.data = p.data.contiguous(memory_format=torch.channels_last)
-        if activation_checkpointing:
-            apply_activation_checkpointing(model)
-        model.train()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = _fake_model(build_model, channels_last, activation_checkpointing)
         loss_fn = build_loss()
+        params = [p for p in model.parameters() if p.requires_grad]
+        dim = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].out_features
+        for batch in batches:
+            with unset_fake_temporarily(), _loss_patches(world):  # fills the streaming loss's index cache
+                build_loss()(torch.randn(sum(n for n, _ in views) * batch, dim))
+            tracker = LiveBytes()
+            tracker.exclude(list(model.parameters()) + list(model.buffers()))
+            with tracker, _loss_patches(world):
+                if as_list:  # multicrop collator: one [B, 3, s, s] tensor per crop
+                    x = [torch.empty(batch, 3, side, side).contiguous(memory_format=fmt)
+                         for count, side in views for _ in range(count)]
+                else:  # SimCLR collator: the views stacked view-major, [V*B, 3, s, s]
+                    (count, side), = views
+                    x = torch.empty(count * batch, 3, side, side).contiguous(memory_format=fmt)
+                with autocast(cpu, autocast_dtype):
+                    emb = model(x)
+                before_loss = tracker.live
+                loss = loss_fn(emb.float())
+                saved, loss_saved, forward_peak = tracker.live, tracker.live - before_loss, tracker.peak
+                start = len(tracker.events)
+                loss.backward()
+                del loss, emb, x
+                bwd_events = tracker.events[start:]
+                grad_ids = {tracker.sid(p.grad) for p in params if p.grad is not None}
+                for p in params:
+                    p.grad = None
+            out.append(StepTrace(saved=saved, loss_saved=loss_saved, forward_peak=forward_peak,
+                                 points=_replay(saved, bwd_events, grad_ids),
+                                 grad_bytes=sum(p.numel() * 4 for p in params),
+                                 largest=max(n for _, n in tracker.events)))
+    return out
+
+
+def trace_optimizer_step(build_model, make_optimizer) -> int:
+    """Bytes the optimizer step (the trainer's SGD(+LARC)) allocates on top of the live parameters, gradients
+    and momentum, for the whole unsharded model: its second step, with momentum already allocated (steady)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        model = _fake_model(build_model, False, False)
         # LARC's norms over fake tensors (its default norm_fn accepts plain tensors only); scalars either way
         opt = make_optimizer(model, norm_fn=lambda ts: torch.stack([t.detach().float().norm() for t in ts]))
         params = [p for p in model.parameters() if p.requires_grad]
-        grad_bytes = sum(p.numel() * 4 for p in params)
-        cpu = torch.device("cpu")
-
-        with unset_fake_temporarily(), _loss_patches(world):  # fills the streaming loss's index cache
-            dim = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].out_features
-            build_loss()(torch.randn(sum(n for n, _ in views) * batch, dim))
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        opt.step()  # allocates the momentum
         tracker = LiveBytes()
-        tracker.exclude(list(model.parameters()) + list(model.buffers()))
-        with tracker, _loss_patches(world):
-            if as_list:  # multicrop collator: one [B, 3, s, s] tensor per crop
-                x = [torch.empty(batch, 3, side, side).contiguous(memory_format=fmt)
-                     for count, side in views for _ in range(count)]
-            else:  # SimCLR collator: the views stacked view-major, [V*B, 3, s, s]
-                (count, side), = views
-                x = torch.empty(count * batch, 3, side, side).contiguous(memory_format=fmt)
-            with autocast(cpu, autocast_dtype):
-                emb = model(x)
-            before_loss = tracker.live
-            loss = loss_fn(emb.float())
-            saved, loss_saved, forward_peak = tracker.live, tracker.live - before_loss, tracker.peak
-            start = len(tracker.events)
-            loss.backward()
-            del loss, emb, x
-            bwd_events = tracker.events[start:]
-            largest = max(n for _, n in tracker.events)
-            grad_ids = {tracker.sid(p.grad) for p in params if p.grad is not None}
-            for _ in range(2):  # the second step runs with momentum already allocated: its transient is steady
-                base, tracker.peak = tracker.live, tracker.live
-                opt.step()
-            step_transient = tracker.peak - base
-    return StepTrace(saved=saved, loss_saved=loss_saved, forward_peak=forward_peak,
-                     points=_replay(saved, bwd_events, grad_ids), step_transient=step_transient,
-                     grad_bytes=grad_bytes, largest=largest)
+        tracker.exclude(list(model.parameters()) + list(model.buffers()) + [p.grad for p in params] +
+                        [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)])
+        with tracker:
+            opt.step()
+        return tracker.peak
 
 
 def _replay(start: int, events: Sequence[Tuple[int, int]], grad_ids) -> List[Tuple[int, int]]:

@@ -15,7 +15,8 @@ config asks for (apex), data paths, the rendezvous address.
 
 Exit statuses: 0 trained (or already finished), 1 training failed (NaN/Inf loss, a worker crashed),
 2 configuration error (and ``config.MODEL.MEMORY_CHECK=error`` predicting an out-of-memory), 75
-(``EXIT_RESUMABLE``) stopped on one of ``config.TRAINER.STOP_SIGNALS`` after writing the checkpoint of the step all ranks agreed on: rerun the same command to resume.
+(``EXIT_RESUMABLE``) stopped on one of ``config.TRAINER.STOP_SIGNALS`` after writing the checkpoint of the step
+all ranks agreed on: rerun the same command to resume.
 """
 import argparse
 import logging

@@ -17,7 +17,8 @@ The prediction is ``scaleclr.plan.predict(..., device_type="cpu")`` for the same
 measurement). Usage::
 
     python benchmarks/plan_accuracy.py --smoke                # one R18 case at 32 px, 1 process (seconds)
-    python benchmarks/plan_accuracy.py --models r18 --engines ddp fsdp    # a subset
+    python benchmarks/plan_accuracy.py --models r18 --engines ddp fsdp    # a product of fewer values
+    python benchmarks/plan_accuracy.py --cases r18:64:two:fp32:ddp:off r50w2:96:multicrop:bf16:zero3:on
     python benchmarks/plan_accuracy.py                       # the full table (hours on 2 cores, < 6 GiB)
 """
 from __future__ import annotations
@@ -172,6 +173,8 @@ def main(argv=None) -> int:
     p.add_argument("--engines", nargs="+", default=list(ENGINE_FLAGS), choices=list(ENGINE_FLAGS))
     p.add_argument("--ac", nargs="+", default=["off", "on"], choices=["off", "on"])
     p.add_argument("--procs", type=int, default=2)
+    p.add_argument("--cases", nargs="+", default=None, metavar="MODEL:PX:VIEWS:DTYPE:ENGINE:CKPT",
+                   help="these cases instead of the product, e.g. r50:64:multicrop:bf16:zero3:on")
     p.add_argument("--batches", nargs=2, type=int, default=[4, 16], help="B1 B2 images per process")
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args(argv)
@@ -184,6 +187,12 @@ def main(argv=None) -> int:
         cases = [dict(model="r18", size=args.sizes[0] if args.sizes != [64, 96] else 64, views="two", dtype="fp32",
                       engine="ddp", ac=False, procs=1)]
         b1, b2 = 4, 24
+    elif args.cases:
+        cases = [dict(zip(("model", "size", "views", "dtype", "engine", "ac"), spec.split(":")), procs=args.procs)
+                 for spec in args.cases]
+        for c in cases:
+            c.update(size=int(c["size"]), ac=c["ac"] == "on")
+        b1, b2 = args.batches
     else:
         cases = [dict(model=m, size=s, views=v, dtype=d, engine=e, ac=a == "on", procs=args.procs)
                  for m, s, v, d, e, a in itertools.product(args.models, args.sizes, args.views, args.dtypes,
@@ -201,8 +210,8 @@ def main(argv=None) -> int:
               f"{r['per_image_predicted'] / MIB:.2f} | {100 * r['per_image_error']:+.1f} % | "
               f"{r['measured'][1] / MIB:,.0f} | {r['predicted'][1] / MIB:,.0f} | {100 * r['absolute_error']:+.1f} % |",
               flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        if args.json:  # after every case: a long table keeps what finished
+            Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
 
 

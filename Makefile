@@ -20,7 +20,7 @@ setup: $(STAMP)
 $(STAMP): setup.py
 	@$(PY) -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); } \
 		|| { rm -rf $(VENV); echo "could not create $(VENV) with $(PYTHON) (needs Python >= 3.10 with venv/ensurepip)"; exit 1; }
-	$(PY) -m pip install -q -e ".[deepspeed,dev,slurm,plot]"
+	$(PY) -m pip install -q -e ".[deepspeed,dev,slurm,plot,webdataset]"
 	@touch $(STAMP)
 
 train: $(STAMP)

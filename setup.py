@@ -23,5 +23,8 @@ setup(
         "dev": ["pytest", "pytest-timeout", "pytest-xdist"],
         "slurm": ["submitit==1.5.4"],  # config.SLURM.USE_SLURM=True (scaleclr/slurm.py)
         "plot": ["matplotlib"],  # python -m scaleclr.summary RUN --plot FILE.png (scaleclr/plot.py)
+        # only tests/test_shards.py imports it (shards the library writes read unchanged); scaleclr reads and
+        # writes WebDataset shards with the standard library's tarfile
+        "webdataset": ["webdataset==1.0.2"],
     },
 )

@@ -14,6 +14,8 @@ from scaleclr.data import (DeviceAugmentation, DeviceStage, EvalDataset, HostSta
                            build_dataloader, build_source, build_transforms, eval_transform_specs, get_collator)
 from scaleclr.config.validate_linear import is_linear_eval
 from scaleclr.data.catalog import DEMO, resolve_path, split_path
+from scaleclr.data.shards import ShardSource, copy_to_local, expand_shards, is_shard_spec, shard_lengths
+from scaleclr.data.sources import LimitedSource
 from scaleclr.distributed.stop import parse_signals
 from scaleclr.engines.spec import DTYPES, EngineSpec, FSDPSpec, PrecisionSpec
 from scaleclr.interchange import init_model_from_weights
@@ -166,7 +168,9 @@ def resolve_train_data_path(c, split: str = "TRAIN") -> Optional[str]:
     t = c.DATA[split]
     name = t.DATA_SOURCES[0]
     path = split_path(list(t.DATA_PATHS), list(t.DATASET_NAMES), name, split)
-    if path is not None and not os.path.exists(path):
+    if name == "webdataset":
+        expand_shards(path, f"config.DATA.{split}.DATA_PATHS[0]")
+    elif path is not None and not os.path.exists(path):
         needs = "an ImageFolder root" if name == "disk_folder" else "a .npy or .txt file"
         raise ValueError(f"config.DATA.{split}.DATA_PATHS[0]={path!r} does not exist (config.DATA.{split}.DATA_SOURCES"
                          f"[0]={name!r} needs {needs})")
@@ -189,8 +193,32 @@ def build_split_source(c, split: str = "TRAIN"):
         if t.LABEL_SOURCES and t.LABEL_PATHS:
             kw["labels_path"] = t.LABEL_PATHS[0]
     path = split_path(list(t.DATA_PATHS), list(t.DATASET_NAMES), name, split)
+    if name == "webdataset":
+        return build_shard_source(path, t.DATA_LIMIT, require_labels=t.LABEL_TYPE == "standard",
+                                  key=f"config.DATA.{split}.DATA_PATHS[0]",
+                                  copy_to=(t.COPY_DESTINATION_DIR or os.environ.get("TMPDIR") or "/tmp")
+                                  if t.COPY_TO_LOCAL_DISK else None)
     return build_source(name, path, data_limit=t.DATA_LIMIT, key=f"config.DATA.{split}.DATA_SOURCES[0]",
                         path_key=f"config.DATA.{split}.DATA_PATHS[0]", **kw)
+
+
+def pin_memory(c) -> bool:
+    """Whether loaders page-lock their batches: ``config.DATA.PIN_MEMORY`` and the run trains on CUDA
+    (``config.MACHINE.DEVICE=gpu`` with CUDA present). The trainer copies batches with ``non_blocking`` only
+    from such loaders (``config.DATA.ENABLE_ASYNC_GPU_COPY``): from pageable memory it would be a blocking
+    copy in disguise."""
+    return bool(c.DATA.PIN_MEMORY) and c.MACHINE.DEVICE == "gpu" and torch.cuda.is_available()
+
+
+def build_shard_source(spec: str, data_limit: int = -1, require_labels: bool = False,
+                       key: str = "config.DATA.TRAIN.DATA_PATHS[0]", copy_to: Optional[str] = None):
+    """The ``webdataset`` source of ``spec`` (a folder of ``.tar`` shards or brace notation); with ``copy_to``,
+    read from a node-local copy made there first (``COPY_TO_LOCAL_DISK``: one copier per node, the others wait)."""
+    local = copy_to_local(expand_shards(spec, key), spec, copy_to)[0] if copy_to else None
+    source = ShardSource(spec, require_labels=require_labels, key=key, shards=local)
+    if 0 < data_limit < len(source):
+        return LimitedSource(source, int(data_limit))
+    return source
 
 
 def build_train_data(c, rank: int, world_size: int, start_method: Optional[str] = None, *,
@@ -208,10 +236,11 @@ def build_train_data(c, rank: int, world_size: int, start_method: Optional[str] 
         else build_transforms(plain(t.TRANSFORMS))
     dataset = SSLDataset(source, transforms, seed=c.SEED_VALUE, label_type=t.LABEL_TYPE)
     sampler = ShardedSampler(len(dataset), world_size, rank, shuffle=True, seed=c.SEED_VALUE,
-                             drop_last=t.DROP_LAST, batch_size=t.BATCHSIZE_PER_REPLICA)
+                             drop_last=t.DROP_LAST, batch_size=t.BATCHSIZE_PER_REPLICA, shuffle_mode=t.SHUFFLE_MODE,
+                             shard_lengths=shard_lengths(source), block_shards=t.SHUFFLE_BLOCK_SHARDS)
     loader = build_dataloader(dataset, t.BATCHSIZE_PER_REPLICA, c.DATA.NUM_DATALOADER_WORKERS,
                               get_collator(t.COLLATE_FUNCTION), sampler,
-                              pin_memory=c.DATA.PIN_MEMORY and torch.cuda.is_available(),
+                              pin_memory=pin_memory(c),
                               multiprocessing_context=start_method, ignore_signals=stop_signals(c))
     return dataset, sampler, loader
 
@@ -252,7 +281,7 @@ def build_eval_data(c, split: str, rank: int, world_size: int, start_method: Opt
     sampler = ShardedSampler(len(dataset), world_size, rank, shuffle=False, seed=c.SEED_VALUE, drop_last=False,
                              batch_size=t.BATCHSIZE_PER_REPLICA)
     loader = build_dataloader(dataset, t.BATCHSIZE_PER_REPLICA, c.DATA.NUM_DATALOADER_WORKERS, None, sampler,
-                              pin_memory=c.DATA.PIN_MEMORY and torch.cuda.is_available(),
+                              pin_memory=pin_memory(c),
                               multiprocessing_context=start_method)
     return dataset, sampler, loader
 
@@ -287,11 +316,13 @@ def build_knn_data(c, rank: int, world_size: int) -> Dict[str, Tuple[ShardedSamp
     tf = build_transforms(eval_transform_specs(k.IMAGE_SIZE, **spec_kw), key="config.KNN_EVAL")
     out = {}
     for split in ("train", "val"):
-        ds = EvalDataset(build_source("disk_folder", paths[split], path_key=f"config.KNN_EVAL.{split.upper()}_PATH"),
-                         tf)
+        key = f"config.KNN_EVAL.{split.upper()}_PATH"
+        source = build_shard_source(paths[split], require_labels=True, key=key) if is_shard_spec(paths[split]) \
+            else build_source("disk_folder", paths[split], path_key=key)
+        ds = EvalDataset(source, tf)
         sampler = ShardedSampler(len(ds), world_size, rank, shuffle=False, seed=c.SEED_VALUE, drop_last=False,
                                  batch_size=k.BATCHSIZE)
         out[split] = (sampler, build_dataloader(ds, k.BATCHSIZE, c.DATA.NUM_DATALOADER_WORKERS, None, sampler,
-                                                pin_memory=c.DATA.PIN_MEMORY and torch.cuda.is_available(),
+                                                pin_memory=pin_memory(c),
                                                 ignore_signals=stop_signals(c)))
     return out

@@ -129,7 +129,9 @@ class Trainer:
 
         spec = builders.build_engine_spec(c, world_size, self.device)
         self.device_augmentation = resolve_device_augmentation(c.DATA.TRAIN.DEVICE_AUGMENTATION, self.device)
-        self.non_blocking = bool(c.DATA.ENABLE_ASYNC_GPU_COPY)
+        # asynchronous copies only from page-locked batches (from pageable memory a non_blocking copy is a blocking
+        # one in disguise): ENABLE_ASYNC_GPU_COPY and loaders that pin (config.DATA.PIN_MEMORY on CUDA)
+        self.non_blocking = bool(c.DATA.ENABLE_ASYNC_GPU_COPY) and builders.pin_memory(c)
         self.memory_format = torch.channels_last if spec.precision.channels_last else torch.contiguous_format
         self.task = build_task(c, TaskContext(  # SimCLR pretraining or linear evaluation
             rank=rank, world_size=world_size, local_world_size=local_world_size, device=self.device,

@@ -127,3 +127,22 @@ def test_plan_accuracy_smoke(tmp_path, monkeypatch):
     p1, p2 = (plan_accuracy.predict({**case, "batch": b}) for b in (row["b1"], row["b2"]))
     m1, m2 = row["measured"]
     assert (p2 - p1) / (m2 - m1) - 1 < -PLAN_TOLERANCE, (p1, p2, row)
+
+
+def test_data_sources_smoke(tmp_path):
+    """``benchmarks/data_sources.py --smoke`` (in this process: no second torch import): every case runs, the shard
+    cases open a shard once per round instead of a file per sample, and the shard-block order stays in fewer files."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("data_sources", ROOT / "benchmarks" / "data_sources.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    threads = __import__("torch").get_num_threads()
+    try:
+        res = mod.run(8, 1, str(tmp_path), log=lambda *a: None)
+    finally:
+        __import__("torch").set_num_threads(threads)
+    assert set(res["img_per_s_per_core"]) >= {"a_folder", "b_shards", "c_shards_max_side_320", "d_shards_shard_block"}
+    assert res["files_opened_per_1000"]["a_folder"] == 1000  # negative control: the folder opens per sample
+    assert res["files_opened_per_1000"]["b_shards"] <= 1000 / 8
+    assert "b_shards/a_folder" in res["ratios"]

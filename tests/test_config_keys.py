@@ -91,7 +91,7 @@ def test_amp_type_apex_is_an_error_pointing_at_pytorch():
 
 @pytest.mark.parametrize("override,key", [
     ("config.HOOKS.PERF_STATS.MONITOR_PERF_STATS=True", "config.HOOKS.PERF_STATS.MONITOR_PERF_STATS"),
-    ("config.DATA.TRAIN.COPY_TO_LOCAL_DISK=True", "config.DATA.TRAIN.COPY_TO_LOCAL_DISK"),
+    ("config.DATA.TEST.SHUFFLE_MODE=shard_block", "config.DATA.TEST.SHUFFLE_MODE"),
 ])
 def test_warn_policies_log_the_key(override, key, caplog):
     with caplog.at_level(logging.WARNING):

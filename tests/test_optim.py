@@ -318,6 +318,23 @@ def test_local_norms():
     assert local_norms([]).shape == (0,)
 
 
+class _Shard(torch.Tensor):
+    """Stands in for a ``DTensor``: a tensor subclass whose values are a local shard."""
+
+    def to_local(self):
+        return self.as_subclass(torch.Tensor)
+
+
+class _Whole(torch.Tensor):
+    """A tensor subclass holding a whole tensor (like the fake tensors of tests/fake_cuda.py)."""
+
+
+def test_local_norms_rejects_shards_only():
+    with pytest.raises(TypeError, match="sharding-aware norm_fn"):
+        local_norms([torch.ones(2), torch.ones(3).as_subclass(_Shard)])
+    assert local_norms([torch.ones(4).as_subclass(_Whole)]).tolist() == [2.0]
+
+
 @pytest.mark.parametrize("kwargs", [dict(trust_coefficient=0.0), dict(eps=-1.0)])
 def test_larc_bad_hyperparameters(kwargs):
     with pytest.raises(ValueError):

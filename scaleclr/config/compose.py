@@ -6,9 +6,7 @@ the selected config file <- extra config groups <- ``config.X.Y=v`` overrides). 
 (unknown key, wrong type, unknown config file) are re-raised as :class:`ConfigError` with the full key and
 the closest valid keys.
 """
-import os
 import re
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import yaml
@@ -21,14 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from scaleclr.config import schema
 from scaleclr.config.errors import ConfigError, suggest
-
-
-def config_dir() -> Path:
-    """`configs/` of this checkout, or $SCALECLR_CONFIG_DIR."""
-    env = os.environ.get("SCALECLR_CONFIG_DIR")
-    if env:
-        return Path(env).resolve()
-    return (Path(__file__).resolve().parents[2] / "configs").resolve()
+from scaleclr.paths import config_dir
 
 
 def _hydra_literal(v) -> str:

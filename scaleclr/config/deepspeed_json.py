@@ -51,7 +51,7 @@ def resolve_path(path: str) -> str:
                           "ds_configs/zero2.json (or set config.DISTRIBUTED.DEEPSPEED_CONFIG=<json>).")
     if os.path.isfile(path):
         return os.path.abspath(path)
-    from scaleclr.config.compose import config_dir
+    from scaleclr.paths import config_dir
     repo = os.path.dirname(os.path.abspath(str(config_dir())))
     alt = os.path.join(repo, path)
     if not os.path.isabs(path) and os.path.isfile(alt):

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Mapping, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from scaleclr.config.errors import ConfigError
-from scaleclr.config.validate import transforms_num_views
+from scaleclr.config.data_checks import transforms_num_views
 
 logger = logging.getLogger(__name__)
 

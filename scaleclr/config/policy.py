@@ -54,14 +54,8 @@ POLICIES: List[KeyPolicy] = [
               "config.LOG_FREQUENCY steps of each metrics.jsonl record"),
     KeyPolicy("config.HOOKS.PERF_STATS.PERF_STAT_FREQUENCY", "warn", "timings are logged every "
               "config.LOG_FREQUENCY steps"),
-    KeyPolicy("config.DATA.TRAIN.COPY_TO_LOCAL_DISK", "warn", "images are read from config.DATA.TRAIN.DATA_PATHS "
-              "in place"),
-    KeyPolicy("config.DATA.TRAIN.COPY_DESTINATION_DIR", "warn", "images are read from config.DATA.TRAIN.DATA_PATHS "
-              "in place (COPY_TO_LOCAL_DISK is not implemented)"),
-    KeyPolicy("config.DATA.TEST.COPY_TO_LOCAL_DISK", "warn", "images are read from config.DATA.TEST.DATA_PATHS "
-              "in place"),
-    KeyPolicy("config.DATA.TEST.COPY_DESTINATION_DIR", "warn", "images are read from config.DATA.TEST.DATA_PATHS "
-              "in place (COPY_TO_LOCAL_DISK is not implemented)"),
+    KeyPolicy("config.DATA.TEST.SHUFFLE_MODE", "warn", "the test split is read in order (no shuffle)"),
+    KeyPolicy("config.DATA.TEST.SHUFFLE_BLOCK_SHARDS", "warn", "the test split is read in order (no shuffle)"),
     KeyPolicy("config.DATA.TEST.DEVICE_AUGMENTATION", "warn", "the test split's deterministic transforms run on "
               "the host (data-loader workers)"),
     KeyPolicy("config.DATA.TEST.COLLATE_FUNCTION", "warn", "the test split of linear evaluation is batched as "

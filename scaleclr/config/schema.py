@@ -34,7 +34,7 @@ def _default_transforms() -> List[Dict[str, Any]]:
 # ----------------------------------------------------------------------------------------------- DATA
 @dataclass
 class DataSplitConfig:
-    DATA_SOURCES: List[str] = field(default_factory=list)  # disk_folder | disk_filelist | synthetic
+    DATA_SOURCES: List[str] = field(default_factory=list)  # disk_folder | disk_filelist | synthetic | webdataset
     DATASET_NAMES: List[str] = field(default_factory=list)  # looked up in the dataset catalog
     DATA_PATHS: List[str] = field(default_factory=list)  # explicit paths win over DATASET_NAMES
     LABEL_SOURCES: List[str] = field(default_factory=list)
@@ -44,8 +44,10 @@ class DataSplitConfig:
     TRANSFORMS: List[Dict[str, Any]] = field(default_factory=_default_transforms)
     COLLATE_FUNCTION: str = "simclr_collator"
     MMAP_MODE: bool = True
-    COPY_TO_LOCAL_DISK: bool = False
-    COPY_DESTINATION_DIR: str = ""
+    COPY_TO_LOCAL_DISK: bool = False  # webdataset: one process per node copies the shards there first
+    COPY_DESTINATION_DIR: str = ""  # node-local folder; "" = $TMPDIR or /tmp
+    SHUFFLE_MODE: str = "global"  # global | shard_block (webdataset: shards, then samples within windows)
+    SHUFFLE_BLOCK_SHARDS: int = 8  # shard_block: shards per window
     DROP_LAST: bool = True
     DATA_LIMIT: int = -1  # > 0: keep the first N images (synthetic: number of images)
     SYNTHETIC_IMAGE_SIZE: int = 64  # side of the images the synthetic source draws
@@ -355,7 +357,7 @@ class KnnEvalConfig:
     EVERY_N_EPOCHS epochs; sharded over the ranks through the engine's model (exact)."""
     ENABLED: bool = False
     DATASET_NAME: str = ""  # catalog entry with train/val splits, e.g. scaleclr_demo_digits
-    TRAIN_PATH: str = ""  # or explicit ImageFolder roots
+    TRAIN_PATH: str = ""  # or explicit ImageFolder roots (or WebDataset shards: a folder of .tar or brace notation)
     VAL_PATH: str = ""
     TOPK: int = 20
     TEMPERATURE: float = 0.07

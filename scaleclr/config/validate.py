@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from scaleclr.config import schema
 from scaleclr.config.compose import unknown_key_error
+from scaleclr.config.data_checks import check_data, transforms_num_views
 from scaleclr.config.errors import ConfigError
 from scaleclr.config.policy import apply_policies
 from scaleclr.config.validate_gpu import check_gpu_combinations
@@ -25,32 +26,46 @@ ALLOWED = {
     "config.LOSS.name": ("simclr_info_nce_loss", "multicrop_simclr_info_nce_loss",
                          "cross_entropy_multiple_output_single_target"),
     "config.METERS.name": ("", "accuracy_list_meter"),
-    "config.MODEL.TRUNK.RESNETS.DEPTH": (18, 34, 50, 101, 152, 200),
-    "config.MODEL.TRUNK.RESNETS.NORM": ("BatchNorm", "LayerNorm", "GroupNorm"),
-    "config.MODEL.SYNC_BN_CONFIG.SYNC_BN_TYPE": ("pytorch", "apex", "native"),
     "config.MODEL.AMP_PARAMS.AMP_TYPE": ("apex", "pytorch"),
     "config.MODEL.AMP_PARAMS.AMP_DTYPE": ("float16", "bfloat16"),
-    "config.MODEL.FSDP_CONFIG.SHARD_UNIT": ("block", "stage"),
-    "config.MODEL.CHANNELS_LAST": ("auto", "on", "off"),
     "config.MODEL.MEMORY_CHECK": ("warn", "error", "off"),
     "config.MODEL.TORCH_COMPILE_MODE": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "config.MODEL.TORCH_COMPILE_BACKEND": ("inductor", "aot_eager", "eager"),
     "config.MODEL.FLOAT32_MATMUL_PRECISION": ("highest", "high", "medium"),
     "config.MODEL.FSDP_CONFIG.MIXED_PRECISION": ("none", "bfloat16", "float16"),
     "config.OPTIMIZER.name": ("sgd",),
-    "config.DISTRIBUTED.ENGINE": ("ddp", "deepspeed", "fsdp"),
     "config.DISTRIBUTED.BACKEND": ("nccl", "gloo"),
     "config.DISTRIBUTED.INIT_METHOD": ("tcp", "env", "file"),
     "config.MACHINE.DEVICE": ("gpu", "cpu"),
-    "config.DATA.TRAIN.COLLATE_FUNCTION": ("simclr_collator", "multicrop_collator"),
-    "config.DATA.TRAIN.DEVICE_AUGMENTATION": ("auto", "on", "off"),
-    "config.LOSS.simclr_info_nce_loss.impl": ("reference", "streaming", "triton", "auto"),
-    "config.LOSS.multicrop_simclr_info_nce_loss.impl": ("reference", "streaming", "triton", "auto"),
-    "config.LOSS.multicrop_simclr_info_nce_loss.negatives": ("global", "local"),
     "config.MULTI_PROCESSING_METHOD": ("forkserver", "spawn", "fork"),
-    "config.DATA.TRAIN.LABEL_TYPE": ("standard", "sample_index", "zero", "no_label"),
 }
-DATA_SOURCES = ("disk_folder", "disk_filelist", "synthetic")
+
+
+def component_values() -> dict:
+    """Allowed values that the components define (one home each: the component that implements them)."""
+    from scaleclr.data.collators import COLLATORS
+    from scaleclr.data.dataset import LABEL_TYPES
+    from scaleclr.data.device_augment import SETTINGS
+    from scaleclr.distributed.parallelize import SHARD_UNITS
+    from scaleclr.distributed.sync_bn import SYNC_BN_TYPES
+    from scaleclr.engines import ENGINES
+    from scaleclr.losses.indices import IMPLS, NEGATIVES
+    from scaleclr.models.resnet import NORM_NAMES, RESNET_LAYERS
+
+    return {
+        "config.MODEL.TRUNK.RESNETS.DEPTH": tuple(RESNET_LAYERS),
+        "config.MODEL.TRUNK.RESNETS.NORM": NORM_NAMES,
+        "config.MODEL.SYNC_BN_CONFIG.SYNC_BN_TYPE": SYNC_BN_TYPES,
+        "config.MODEL.FSDP_CONFIG.SHARD_UNIT": SHARD_UNITS,
+        "config.MODEL.CHANNELS_LAST": SETTINGS,
+        "config.DISTRIBUTED.ENGINE": ENGINES,
+        "config.DATA.TRAIN.COLLATE_FUNCTION": tuple(COLLATORS),
+        "config.DATA.TRAIN.DEVICE_AUGMENTATION": SETTINGS,
+        "config.DATA.TRAIN.LABEL_TYPE": LABEL_TYPES,
+        "config.LOSS.simclr_info_nce_loss.impl": IMPLS,
+        "config.LOSS.multicrop_simclr_info_nce_loss.impl": IMPLS,
+        "config.LOSS.multicrop_simclr_info_nce_loss.negatives": NEGATIVES,
+    }
 
 
 def _get(root: DictConfig, key: str) -> Any:
@@ -74,16 +89,6 @@ def _positive(root, keys: List[str], allow_zero=False) -> None:
         v = _get(root, key)
         if v < 0 or (v == 0 and not allow_zero):
             raise ConfigError(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {v}.")
-
-
-def transforms_num_views(transforms) -> int:
-    """Views per image the transform list produces (ImgReplicatePil / ImgPilToMultiCrop), 1 if neither."""
-    for t in transforms:
-        if t.get("name") == "ImgReplicatePil":
-            return int(t.get("num_times", 2))
-        if t.get("name") == "ImgPilToMultiCrop":
-            return int(t["total_num_crops"])
-    return 1
 
 
 def _check_transforms(root) -> None:
@@ -114,7 +119,7 @@ def validate(root: DictConfig) -> None:
     if _get(root, key) in ("True", "False"):  # YAML 1.1 reads unquoted on / off as booleans
         raise ConfigError(key, f"= {_get(root, key)} (a boolean: YAML reads unquoted on/off as true/false); "
                           "write 'on' or 'off' in quotes, or auto.")
-    for key, allowed in ALLOWED.items():
+    for key, allowed in {**ALLOWED, **component_values()}.items():
         v = _get(root, key)
         if v not in allowed:
             raise ConfigError(key, f"= {v!r} is not allowed; allowed values: {', '.join(map(str, allowed))}.")
@@ -167,7 +172,7 @@ def validate(root: DictConfig) -> None:
     _check_stop_signals(root)
     _check_slurm(root)
     _check_weights_init(root)
-    _check_data(root)
+    check_data(root)
     _check_transforms(root)
     check_numbers(root)
     check_linear_eval(root)
@@ -243,33 +248,6 @@ def _check_weights_init(root) -> None:
     if not os.path.exists(w.PARAMS_FILE):
         raise ConfigError(f"{key}.PARAMS_FILE", f"= {w.PARAMS_FILE!r}: no such file or directory (a scaleclr, "
                           "VISSL or torchvision weights file, or a scaleclr FSDP/DeepSpeed checkpoint directory).")
-
-
-def _check_data(root, split: str = "TRAIN") -> None:
-    train = root.config.DATA[split]
-    if not train.DATA_SOURCES:
-        raise ConfigError(f"config.DATA.{split}.DATA_SOURCES", f"is empty; allowed sources: {', '.join(DATA_SOURCES)}.")
-    for i, s in enumerate(train.DATA_SOURCES):
-        if s not in DATA_SOURCES:
-            raise ConfigError(f"config.DATA.{split}.DATA_SOURCES[{i}]",
-                              f"= {s!r} is not allowed; allowed sources: {', '.join(DATA_SOURCES)}.")
-    if len(train.DATA_SOURCES) > 1:
-        raise ConfigError(f"config.DATA.{split}.DATA_SOURCES", "one source per split is supported, got "
-                          f"{list(train.DATA_SOURCES)}.")
-    labels = list(train.LABEL_SOURCES)
-    if labels and labels != [train.DATA_SOURCES[0]]:
-        raise ConfigError(f"config.DATA.{split}.LABEL_SOURCES", f"= {labels}; labels come from the data source "
-                          f"itself: [{train.DATA_SOURCES[0]}] (disk_folder: the class folders; disk_filelist: a .npy "
-                          "of integer labels in LABEL_PATHS) or [] .")
-    if labels == ["disk_filelist"] and not train.LABEL_PATHS:
-        raise ConfigError(f"config.DATA.{split}.LABEL_PATHS", "is empty but LABEL_SOURCES=[disk_filelist]: give the "
-                          ".npy of integer labels, one per path of DATA_PATHS[0].")
-    if train.LABEL_PATHS and labels != ["disk_filelist"]:
-        logger.warning("config.DATA.%s.LABEL_PATHS is read only with LABEL_SOURCES=[disk_filelist] (disk_folder "
-                       "labels are its class folders)", split)
-    if train.DATA_SOURCES[0] != "synthetic" and not (train.DATA_PATHS or train.DATASET_NAMES):
-        raise ConfigError(f"config.DATA.{split}.DATA_PATHS", f"is empty and so is config.DATA.{split}.DATASET_NAMES: "
-                          "give the image folder / file list path.")
 
 
 def _check_loss_vs_views(root) -> None:

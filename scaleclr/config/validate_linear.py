@@ -13,6 +13,7 @@ from typing import Any, List
 
 from omegaconf import DictConfig, OmegaConf
 
+from scaleclr.config.data_checks import check_data, transforms_num_views
 from scaleclr.config.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -170,8 +171,6 @@ def _nonrandom(transforms: List[Any], key: str) -> None:
 
 
 def _check_linear_data(root) -> None:
-    from scaleclr.config.validate import _check_data, transforms_num_views
-
     c = root.config
     fe = c.MODEL.FEATURE_EVAL_SETTINGS
     splits = ["TRAIN"] + (["TEST"] if _testing(c) else [])
@@ -189,7 +188,7 @@ def _check_linear_data(root) -> None:
             raise ConfigError(f"{key}.TRANSFORMS", f"produce {views} views per image; linear evaluation takes one "
                               "(no ImgReplicatePil / ImgPilToMultiCrop).")
         if split == "TEST":
-            _check_data(root, "TEST")
+            check_data(root, "TEST")
             if s.DROP_LAST:
                 raise ConfigError(f"{key}.DROP_LAST", "= True: the test split is evaluated in full (every image "
                                   "counted once on any number of processes); set DROP_LAST=False.")

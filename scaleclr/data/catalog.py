@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from scaleclr.paths import config_dir
+
 DEMO = "scaleclr_demo_digits"
 
 
@@ -18,7 +20,6 @@ def cache_dir() -> str:
 
 
 def catalog_path() -> Path:
-    from scaleclr.config.compose import config_dir
     return config_dir() / "dataset_catalog.json"
 
 

@@ -39,7 +39,10 @@ The random order is applied as at most 16 groups (position k x op j): each group
 k-th op is j, applies the op with their factors, and scatters them back, so every sample sees its own
 order and no op runs twice on a sample. The group indices are built on the host from the parameters as the
 data loader delivered them (``params_host``; the trainer passes that CPU tensor along with the device copy),
-so the stage never reads a device value back: no host synchronisation.
+so the stage never reads a device value back: no host synchronisation. The host part is a separate step,
+:meth:`DeviceAugmentation.plan` (group indices of every op, copied to the device in ONE copy from pinned memory
+when the device is CUDA, and the blur's kernel width from the host radii), and :meth:`DeviceAugmentation.apply`
+does only device work with that plan (what tests/test_fake_cuda.py traces on fake CUDA).
 """
 from __future__ import annotations
 
@@ -77,25 +80,50 @@ def resolve_device_augmentation(setting: str, device: torch.device | str) -> boo
 
 
 # -------------------------------------------------------------------------------------- group indices
-def _group_indices(masks: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
-    """Row indices of each CPU bool mask, moved to ``device`` in one copy; ``None`` for an empty mask."""
-    idx = [m.nonzero().squeeze(1) for m in masks]
-    counts = [int(i.numel()) for i in idx]
-    if not sum(counts):
-        return [None] * len(masks)
-    flat = torch.cat(idx).to(device, non_blocking=True)
-    out, start = [], 0
-    for n in counts:
-        out.append(flat[start:start + n] if n else None)
-        start += n
-    return out
+class HostPlan:
+    """The host-side part of one device-stage call: the row indices of every group of every op (one flat CPU
+    int64 tensor and the group sizes) and each op's host-derived settings (``info``, e.g. the blur's kernel
+    width). :meth:`to` moves the indices to the device in one copy."""
+
+    def __init__(self, masks: list[list[torch.Tensor]], infos: list[Any]):
+        idx = [[m.nonzero().squeeze(1) for m in op_masks] for op_masks in masks]
+        self.counts = [[int(i.numel()) for i in op_idx] for op_idx in idx]
+        flat = [i for op_idx in idx for i in op_idx]
+        self.flat = torch.cat(flat) if flat else torch.zeros(0, dtype=torch.int64)
+        self.infos = infos
+
+    def to(self, device: torch.device | str) -> "DevicePlan":
+        """One host-to-device copy of all indices; from page-locked memory when ``device`` is CUDA (an
+        asynchronous copy needs a pinned source; the caching host allocator keeps it alive until the copy ran)."""
+        device = torch.device(device)
+        flat = self.flat
+        if flat.numel() and device.type == "cuda" and torch.cuda.is_available():
+            flat = flat.pin_memory()
+        flat = flat.to(device, non_blocking=flat.is_pinned()) if flat.numel() else None
+        groups, start = [], 0
+        for op_counts in self.counts:
+            op_groups = []
+            for n in op_counts:
+                op_groups.append(flat[start:start + n] if n else None)
+                start += n
+            groups.append(op_groups)
+        return DevicePlan(groups, self.infos)
+
+
+class DevicePlan:
+    """:class:`HostPlan` on the device: ``groups[op][g]`` (row indices of group ``g`` of op ``op``, or ``None`` for
+    an empty group) and ``infos[op]``."""
+
+    def __init__(self, groups: list[list[torch.Tensor | None]], infos: list[Any]):
+        self.groups, self.infos = groups, infos
 
 
 # -------------------------------------------------------------------------------------------- device ops
 class DeviceOp:
     """One device transform: ``width`` parameter columns, ``encode`` (host: drawn parameters -> column
-    values) and ``__call__`` (device: ``x [N, 3, H, W]`` float, its columns on the device and on the host
-    -> ``x``)."""
+    values), ``plan`` (host: its columns as the loader made them -> bool masks of the sample groups it
+    treats alike, and any host-derived setting) and ``__call__`` (device: ``x [N, 3, H, W]`` float, its
+    columns on the device, the groups' row indices on the device and the setting -> ``x``)."""
 
     width = 0
     columns: tuple[str, ...] = ()
@@ -103,7 +131,11 @@ class DeviceOp:
     def encode(self, drawn: Any) -> list[float]:
         return []
 
-    def __call__(self, x: torch.Tensor, cols: torch.Tensor, cols_host: torch.Tensor) -> torch.Tensor:
+    def plan(self, cols_host: torch.Tensor) -> tuple[list[torch.Tensor], Any]:
+        return [], None
+
+    def __call__(self, x: torch.Tensor, cols: torch.Tensor, groups: list[torch.Tensor | None], info: Any
+                 ) -> torch.Tensor:
         return x
 
 
@@ -119,7 +151,7 @@ class NormalizeOp(DeviceOp):
         self.mean, self.std = transform.mean, transform.std
         self._cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def __call__(self, x, cols, cols_host):
+    def __call__(self, x, cols, groups, info):
         if x.device not in self._cache:
             self._cache[x.device] = (torch.tensor(self.mean, device=x.device), torch.tensor(self.std, device=x.device))
         return ops.normalize(x, *self._cache[x.device])
@@ -139,6 +171,7 @@ class JitterOp(DeviceOp):
     def __init__(self, transform: ColorJitter):
         strengths = (transform.brightness, transform.contrast, transform.saturation, transform.hue)
         self.active = [j for j, s in enumerate(strengths) if s > 0]  # zero strength: never drawn, skipped
+        self.pairs = [(k, j) for k in range(4) for j in self.active]  # (position in the order, op) groups
 
     def encode(self, drawn: tuple[list[int], list[float | None]] | None) -> list[float]:
         if drawn is None:
@@ -146,12 +179,13 @@ class JitterOp(DeviceOp):
         order, factors = drawn
         return [1.0, *map(float, order), *(d if f is None else float(f) for f, d in zip(factors, _IDENTITY))]
 
-    def __call__(self, x, cols, cols_host):
+    def plan(self, cols_host):
         applied = cols_host[:, 0] > 0.5
         order = cols_host[:, 1:5].round().to(torch.int64)
-        pairs = [(k, j) for k in range(4) for j in self.active]
-        groups = _group_indices([applied & (order[:, k] == j) for k, j in pairs], x.device)
-        for (k, j), idx in zip(pairs, groups):
+        return [applied & (order[:, k] == j) for k, j in self.pairs], None
+
+    def __call__(self, x, cols, groups, info):
+        for (k, j), idx in zip(self.pairs, groups):
             if idx is not None:
                 factor = cols[:, 5 + j].index_select(0, idx)
                 x.index_copy_(0, idx, _JITTER_FNS[j](x.index_select(0, idx), factor))
@@ -167,8 +201,11 @@ class GrayscaleOp(DeviceOp):
     def encode(self, drawn: bool) -> list[float]:
         return [1.0 if drawn else 0.0]
 
-    def __call__(self, x, cols, cols_host):
-        (idx,) = _group_indices([cols_host[:, 0] > 0.5], x.device)
+    def plan(self, cols_host):
+        return [cols_host[:, 0] > 0.5], None
+
+    def __call__(self, x, cols, groups, info):
+        (idx,) = groups
         if idx is not None:
             x.index_copy_(0, idx, ops.grayscale3(x.index_select(0, idx)))
         return x
@@ -187,9 +224,14 @@ class ColorDistortionOp(DeviceOp):
         jitter, gray = drawn
         return self.jitter.encode(jitter) + self.gray.encode(gray)
 
-    def __call__(self, x, cols, cols_host):
-        x = self.jitter(x, cols[:, :9], cols_host[:, :9])
-        return self.gray(x, cols[:, 9:], cols_host[:, 9:])
+    def plan(self, cols_host):
+        jitter, _ = self.jitter.plan(cols_host[:, :9])
+        gray, _ = self.gray.plan(cols_host[:, 9:])
+        return jitter + gray, None
+
+    def __call__(self, x, cols, groups, info):
+        x = self.jitter(x, cols[:, :9], groups[:-1], None)
+        return self.gray(x, cols[:, 9:], groups[-1:], None)
 
 
 class BlurOp(DeviceOp):
@@ -201,10 +243,16 @@ class BlurOp(DeviceOp):
     def encode(self, drawn: float | None) -> list[float]:
         return [0.0, 0.0] if drawn is None else [1.0, float(drawn)]
 
-    def __call__(self, x, cols, cols_host):
-        (idx,) = _group_indices([cols_host[:, 0] > 0.5], x.device)
+    def plan(self, cols_host):
+        """The blurred samples, and the kernel half-width their host radii need (no device value is read)."""
+        applied = cols_host[:, 0] > 0.5
+        return [applied], ops.kernel_half_width(cols_host[applied, 1])
+
+    def __call__(self, x, cols, groups, info):
+        (idx,) = groups
         if idx is not None:
-            x.index_copy_(0, idx, ops.pil_gaussian_blur(x.index_select(0, idx), cols[:, 1].index_select(0, idx)))
+            x.index_copy_(0, idx, ops.pil_gaussian_blur(x.index_select(0, idx), cols[:, 1].index_select(0, idx),
+                                                        half=info))
         return x
 
 
@@ -303,6 +351,7 @@ class DeviceAugmentation:
     ``[N, P]``, or lists of such tensors (multi-crop; crops of equal shape are processed together); returns
     float32 views in the same layout. ``params_host``: the same parameters on the CPU (what the loader made);
     without it, device parameters are copied to the host once (a synchronisation). Inputs are not modified.
+    For one batch ``[N, 3, H, W]`` it is ``apply(data, params, plan(params_host).to(data.device))``.
     """
 
     def __init__(self, split: TransformSplit):
@@ -342,9 +391,26 @@ class DeviceAugmentation:
             start = end
         return out
 
-    @torch.no_grad()
     def _augment(self, data: torch.Tensor, params: torch.Tensor,
                  params_host: torch.Tensor | None = None) -> torch.Tensor:
+        host = params_host if params_host is not None else params
+        return self.apply(data, params, self.plan(host).to(data.device))
+
+    def plan(self, params_host: torch.Tensor) -> HostPlan:
+        """Host side of one batch: every op's sample groups and host-derived settings from the parameters
+        ``[N, P]`` as the loader made them (a device tensor is copied to the host: a synchronisation)."""
+        if params_host.ndim != 2 or params_host.shape[1] != self.width:
+            raise ValueError(f"aug_params must be [N, {self.width}] (columns {self.columns}), got "
+                             f"{tuple(params_host.shape)}")
+        host = params_host.to(dtype=torch.float32).cpu()  # no copy when on the CPU already
+        planned = [op.plan(host[:, cols]) for op, cols in zip(self.ops, self._slices)]
+        return HostPlan([masks for masks, _ in planned], [info for _, info in planned])
+
+    @torch.no_grad()
+    def apply(self, data: torch.Tensor, params: torch.Tensor, plan: DevicePlan) -> torch.Tensor:
+        """Device side of one batch: ``data`` uint8 ``[N, 3, H, W]``, ``params`` ``[N, P]`` and ``plan``
+        (:meth:`plan` of the same parameters, moved to the device) -> float32 views ``[N, 3, H, W]``; no
+        host synchronisation and no host-to-device copy."""
         if data.dtype != torch.uint8 or data.ndim != 4 or data.shape[1] != 3:
             raise ValueError(f"device augmentation needs uint8 views [N, 3, H, W], got {data.dtype} "
                              f"{tuple(data.shape)}")
@@ -352,11 +418,9 @@ class DeviceAugmentation:
             raise ValueError(f"aug_params must be [N, {self.width}] = [{data.shape[0]}, {self.width}] "
                              f"(columns {self.columns}), got {tuple(params.shape)}")
         x = data.to(torch.float32).div_(255)  # ToTensor's scaling, bit for bit
-        host = params_host if params_host is not None else params
-        host = host.to(dtype=torch.float32).cpu()  # no copy when on the CPU already; group indices built here
         params = params.to(device=x.device, dtype=torch.float32)
-        for op, cols in zip(self.ops, self._slices):
-            x = op(x, params[:, cols], host[:, cols])
+        for op, cols, groups, info in zip(self.ops, self._slices, plan.groups, plan.infos):
+            x = op(x, params[:, cols], groups, info)
         return x
 
     def __repr__(self) -> str:
@@ -367,10 +431,11 @@ class DeviceAugmentation:
 def batch_to_device(batch: Mapping[str, Any], device: torch.device | str,
                     keys: Sequence[str] = ("data", "aug_params")) -> dict[str, Any]:
     """A copy of ``batch`` with the tensors (or lists of tensors) under ``keys`` moved to ``device``
-    (``non_blocking``: overlaps with compute when the loader pins memory)."""
+    (``non_blocking`` for page-locked tensors, i.e. when the loader pins memory: overlaps with compute; a copy
+    from pageable memory is a plain blocking copy)."""
     def move(v):
         if isinstance(v, torch.Tensor):
-            return v.to(device, non_blocking=True)
+            return v.to(device, non_blocking=v.is_pinned())
         if isinstance(v, (list, tuple)):
             return [move(t) for t in v]
         return v

@@ -139,11 +139,25 @@ def pil_box_weights(radius: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (ww / 16777216.0).float(), (fw / 16777216.0).float()
 
 
-def box_kernels(sigma: torch.Tensor) -> torch.Tensor:
-    """One 1-D pass kernel per sample, ``[N, K]`` with ``K = 2 * max(int(r)) + 3`` (zero-padded, centred)."""
+def kernel_half_width(sigma: torch.Tensor) -> int:
+    """``max(int(r)) + 1`` over the samples' box radii ``r`` (:func:`pil_box_radius`): the half-width of the
+    kernels :func:`box_kernels` makes for ``sigma``. Pass the radii as the loader made them (CPU): on a device
+    tensor this reads a value back to the host (a synchronisation). A radius within 1e-4 below an integer
+    counts as that integer, so a last-ulp difference between host and device float32 arithmetic can only add a
+    zero tap, never cut one."""
+    if sigma.numel() == 0:
+        return 1
+    radius = pil_box_radius(sigma.detach().cpu())
+    return int(torch.floor(radius.max() + 1e-4)) + 1
+
+
+def box_kernels(sigma: torch.Tensor, half: int | None = None) -> torch.Tensor:
+    """One 1-D pass kernel per sample, ``[N, K]`` with ``K = 2 * half + 1``, zero-padded and centred; ``half``
+    must be at least :func:`kernel_half_width` of ``sigma`` (None: computed from ``sigma``, a host read when it
+    is on a device)."""
     radius = pil_box_radius(sigma)
     r_int = torch.floor(radius).to(torch.int64)
-    half = int(r_int.max()) + 1 if r_int.numel() else 1
+    half = kernel_half_width(sigma) if half is None else int(half)
     ww, fw = pil_box_weights(radius)
     offsets = torch.arange(-half, half + 1, device=sigma.device).abs().unsqueeze(0)  # [1, K]
     r_col = r_int.unsqueeze(1)
@@ -161,12 +175,13 @@ def _box_pass_w(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     return nnf.conv2d(padded, weight, groups=n * c).reshape(n, c, h, w)
 
 
-def pil_gaussian_blur_passes(x: torch.Tensor, sigma: torch.Tensor, round_each_pass: bool = False) -> torch.Tensor:
+def pil_gaussian_blur_passes(x: torch.Tensor, sigma: torch.Tensor, round_each_pass: bool = False,
+                             half: int | None = None) -> torch.Tensor:
     """Pillow's algorithm transcribed pass by pass: three grouped-convolution passes along W, then three
     along H, each replicate-padded. With ``round_each_pass`` (``x`` in uint8 levels 0..255) it also rounds
     like Pillow's ``SAVE`` macro after every pass and then equals Pillow bit for bit; this is the reference
     the tests check :func:`pil_gaussian_blur` and Pillow against, and benchmark option (i)."""
-    kernels = box_kernels(sigma.to(device=x.device))
+    kernels = box_kernels(sigma.to(device=x.device), half)
 
     def passes(y):
         for _ in range(PIL_BLUR_PASSES):
@@ -178,10 +193,11 @@ def pil_gaussian_blur_passes(x: torch.Tensor, sigma: torch.Tensor, round_each_pa
     return passes(passes(x).transpose(-1, -2)).transpose(-1, -2).contiguous()
 
 
-def box_blur_matrices(size: int, sigma: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def box_blur_matrices(size: int, sigma: torch.Tensor, dtype: torch.dtype = torch.float32,
+                      half: int | None = None) -> torch.Tensor:
     """The three replicate-border passes along one axis of length ``size`` as one matrix per sample:
-    ``A = M^3`` with ``M[x, clamp(x + o)] += kernel[o]``; ``[N, size, size]``."""
-    kernels = box_kernels(sigma).to(dtype)
+    ``A = M^3`` with ``M[x, clamp(x + o)] += kernel[o]``; ``[N, size, size]`` (``half``: see :func:`box_kernels`)."""
+    kernels = box_kernels(sigma, half).to(dtype)
     n, k = kernels.shape
     half = k // 2
     pos = torch.arange(size, device=sigma.device)
@@ -191,7 +207,7 @@ def box_blur_matrices(size: int, sigma: torch.Tensor, dtype: torch.dtype = torch
     return torch.bmm(torch.bmm(m, m), m)
 
 
-def pil_gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def pil_gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, half: int | None = None) -> torch.Tensor:
     """Pillow's ``GaussianBlur(radius=sigma)`` per sample, in float: three extended-box passes along W, then
     three along H, the border pixel repeated at every pass (as ``ImagingLineBoxBlur`` does).
 
@@ -202,13 +218,17 @@ def pil_gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     ``radius == 0``. Under TF32 matmuls (``torch.backends.cuda.matmul.allow_tf32``) add about 0.1 uint8
     levels of error.
 
-    Shapes: ``x`` ``[N, C, H, W]`` float, ``sigma`` ``[N]``.
+    Shapes: ``x`` ``[N, C, H, W]`` float, ``sigma`` ``[N]``. ``half``: the kernels' half-width,
+    :func:`kernel_half_width` of the radii computed on the host; None computes it from ``sigma``, which reads a
+    value back to the host when ``sigma`` is on a device (the device stage passes it, see
+    :class:`scaleclr.data.device_augment.BlurOp`).
     """
     n, c, h, w = x.shape
     if n == 0:
         return x
     sigma = sigma.to(device=x.device)
-    a_w = box_blur_matrices(w, sigma, x.dtype)
-    a_h = a_w if h == w else box_blur_matrices(h, sigma, x.dtype)
+    half = kernel_half_width(sigma) if half is None else half
+    a_w = box_blur_matrices(w, sigma, x.dtype, half)
+    a_h = a_w if h == w else box_blur_matrices(h, sigma, x.dtype, half)
     y = torch.bmm(x.reshape(n, c * h, w), a_w.transpose(1, 2)).reshape(n, c, h, w)
     return torch.matmul(a_h.unsqueeze(1), y)

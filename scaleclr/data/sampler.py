@@ -18,6 +18,13 @@ what makes 1-process and N-process runs comparable step for step. Every rank get
 full batches (the SimCLR loss masks assume a fixed B per rank, spec 2.2): ``drop_last=True`` drops the
 trailing partial global batch, ``drop_last=False`` pads it.
 
+Shard-block shuffle (``shuffle_mode="shard_block"``, for WebDataset shards read from a network file system):
+the epoch's order is drawn from a generator seeded by ``(seed, epoch)``: the shards in a random order, cut
+into windows of ``block_shards`` consecutive shards, and the samples of each window permuted (seeded by
+``(seed, epoch, window)``). Each rank's reads then stay within a few shards at a time. The order is one
+global list like the permutation above, so it is independent of the number of workers and of the world
+size, and resumes exactly.
+
 Resume: ``state_dict(iteration)`` stores the epoch and the number of samples of this epoch consumed
 globally; ``load_state_dict`` checks that the data and seed are the same and skips them. Because the layout depends only on the global batch, a run may
 be resumed with another world size as long as ``batch_size x num_replicas`` divides the consumed count.
@@ -25,10 +32,22 @@ be resumed with another world size as long as ``batch_size x num_replicas`` divi
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+
+#: ``config.DATA.TRAIN.SHUFFLE_MODE``.
+SHUFFLE_MODES = ("global", "shard_block")
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from a few integers (SplitMix64 steps), so (seed, epoch, window) streams do not overlap."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
 
 
 class ShardedSampler(torch.utils.data.Sampler[int]):
@@ -46,14 +65,19 @@ class ShardedSampler(torch.utils.data.Sampler[int]):
         drop_last: drop the trailing partial global batch (``config.DATA.TRAIN.DROP_LAST``) instead of
             padding it with samples from the start of the permutation.
         batch_size: images per rank and step (``config.DATA.TRAIN.BATCHSIZE_PER_REPLICA``).
+        shuffle_mode: ``global`` (one permutation of all samples) or ``shard_block``
+            (``config.DATA.TRAIN.SHUFFLE_MODE``; see the module docstring).
+        shard_lengths: ``shard_block``: samples per shard, in order (their sum is ``dataset_len``).
+        block_shards: ``shard_block``: shards per window (``config.DATA.TRAIN.SHUFFLE_BLOCK_SHARDS``).
 
     Raises:
-        ValueError: non-positive sizes, rank out of range, or a dataset smaller than one global batch
-            with ``drop_last=True``.
+        ValueError: non-positive sizes, rank out of range, a dataset smaller than one global batch
+            with ``drop_last=True``, or ``shard_block`` without shard lengths that add up to ``dataset_len``.
     """
 
     def __init__(self, dataset_len: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
-                 seed: int = 0, drop_last: bool = True, batch_size: int = 1):
+                 seed: int = 0, drop_last: bool = True, batch_size: int = 1, shuffle_mode: str = "global",
+                 shard_lengths: Sequence[int] | None = None, block_shards: int = 1):
         if dataset_len < 1:
             raise ValueError(f"dataset_len={dataset_len}: the dataset is empty")
         if batch_size < 1:
@@ -68,6 +92,16 @@ class ShardedSampler(torch.utils.data.Sampler[int]):
         self.dataset_len, self.num_replicas, self.rank = int(dataset_len), int(num_replicas), int(rank)
         self.shuffle, self.seed, self.drop_last = bool(shuffle), int(seed), bool(drop_last)
         self.batch_size, self.global_batch_size = int(batch_size), global_batch
+        if shuffle_mode not in SHUFFLE_MODES:
+            raise ValueError(f"config.DATA.TRAIN.SHUFFLE_MODE={shuffle_mode!r}; allowed: {', '.join(SHUFFLE_MODES)}")
+        if shuffle_mode == "shard_block":
+            if shard_lengths is None or sum(int(n) for n in shard_lengths) != self.dataset_len:
+                raise ValueError("config.DATA.TRAIN.SHUFFLE_MODE=shard_block needs a shard source "
+                                 "(config.DATA.TRAIN.DATA_SOURCES=[webdataset])")
+            if block_shards < 1:
+                raise ValueError(f"config.DATA.TRAIN.SHUFFLE_BLOCK_SHARDS={block_shards} must be >= 1")
+        self.shuffle_mode, self.block_shards = shuffle_mode, int(block_shards)
+        self.shard_lengths = [int(n) for n in shard_lengths] if shard_lengths is not None else None
         self.epoch = 0
         self.start_iter = 0
 
@@ -97,7 +131,9 @@ class ShardedSampler(torch.utils.data.Sampler[int]):
         Shapes:
             ``[num_batches * batch_size * num_replicas]``.
         """
-        if self.shuffle:
+        if self.shuffle and self.shuffle_mode == "shard_block":
+            order = self._shard_block_order()
+        elif self.shuffle:
             generator = torch.Generator()
             generator.manual_seed(self.seed + self.epoch)
             order = torch.randperm(self.dataset_len, generator=generator).tolist()
@@ -107,6 +143,22 @@ class ShardedSampler(torch.utils.data.Sampler[int]):
         if total > len(order):  # pad like DistributedSampler: repeat from the start
             order = (order * math.ceil(total / len(order)))[:total]
         return order[:total]
+
+    def _shard_block_order(self) -> list[int]:
+        """Shards permuted by ``(seed, epoch)``, windows of ``block_shards`` shards, samples permuted per window."""
+        assert self.shard_lengths is not None
+        starts = [0]
+        for n in self.shard_lengths:
+            starts.append(starts[-1] + n)
+        generator = torch.Generator()
+        generator.manual_seed(_mix(self.seed, self.epoch))
+        shards = torch.randperm(len(self.shard_lengths), generator=generator).tolist()
+        order: list[int] = []
+        for w in range(0, len(shards), self.block_shards):
+            window = torch.cat([torch.arange(starts[s], starts[s + 1]) for s in shards[w:w + self.block_shards]])
+            generator.manual_seed(_mix(self.seed, self.epoch, w // self.block_shards + 1))
+            order += window[torch.randperm(len(window), generator=generator)].tolist()
+        return order
 
     def __iter__(self) -> Iterator[int]:
         order = self.global_indices()
@@ -137,7 +189,7 @@ class ShardedSampler(torch.utils.data.Sampler[int]):
         return {"epoch": self.epoch if epoch is None else int(epoch),
                 "consumed_samples": iteration * self.global_batch_size,
                 "seed": self.seed, "dataset_len": self.dataset_len, "shuffle": self.shuffle,
-                "drop_last": self.drop_last}
+                "drop_last": self.drop_last, "shuffle_mode": self.shuffle_mode, "block_shards": self.block_shards}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores ``epoch`` and skips the consumed samples.
@@ -146,8 +198,9 @@ class ShardedSampler(torch.utils.data.Sampler[int]):
             ValueError: the checkpoint was taken on another dataset/seed/shuffle setting (the permutation
                 would differ), or its consumed count is not a multiple of this run's global batch.
         """
-        for name in ("seed", "dataset_len", "shuffle"):  # drop_last only changes the epoch's tail
-            if name in state and state[name] != getattr(self, name):
+        for name in ("seed", "dataset_len", "shuffle", "shuffle_mode", "block_shards"):  # not drop_last: the tail
+            if name in state and state[name] != getattr(self, name) and \
+                    (name != "block_shards" or self.shuffle_mode == "shard_block"):
                 raise ValueError(f"cannot resume the data order exactly: the checkpoint's sampler has "
                                  f"{name}={state[name]!r}, this run has {getattr(self, name)!r}")
         consumed = int(state["consumed_samples"])

@@ -20,10 +20,11 @@ and touch their reference counts, which copies every page they sit on into every
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
@@ -31,17 +32,18 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 from scaleclr.data.decode import to_rgb
 from scaleclr.data.listing import list_image_folder
 
-SOURCE_NAMES = ("disk_filelist", "disk_folder", "synthetic")
+SOURCE_NAMES = ("disk_filelist", "disk_folder", "synthetic", "webdataset")  # webdataset: scaleclr.data.shards
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Decodes an image file fully and converts it to 8-bit RGB (:func:`scaleclr.data.decode.to_rgb`: 16-bit
-    scaled, transparency composited over grey, both counted).
+def load_rgb(path: str | BinaryIO) -> Image.Image:
+    """Decodes an image file (a path, or a binary file object such as a shard member's ``io.BytesIO``) fully and
+    converts it to 8-bit RGB (:func:`scaleclr.data.decode.to_rgb`: 16-bit scaled, transparency composited over grey,
+    both counted).
 
     Raises:
         OSError: unreadable, truncated or unidentifiable file (``PIL.UnidentifiedImageError``).
     """
-    with open(path, "rb") as f:
+    with open(path, "rb") if isinstance(path, (str, os.PathLike)) else contextlib.nullcontext(path) as f:
         img = Image.open(f)
         return to_rgb(img, path)  # decodes while the file is open
 
@@ -317,8 +319,8 @@ def build_source(name: str, path: str | None, data_limit: int = -1, *,
         ValueError: unknown source name, missing path, unknown option or an unusable path; the message
             names the config key, the value and the allowed values.
     """
-    if name not in _SOURCE_KWARGS:
-        raise ValueError(f"{key}={name!r} is not a known data source; allowed: {list(SOURCE_NAMES)} "
+    if name not in _SOURCE_KWARGS:  # (webdataset shards are built by scaleclr.data.shards.ShardSource)
+        raise ValueError(f"{key}={name!r} is not a known data source; allowed: {list(_SOURCE_KWARGS)} "
                          f"({path_key}={path!r})")
     unknown = sorted(set(kwargs) - set(_SOURCE_KWARGS[name]))
     if unknown:

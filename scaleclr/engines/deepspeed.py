@@ -191,9 +191,10 @@ class ZeroLARC(LARC):
         n = len(tensors)
         if n == 0:
             return torch.zeros(0)
-        sq = torch.stack([t.to(torch.float64) for t in torch._foreach_norm(
-            [t.detach().float() if t.dtype not in (torch.float32, torch.float64) else t.detach()
-             for t in tensors])]) ** 2
+        # squared norms as n 0-d device tensors: a group's entries are gathered with torch.stack and put back with
+        # unbind, never by indexing with a Python list (that would copy an index tensor to the device every step)
+        sq = [t.to(torch.float64) ** 2 for t in torch._foreach_norm(
+            [t.detach().float() if t.dtype not in (torch.float32, torch.float64) else t.detach() for t in tensors])]
         layouts = self._entry_layouts * 2  # params then grads
         by_group: Dict[Any, Tuple[Any, List[int]]] = {}
         for i, lay in enumerate(layouts):
@@ -202,14 +203,15 @@ class ZeroLARC(LARC):
                     if dist.is_initialized() else None
                 by_group.setdefault(key, (lay.group, []))[1].append(i)
         for group, idx in by_group.values():
-            part = sq[idx].clone()
+            part = torch.stack([sq[i] for i in idx])
             if dist.is_initialized() and dist.get_world_size(group) > 1:
                 # offloaded partitions live on the CPU; NCCL needs the reduction on the GPU
                 on_dev = part.to(collective_device())
                 dist.all_reduce(on_dev, op=dist.ReduceOp.SUM, group=group)
-                part = on_dev.to(sq.device)
-            sq[idx] = part
-        return sq.sqrt()
+                part = on_dev.to(part.device)
+            for i, v in zip(idx, part.unbind()):
+                sq[i] = v
+        return torch.stack(sq).sqrt()
 
     def _group_entries(self, group: Dict[str, Any], weight_decay: float
                        ) -> List[Tuple[torch.Tensor, float, Any]]:

@@ -34,7 +34,7 @@ RESNET_LAYERS: Dict[int, Tuple[Type[Block], Tuple[int, int, int, int]]] = {
     200: (Bottleneck, (3, 24, 36, 3)),
 }
 
-_NORM_NAMES = ("BatchNorm", "LayerNorm", "GroupNorm")
+NORM_NAMES = ("BatchNorm", "LayerNorm", "GroupNorm")
 
 
 def make_norm_layer(name: str, groupnorm_groups: int = 32) -> NormLayer:
@@ -57,7 +57,7 @@ def make_norm_layer(name: str, groupnorm_groups: int = 32) -> NormLayer:
         return lambda num_channels: nn.GroupNorm(1, num_channels)
     if name == "GroupNorm":
         return lambda num_channels: nn.GroupNorm(groupnorm_groups, num_channels)
-    raise ValueError(f"Unknown ResNet norm layer {name!r}; allowed: {', '.join(_NORM_NAMES)}")
+    raise ValueError(f"Unknown ResNet norm layer {name!r}; allowed: {', '.join(NORM_NAMES)}")
 
 
 def _make_stage(block: Type[Block], inplanes: int, planes: int, num_blocks: int, stride: int,

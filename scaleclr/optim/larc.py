@@ -40,8 +40,9 @@ _HYPERPARAMETERS = ("trust_coefficient", "clip", "eps")
 def local_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """L2 norm of every tensor, computed with ``torch._foreach_norm`` (one kernel per device/dtype group).
 
-    Half-precision tensors are accumulated in float32. Only valid for unsharded tensors; a tensor
-    subclass such as ``DTensor`` is rejected because its local norm would not be the full norm.
+    Half-precision tensors are accumulated in float32. Only valid for unsharded tensors; a sharded tensor
+    (one with ``to_local``, such as ``DTensor``) is rejected because its local norm would not be the full norm.
+    Other subclasses (e.g. the fake tensors of tests/fake_cuda.py) hold whole tensors and are accepted.
 
     Args:
         tensors: ``n`` tensors of any shapes.
@@ -50,14 +51,14 @@ def local_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         Shape ``[n]``, dtype float32 (float64 if any input is float64), on the first tensor's device.
 
     Raises:
-        TypeError: a tensor subclass (inject a sharding-aware ``norm_fn`` instead).
+        TypeError: a sharded tensor (inject a sharding-aware ``norm_fn`` instead).
     """
     if len(tensors) == 0:
         return torch.zeros(0)
     groups: Dict[Tuple[torch.device, torch.dtype], List[int]] = defaultdict(list)
     for i, t in enumerate(tensors):
-        if type(t) not in _PLAIN_TENSOR_TYPES:
-            raise TypeError(f"LARC's default norm_fn only handles plain tensors, got {type(t).__name__}; "
+        if _is_sharded(t):
+            raise TypeError(f"LARC's default norm_fn only handles unsharded tensors, got {type(t).__name__}; "
                             "pass a sharding-aware norm_fn")
         groups[(t.device, t.dtype)].append(i)
     out: List[Optional[torch.Tensor]] = [None] * len(tensors)
@@ -202,10 +203,14 @@ class LARC(torch.optim.Optimizer):
     def _adapt_gradients(self, entries: List[Tuple[torch.Tensor, float, Any]]) -> None:
         """Applies the LARC gradient transform to ``(param, weight_decay, lr)`` entries in place.
 
-        No host synchronisation: the trust ratios stay on the device and reach the gradients as 0-d tensors
-        (``g <- (g + wd_eff * p) * factor`` with ``factor = 1, wd_eff = 0`` where LARC does not adapt), so the
-        step can be queued behind the backward pass. Works on plain tensors, ``DTensor`` shards (their local
-        tensors are updated) and ZeRO partition fragments (views).
+        No host synchronisation and no host-to-device copy: the trust ratios stay on the device and reach the
+        gradients as 0-d tensors (``g <- (g + wd_eff * p) * factor`` with ``factor = 1, wd_eff = 0`` where LARC
+        does not adapt), and the per-entry weight decays and learning rates (host floats, the LR changing every
+        step under a schedule) become device vectors through fill kernels (``torch.full``, the value passed as a
+        kernel argument), one per run of consecutive entries sharing them; selections are slices of those runs,
+        never index lists (which would be copied to the device). So the step can be queued behind the backward
+        pass. Works on plain tensors, ``DTensor`` shards (their local tensors are updated) and ZeRO partition
+        fragments (views).
         """
         self._last = None
         n = len(entries)
@@ -218,20 +223,23 @@ class LARC(torch.optim.Optimizer):
         dtype = torch.promote_types(norms.dtype, torch.float32)
         norms = norms.detach().to(dtype)
         pn, gn = norms[:n], norms[n:]
-        wd = torch.tensor([float(e[1]) for e in entries], dtype=dtype, device=norms.device)
+        runs = _runs([(float(e[1]), float(e[2]) if self.clip else None) for e in entries])
+        wd = _filled([(stop - start, key[0]) for start, stop, key in runs], pn)
         local = self.trust_coefficient * pn / (gn + wd * pn + self.eps)
         if self.clip:
-            lr = torch.tensor([float(e[2]) for e in entries], dtype=dtype, device=norms.device)
+            lr = _filled([(stop - start, key[1]) for start, stop, key in runs], pn)
             local = torch.clamp(local / lr, max=1.0)
         adapt = (pn != 0) & (gn != 0)
         factor = torch.where(adapt, local, torch.ones_like(local))
         self._last = (self._entry_keys(entries), factor, adapt)
         grads = [_local(p.grad) for p in params]
-        with_wd = [i for i, e in enumerate(entries) if e[1] != 0]  # weight decay is known on the host
+        with_wd = [(start, stop) for start, stop, key in runs if key[0] != 0]  # weight decay is known on the host
         if with_wd:
             wd_eff = torch.where(adapt, wd, torch.zeros_like(wd))
-            torch._foreach_add_([grads[i] for i in with_wd], torch._foreach_mul(
-                [_local(params[i]) for i in with_wd], _scalars(wd_eff[with_wd], grads[with_wd[0]])))
+            wd_scalars = _scalars(wd_eff, grads[with_wd[0][0]])
+            sel = [i for start, stop in with_wd for i in range(start, stop)]
+            torch._foreach_add_([grads[i] for i in sel], torch._foreach_mul(
+                [_local(params[i]) for i in sel], [wd_scalars[i] for i in sel]))
         torch._foreach_mul_(grads, _scalars(factor, grads[0]))
 
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
@@ -276,9 +284,32 @@ class LARC(torch.optim.Optimizer):
         """Called after every step (also on error); subclasses release per-step bookkeeping here."""
 
 
+def _is_sharded(t: torch.Tensor) -> bool:
+    """A tensor subclass holding a shard (``DTensor``: ``to_local``)."""
+    return hasattr(t, "to_local") and type(t) not in _PLAIN_TENSOR_TYPES
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The local shard of a ``DTensor`` (updated in place), or ``t`` itself."""
-    return t.to_local() if hasattr(t, "to_local") and type(t) not in _PLAIN_TENSOR_TYPES else t
+    return t.to_local() if _is_sharded(t) else t
+
+
+def _runs(keys: List[Any]) -> List[Tuple[int, int, Any]]:
+    """``(start, stop, key)`` of every run of consecutive equal ``keys`` (host-side bookkeeping)."""
+    runs: List[Tuple[int, int, Any]] = []
+    for i, key in enumerate(keys):
+        if runs and runs[-1][2] == key:
+            runs[-1] = (runs[-1][0], i + 1, key)
+        else:
+            runs.append((i, i + 1, key))
+    return runs
+
+
+def _filled(counts_values: List[Tuple[int, float]], like: torch.Tensor) -> torch.Tensor:
+    """``[sum(counts)]`` vector holding each ``value`` ``count`` times, in ``like``'s dtype and device, made by fill
+    kernels (``torch.full``), not by copying a host-built tensor to the device."""
+    parts = [torch.full((count,), value, dtype=like.dtype, device=like.device) for count, value in counts_values]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _scalars(values: torch.Tensor, like: torch.Tensor) -> List[torch.Tensor]:

@@ -13,12 +13,12 @@ Peak of a row (bytes per rank)::
     forward/backward: params + optimizer + buffers + gathered + held gradients
                       + max_t (activations(t) + backward_grads x gradients(t)) + workspace
     optimizer step:   params + optimizer + buffers + gradients + step temporaries x step_share
-    peak = max of both, x ALLOCATOR_OVERHEAD on the batch-dependent part (see below)
+    peak = max of both, the batch-dependent part x ``overhead`` (``scaleclr.planner.rows``: 1 on CPU and CUDA)
 
-``ALLOCATOR_OVERHEAD``: what a live-tensor count does not see (allocator rounding, convolution scratch,
-storages freed a little later than their last use). On CPU it is measured once, by
-``benchmarks/plan_accuracy.py``, as the ratio of RSS growth to traced growth per image; the same constant is
-used for every model and engine (the table in ``benchmarks/RESULTS.md`` checks it on the others).
+``overhead`` is for what a live-tensor count does not see (allocator rounding, convolution scratch, storages
+freed a little later than their last use); ``benchmarks/plan_accuracy.py`` compares the prediction with the
+anonymous memory of real CPU steps (``benchmarks/RESULTS.md``), ``benchmarks/gpu_check.py`` with
+``torch.cuda.max_memory_allocated``.
 """
 from __future__ import annotations
 

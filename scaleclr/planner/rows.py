@@ -25,8 +25,9 @@ __all__ = ["ROWS", "Planner", "plan", "predict", "memory_check", "MemoryCheckErr
 
 ROWS = ("ddp", "fsdp", "zero1", "zero2", "zero3")
 DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
-#: CPU: RSS growth / traced growth per image (allocator rounding, oneDNN scratch, late frees), measured by
-#: ``benchmarks/plan_accuracy.py --calibrate`` (R18 and R50 at 32-64 px, fp32, DDP); see benchmarks/RESULTS.md.
+#: CPU: a factor on the batch-dependent bytes for what a live-tensor count does not see (allocator rounding, oneDNN
+#: scratch, late frees). 1: ``benchmarks/plan_accuracy.py`` measures the traced bytes within a few % of the
+#: anonymous memory of real steps (benchmarks/RESULTS.md), so no factor is applied.
 CPU_OVERHEAD = 1.0
 #: CUDA: the caching allocator's rounding is small next to the blocks' sizes; cuDNN's workspace is allowed for
 #: separately (the largest single tensor of the step), not by a factor. Not yet checked against a GPU here:

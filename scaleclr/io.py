@@ -5,16 +5,22 @@ target, and the directory itself is fsynced so the rename survives a power loss.
 either the old file or the complete new one, never a partial write; a failed write leaves no temp file.
 Directory checkpoints (FSDP, DeepSpeed) fsync their files and directory entries (:func:`fsync_tree`,
 :func:`fsync_files`) before they are renamed into place or marked complete.
+
+Files the user owns (``python -m scaleclr.export``): :func:`check_output_path` refuses an existing output unless
+the user asked to replace it, and an output that is (or lies inside) one of the inputs even then; with
+``overwrite=False`` the final step is a hard link instead of a rename, so a file created meanwhile is not
+replaced either (where the file system has no hard links it falls back to checking just before the rename).
 """
 from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
-__all__ = ["atomic_torch_save", "atomic_write_text", "fsync_dir", "fsync_files", "fsync_tree", "replace_dir"]
+__all__ = ["OutputExistsError", "atomic_torch_save", "atomic_write_text", "check_output_path", "fsync_dir",
+           "fsync_files", "fsync_tree", "replace_dir"]
 
 
 def _fsync_path(path: str) -> None:
@@ -50,7 +56,38 @@ def fsync_tree(path: str) -> None:
         fsync_dir(root)
 
 
-def _atomic_write(path: str, write, binary: bool, suffix: str = "") -> None:
+class OutputExistsError(ValueError):
+    """The output path exists and the user did not ask to replace it, or it is one of the inputs."""
+
+
+def _same_or_inside(path: str, other: str) -> bool:
+    """``path`` is ``other`` (also through links: same resolved path, or same inode) or lies inside it."""
+    a, b = os.path.realpath(path), os.path.realpath(other)
+    if a == b or a.startswith(b.rstrip(os.sep) + os.sep):
+        return True
+    try:
+        return os.path.samefile(path, other)  # a hard link to the input
+    except OSError:
+        return False
+
+
+def check_output_path(out: str, inputs: Sequence[str] = (), overwrite: bool = False,
+                      flag: str = "--overwrite") -> None:
+    """Refuse to write ``out`` where that would replace something the user did not ask to replace.
+
+    Raises:
+        OutputExistsError: ``out`` is (or resolves to, or lies inside) one of ``inputs``, even with ``overwrite``;
+            or ``out`` exists and not ``overwrite`` (the message names ``flag``).
+    """
+    for src in inputs:
+        if _same_or_inside(out, src):
+            raise OutputExistsError(f"OUT={out} is the input {src} (or inside it); writing it would destroy the "
+                                    "input. Give another output path.")
+    if os.path.lexists(out) and not overwrite:
+        raise OutputExistsError(f"OUT={out} exists; pass {flag} to replace it, or give another output path")
+
+
+def _atomic_write(path: str, write, binary: bool, suffix: str = "", overwrite: bool = True) -> None:
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=suffix)
@@ -59,7 +96,10 @@ def _atomic_write(path: str, write, binary: bool, suffix: str = "") -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _place_new(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -67,9 +107,25 @@ def _atomic_write(path: str, write, binary: bool, suffix: str = "") -> None:
     fsync_dir(d)
 
 
-def atomic_torch_save(obj: Any, path: str) -> None:
-    """``torch.save(obj)`` to ``path`` atomically (temp file, fsync, rename, directory fsync)."""
-    _atomic_write(path, lambda f: torch.save(obj, f), binary=True, suffix=".torch")
+def _place_new(tmp: str, path: str) -> None:
+    """Move ``tmp`` to ``path`` only if ``path`` does not exist (a hard link fails on an existing name)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise OutputExistsError(f"OUT={path} exists (it appeared while writing); nothing was replaced") from None
+    except OSError:  # no hard links on this file system: check, then rename (a narrow window remains)
+        if os.path.lexists(path):
+            raise OutputExistsError(f"OUT={path} exists; nothing was replaced") from None
+        os.replace(tmp, path)
+        return
+    os.remove(tmp)
+
+
+def atomic_torch_save(obj: Any, path: str, overwrite: bool = True) -> None:
+    """``torch.save(obj)`` to ``path`` atomically (temp file, fsync, rename, directory fsync).
+
+    ``overwrite=False``: raise :class:`OutputExistsError` instead of replacing an existing ``path``."""
+    _atomic_write(path, lambda f: torch.save(obj, f), binary=True, suffix=".torch", overwrite=overwrite)
 
 
 def atomic_write_text(text: str, path: str) -> None:

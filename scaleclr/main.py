@@ -14,9 +14,10 @@ inferred values), the launcher's world against NUM_NODES x NUM_PROC_PER_NODE, op
 config asks for (apex), data paths, the rendezvous address.
 
 Exit statuses: 0 trained (or already finished), 1 training failed (NaN/Inf loss, a worker crashed),
-2 configuration error (and ``config.MODEL.MEMORY_CHECK=error`` predicting an out-of-memory), 75
-(``EXIT_RESUMABLE``) stopped on one of ``config.TRAINER.STOP_SIGNALS`` after writing the checkpoint of the step
-all ranks agreed on: rerun the same command to resume.
+2 bad input (a configuration error, CHECKPOINT.DIR owned by another live run, no readable checkpoint to resume
+from, ``config.MODEL.MEMORY_CHECK=error`` predicting an out-of-memory), 75 (``EXIT_RESUMABLE``) stopped on one
+of ``config.TRAINER.STOP_SIGNALS`` after writing the checkpoint of the step all ranks agreed on: rerun the same
+command to resume. A SIGINT that is not a stop signal: 1.
 """
 import argparse
 import logging
@@ -32,6 +33,7 @@ from scaleclr.distributed.env import DistEnv, detect_launcher_env
 from scaleclr.distributed.stop import EXIT_RESUMABLE, StopSignal
 from scaleclr.distributed.sync_bn import is_apex_available as apex_available
 from scaleclr.distributed.launch import init_method_for, run_in_process, spawn, threads_per_worker
+from scaleclr.runlock import RunDirLocked, RunLock
 
 logger = logging.getLogger("scaleclr")
 
@@ -208,7 +210,9 @@ def memory_precheck(root, device: torch.device) -> bool:
 
 def worker(root, env: DistEnv, backend: str, stop: StopSignal) -> int:
     """One training process: 0 when done, ``EXIT_RESUMABLE`` when it stopped on a signal (checkpoint
-    written), 1 on a non-finite loss."""
+    written), 1 on a non-finite loss, 2 when another run owns CHECKPOINT.DIR, no recorded checkpoint can be
+    read (``config.CHECKPOINT.ON_CORRUPT``) or ``config.MODEL.MEMORY_CHECK=error`` predicts an out-of-memory."""
+    from scaleclr.checkpoint import CheckpointUnreadable
     from scaleclr.trainer import NonFiniteLossError, Trainer
 
     setup_logging(env.rank, root.config.VERBOSE)
@@ -223,6 +227,9 @@ def worker(root, env: DistEnv, backend: str, stop: StopSignal) -> int:
     except NonFiniteLossError as e:
         logger.error("%s", e)
         return 1
+    except (RunDirLocked, CheckpointUnreadable) as e:
+        logger.error("%s", e)
+        return 2
     return EXIT_RESUMABLE if "stopped_by" in results else 0
 
 
@@ -242,6 +249,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         # one launcher process decides; workers agree via rank 0 (TEST_ONLY trains nothing: it always runs)
         if env is None and not root.config.TEST_ONLY and already_finished(root):
             return 0
+        if env is None:  # no worker started yet: refuse a directory another run owns at once (rank 0 locks it)
+            RunLock(root.config.CHECKPOINT.DIR, stale_s=60 * root.config.CHECKPOINT.LOCK_STALE_MINUTES).check()
         try:
             preflight(root, env)
         except ValueError as e:  # data / engine set-up errors name their key already
@@ -263,3 +272,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as e:
         logger.error("configuration error: %s", e)
         return 2
+    except RunDirLocked as e:
+        logger.error("%s", e)
+        return 2
+    except KeyboardInterrupt:  # SIGINT that is not one of the stop signals: no checkpoint, a failure (status 1)
+        logger.error("interrupted (SIGINT is not in config.TRAINER.STOP_SIGNALS): no checkpoint was written")
+        return 1

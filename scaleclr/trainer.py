@@ -29,10 +29,11 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from scaleclr import builders
-from scaleclr.checkpoint import CheckpointManager, tag_for
+from scaleclr.checkpoint import CheckpointManager, CheckpointUnreadable, tag_for
 from scaleclr.config import to_yaml
 from scaleclr.data.device_augment import resolve_device_augmentation
 from scaleclr.distributed.collectives import all_reduce_sum, collective_device, is_distributed
+from scaleclr.distributed.compile import sync_bn_type_for_compile
 from scaleclr.distributed.env import barrier
 from scaleclr.distributed.stop import StopSignal, control_group
 from scaleclr.distributed.sync_bn import convert_sync_batchnorm, create_sync_bn_process_group, describe_sync_bn
@@ -41,6 +42,7 @@ from scaleclr.eval.knn import extract_shard, knn_top1
 from scaleclr.eval.online import OnlineProbe
 from scaleclr.io import fsync_dir
 from scaleclr.metrics import METRICS_FILE, MetricLogger
+from scaleclr.runlock import RunDirLocked, RunLock
 from scaleclr.tasks import TaskContext, build_task
 
 logger = logging.getLogger(__name__)
@@ -141,7 +143,8 @@ class Trainer:
         sbn = c.MODEL.SYNC_BN_CONFIG
         if sbn.CONVERT_BN_TO_SYNC_BN and world_size > 1:
             group = create_sync_bn_process_group(sbn.GROUP_SIZE, num_proc_per_node=local_world_size)
-            convert_sync_batchnorm(self.task.sync_bn_scope(model), sbn.SYNC_BN_TYPE, process_group=group,
+            sync_bn_type = sync_bn_type_for_compile(sbn.SYNC_BN_TYPE, c.MODEL.TORCH_COMPILE)  # torch's breaks graphs
+            convert_sync_batchnorm(self.task.sync_bn_scope(model), sync_bn_type, process_group=group,
                                    device=self.device)  # in place
         logger.info("BatchNorm: %s", describe_sync_bn(model))
         self.engine = build_engine(spec, self.device, rank, world_size)
@@ -170,6 +173,31 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ loop
     def train(self) -> Dict[str, Any]:
+        """Train (or resume, or test) in CHECKPOINT.DIR, which rank 0 holds locked throughout
+        (:mod:`scaleclr.runlock`; :class:`RunDirLocked` on every rank when another run owns it)."""
+        lock = self._lock_run_dir()
+        try:
+            return self._train()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _lock_run_dir(self) -> Optional[RunLock]:
+        lock, error = None, None
+        if self.is_main:
+            try:
+                lock = RunLock(self.out_dir, stale_s=60 * self.c.CHECKPOINT.LOCK_STALE_MINUTES).acquire()
+            except RunDirLocked as e:
+                error = str(e)
+        if is_distributed():
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error:
+            raise RunDirLocked(error)
+        return lock
+
+    def _train(self) -> Dict[str, Any]:
         c = self.c
         results: Dict[str, Any] = {}
         resumed = False if c.TEST_ONLY else self.maybe_resume()
@@ -418,18 +446,40 @@ class Trainer:
         self._last_save_s = time.perf_counter() - t0
         return path
 
-    def _choose_checkpoint(self) -> Optional[Dict[str, Any]]:
-        """Rank 0 reads the pointer and every rank gets its choice: ranks reading a shared file system on
-        their own could disagree and then hang in different collective loads."""
+    def _choose_checkpoint(self, failed: Dict[str, str]) -> Optional[Dict[str, Any]]:
+        """Rank 0 reads the pointer and verifies the candidates (``CheckpointManager.choose_resume``), and every
+        rank gets its choice: ranks reading a shared file system on their own could disagree and then hang in
+        different collective loads. ``failed``: checkpoints the engine could not load, skipped."""
         c = self.c.CHECKPOINT
-        entry = None
+        entry, error = None, None
         if self.is_main and c.AUTO_RESUME and not c.OVERWRITE_EXISTING:
-            entry = self.checkpoints.latest(c.LATEST_CHECKPOINT_RESUME_FILE_NUM)
+            try:
+                entry = self.checkpoints.choose_resume(c.LATEST_CHECKPOINT_RESUME_FILE_NUM, c.ON_CORRUPT, failed)
+            except CheckpointUnreadable as e:
+                error = str(e)
         if is_distributed():
-            box = [entry]
+            box = [(entry, error)]
             dist.broadcast_object_list(box, src=0)
-            entry = box[0]
+            entry, error = box[0]
+        if error:
+            raise CheckpointUnreadable(error)
         return entry
+
+    def _load(self, entry: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        """The engine's load of ``entry``; None (on every rank) when it failed on any rank (the failure is
+        logged and recorded for :meth:`_choose_checkpoint`). An engine's ValueError (a user error) propagates."""
+        client, reason = None, None
+        try:
+            client = self.engine.load(entry["abspath"])
+        except (KeyboardInterrupt, SystemExit, ValueError):
+            raise
+        except BaseException as e:  # torch.load / DCP (CheckpointException is a BaseException) / DeepSpeed
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            logger.warning("rank %d could not load %s: %s", self.rank, entry["abspath"], reason)
+        if all_reduce_sum(torch.tensor([float(reason is not None)])).item() == 0:
+            return client
+        self._load_failures[entry["path"]] = reason or "another rank could not load it"
+        return None
 
     def maybe_resume(self):
         """Resume from the latest checkpoint: returns False (fresh start), True (resumed), or ``"finished"``."""
@@ -440,19 +490,22 @@ class Trainer:
             if os.path.exists(metrics_path):
                 os.replace(metrics_path, metrics_path + ".old")
                 fsync_dir(self.out_dir)
-        entry = self._choose_checkpoint()
-        if entry is None:
-            return False
-        done = entry.get("epochs_done", entry.get("epoch"))
-        if entry["final"] and done >= c.OPTIMIZER.num_epochs:
-            if self.is_main:
-                logger.info("training already finished in %s (%s); set config.CHECKPOINT.OVERWRITE_EXISTING=True "
-                            "or another config.CHECKPOINT.DIR to train again", self.out_dir, entry["path"])
-            return "finished"
-        if entry["engine"] != self.engine.name:
-            raise ValueError(f"{entry['abspath']} was written by the {entry['engine']!r} engine but "
-                             f"config.DISTRIBUTED.ENGINE={self.engine.name}; resume with the same engine.")
-        client = self.engine.load(entry["abspath"])
+        self._load_failures: Dict[str, str] = {}
+        client = None
+        while client is None:  # the newest checkpoint that verifies and loads (choose_resume names the others)
+            entry = self._choose_checkpoint(self._load_failures)
+            if entry is None:
+                return False
+            done = entry.get("epochs_done", entry.get("epoch"))
+            if entry["final"] and done >= c.OPTIMIZER.num_epochs:
+                if self.is_main:
+                    logger.info("training already finished in %s (%s); set config.CHECKPOINT.OVERWRITE_EXISTING="
+                                "True or another config.CHECKPOINT.DIR to train again", self.out_dir, entry["path"])
+                return "finished"
+            if entry["engine"] != self.engine.name:
+                raise ValueError(f"{entry['abspath']} was written by the {entry['engine']!r} engine but "
+                                 f"config.DISTRIBUTED.ENGINE={self.engine.name}; resume with the same engine.")
+            client = self._load(entry)
         state = TrainState.from_checkpoint(client["train_state"])
         saved_spe = client.get("steps_per_epoch", client.get("iters_per_epoch"))
         if saved_spe != self.steps_per_epoch and state.step_in_epoch:

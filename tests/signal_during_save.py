@@ -27,14 +27,14 @@ def signalling_train_step(self, batch, data_time):
     return _train_step(self, batch, data_time)
 
 
-def signalling_atomic_write(path, write, binary, suffix=""):
+def signalling_atomic_write(path, write, binary, suffix="", **kw):
     def write_then_signal(f):
         write(f)
         if os.path.basename(path) == f"model_iteration{step + 1}.torch":
             os.kill(os.getppid(), signal.SIGTERM)
             with open(os.path.join(os.path.dirname(path), "second_signal_sent"), "w") as marker:
                 marker.write(str(os.getppid()))
-    return _atomic_write(path, write_then_signal, binary, suffix)
+    return _atomic_write(path, write_then_signal, binary, suffix, **kw)
 
 
 Trainer.train_step = signalling_train_step

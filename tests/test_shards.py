@@ -287,7 +287,8 @@ def test_knn_and_test_split_read_shards(data, tmp_path):
     root, _ = load_config(["config=test/integration_test/quick_simclr_synthetic",
                            f"config.KNN_EVAL.TRAIN_PATH={data['dir']}", f"config.KNN_EVAL.VAL_PATH={data['folder']}",
                            "config.DATA.TEST.DATA_SOURCES=[webdataset]", f"config.DATA.TEST.DATA_PATHS=[{data['dir']}]"])
-    train, val = builders.build_knn_loaders(root.config)
+    knn = builders.build_knn_data(root.config, 0, 1)
+    train, val = knn["train"][1], knn["val"][1]
     assert isinstance(train.dataset.source, ShardSource) and isinstance(val.dataset.source, DiskFolderSource)
     test = builders.build_split_source(root.config, "TEST")
     assert isinstance(test, ShardSource) and len(test) == 40

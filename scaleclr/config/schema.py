@@ -176,7 +176,7 @@ class ModelConfig:
     NON_TRAINABLE_PARAMS: List[str] = field(default_factory=list)
     INPUT_TYPE: str = "rgb"
     CHANNELS_LAST: str = "auto"  # auto (on with CUDA) | on | off: model and input batches in channels_last
-    TORCH_COMPILE: bool = False  # torch.compile the trunk and heads (DDP, FSDP2; not DeepSpeed)
+    TORCH_COMPILE: bool = False  # compile the blocks and heads, static shapes (DDP, FSDP2; DeepSpeed: error)
     TORCH_COMPILE_MODE: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     TORCH_COMPILE_BACKEND: str = "inductor"  # inductor | aot_eager (traces, no code generation: debugging)
     # scaleclr.plan's prediction before the model is built (CUDA): warn | error (exit 2) | off
@@ -309,6 +309,12 @@ class CheckpointConfig:
     # >= 0: keep the last KEEP_LAST model_iteration* checkpoints (and every epoch checkpoint VISSL's
     # CHECKPOINT_FREQUENCY rule keeps, the final one, and the one 'latest' points at); -1: keep all
     KEEP_LAST: int = -1
+    # a checkpoint that cannot be read at resume (missing, truncated, corrupt): `fallback` warns naming it and
+    # resumes from the newest readable one (nothing is deleted); `error` stops the run (exit status 2)
+    ON_CORRUPT: str = "fallback"
+    # the run directory's lock (.scaleclr.lock, one run per CHECKPOINT.DIR): a lock written on another host
+    # and not refreshed for this many minutes is taken over (the owner refreshes it every minute)
+    LOCK_STALE_MINUTES: float = 10.0
 
 
 @dataclass

@@ -146,6 +146,11 @@ def validate(root: DictConfig) -> None:
         logger.warning("config.DISTRIBUTED.DEEPSPEED_CONFIG=%s has no effect with config.DISTRIBUTED.ENGINE=%s "
                        "(pass --deepspeed_config or ENGINE=deepspeed to use it)", c.DISTRIBUTED.DEEPSPEED_CONFIG,
                        c.DISTRIBUTED.ENGINE)
+    if c.MODEL.TORCH_COMPILE and c.DISTRIBUTED.ENGINE == "deepspeed":
+        raise ConfigError("config.MODEL.TORCH_COMPILE", "= True is not supported with config.DISTRIBUTED.ENGINE="
+                          "deepspeed (compiled ZeRO steps are not checked against eager ones; ZeRO-3 gathers "
+                          "parameters in hooks on every layer, which would run inside the blocks' compiled "
+                          "code); use ENGINE=ddp or fsdp with TORCH_COMPILE=True, or TORCH_COMPILE=False.")
     _check_head_lr(root)
     if c.CHECKPOINT.LATEST_CHECKPOINT_RESUME_FILE_NUM < 1:
         raise ConfigError("config.CHECKPOINT.LATEST_CHECKPOINT_RESUME_FILE_NUM", "must be >= 1 (1 = latest).")
@@ -169,6 +174,12 @@ def validate(root: DictConfig) -> None:
     if c.CHECKPOINT.KEEP_LAST < -1:
         raise ConfigError("config.CHECKPOINT.KEEP_LAST", f"= {c.CHECKPOINT.KEEP_LAST}; allowed: -1 (keep every "
                           "checkpoint) or k >= 0 (keep the last k model_iteration checkpoints).")
+    if c.CHECKPOINT.ON_CORRUPT not in ("fallback", "error"):
+        raise ConfigError("config.CHECKPOINT.ON_CORRUPT", f"= {c.CHECKPOINT.ON_CORRUPT!r}; allowed: fallback "
+                          "(resume from the newest readable checkpoint) or error (stop with exit status 2).")
+    if not c.CHECKPOINT.LOCK_STALE_MINUTES > 0:
+        raise ConfigError("config.CHECKPOINT.LOCK_STALE_MINUTES", f"= {c.CHECKPOINT.LOCK_STALE_MINUTES}; must be "
+                          "> 0 (minutes after which another host's unrefreshed run lock is taken over).")
     _check_stop_signals(root)
     _check_slurm(root)
     _check_weights_init(root)

@@ -320,7 +320,7 @@ def build_source(name: str, path: str | None, data_limit: int = -1, *,
             names the config key, the value and the allowed values.
     """
     if name not in _SOURCE_KWARGS:  # (webdataset shards are built by scaleclr.data.shards.ShardSource)
-        raise ValueError(f"{key}={name!r} is not a known data source; allowed: {list(_SOURCE_KWARGS)} "
+        raise ValueError(f"{key}={name!r} is not a known data source; allowed: {sorted(_SOURCE_KWARGS)} "
                          f"({path_key}={path!r})")
     unknown = sorted(set(kwargs) - set(_SOURCE_KWARGS[name]))
     if unknown:

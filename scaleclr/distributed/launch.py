@@ -17,6 +17,14 @@ stop handler before anything else; a spawning parent blocks the signals while it
 inherit the mask, so a signal during their start-up waits instead of killing them), then forwards each stop
 signal to every live worker. A worker that stopped on a signal exits with ``EXIT_RESUMABLE`` (75) and the
 parent returns that status.
+
+The parent also forwards SIGINT, SIGTERM and SIGUSR1 when they are not stop signals (an interrupt sent to the
+launcher alone: ``kill -INT <pid>``, ``timeout -s INT``, a notebook's stop button) and never acts on them
+itself: it keeps waiting for its workers, which stop (a stop signal: checkpoint, 75) or die of it (SIGINT
+raises KeyboardInterrupt in the worker, SIGTERM/SIGUSR1 kill it: 1). Whatever ends the wait, no worker is
+left running (:func:`_reap`). The parent's status is one of the documented ones (:func:`exit_status`): 0 done,
+1 a worker failed or was killed, 2 bad input (a worker that found the run directory locked, an unreadable
+checkpoint), 75 stopped and checkpointed.
 """
 import logging
 import os
@@ -38,6 +46,16 @@ from scaleclr.distributed.stop import EXIT_RESUMABLE, SignalForwarder, StopSigna
 logger = logging.getLogger(__name__)
 
 Worker = Callable[[object, DistEnv, str, StopSignal], int]
+
+
+#: signals a spawning parent forwards to its workers even when they are not stop signals
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+def exit_status(worker_code: Optional[int]) -> int:
+    """The launcher's status for a worker that ended with ``worker_code`` (negative: killed by a signal):
+    0, 2 and ``EXIT_RESUMABLE`` pass through, anything else is a failure (1)."""
+    return worker_code if worker_code in (0, 2, EXIT_RESUMABLE) else 1
 
 
 def stop_signals(root) -> List[signal.Signals]:
@@ -102,11 +120,12 @@ def run_in_process(worker: Worker, root, env: DistEnv, backend: str, init_method
 
 
 def _spawn_entry(local_rank: int, worker: Worker, yaml_cfg: str, node: DistEnv, nproc: int, backend: str,
-                 init_method: Optional[str], signals: Sequence[int]) -> None:
-    for s in signals:  # a forked worker inherits the launcher's handlers (its forwarder, submitit's): not its own
-        signal.signal(s, signal.SIG_DFL)  # (still blocked here, so nothing arrives before the stop handler)
+                 init_method: Optional[str], signals: Sequence[int], forwarded: Sequence[int] = ()) -> None:
+    for s in {*signals, *forwarded}:  # a forked worker inherits the launcher's handlers (its forwarder,
+        # submitit's): not its own (still blocked here, so nothing arrives before the stop handler)
+        signal.signal(s, signal.default_int_handler if s == signal.SIGINT and s not in signals else signal.SIG_DFL)
     stop = StopSignal(signals).install()
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)  # blocked by the parent until now: pending ones arrive
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {*signals, *forwarded})  # blocked by the parent until now
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     torch.set_num_threads(threads_per_worker(nproc))
     root = OmegaConf.create(yaml_cfg)
@@ -147,11 +166,12 @@ def spawn(worker: Worker, root, backend: str, agent: Optional[DistEnv] = None,
     yaml_cfg = OmegaConf.to_yaml(root, resolve=True)
     method = root.config.MULTI_PROCESSING_METHOD
     signals = stop_signals(root)
-    forwarder = None
+    forwarded = sorted({*signals, *FORWARDED})
+    forwarder = context = None
     try:
         context, forwarder = _start_forwarding(lambda: mp.start_processes(
-            _spawn_entry, args=(worker, yaml_cfg, node, nproc, backend, init_method, signals), nprocs=nproc,
-            join=False, start_method=method), signals)
+            _spawn_entry, args=(worker, yaml_cfg, node, nproc, backend, init_method, signals, forwarded),
+            nprocs=nproc, join=False, start_method=method), forwarded)
         if started is not None:
             started(context)
         while not context.join():
@@ -164,12 +184,31 @@ def spawn(worker: Worker, root, backend: str, agent: Optional[DistEnv] = None,
             logger.info("the workers stopped on a signal after writing a checkpoint (exit status %d: rerun to "
                         "resume)", EXIT_RESUMABLE)
         else:
-            logger.error("a worker exited with code %s; all workers were stopped", e.exit_code)
-        return e.exit_code or 1
+            logger.error("a worker %s; all workers were stopped", f"was killed by {e.signal_name}" if
+                         getattr(e, "signal_name", None) else f"exited with code {e.exit_code}")
+        return exit_status(e.exit_code)
     finally:
+        if context is not None:
+            _reap(context)
         if forwarder is not None:
             forwarder.restore()
     return 0
+
+
+def _reap(context, grace_s: float = 30.0) -> None:
+    """Leave no worker running: SIGTERM the live ones (their stop handler checkpoints), SIGKILL after
+    ``grace_s``. A no-op after a normal join."""
+    alive = [p for p in context.processes if p.is_alive()]
+    if not alive:
+        return
+    logger.error("the launcher stops %d worker(s) that are still running", len(alive))
+    for p in alive:
+        p.terminate()
+    for p in alive:
+        p.join(grace_s)
+        if p.is_alive():
+            p.kill()
+            p.join()
 
 
 def _start_forwarding(start: Callable[[], "mp.ProcessContext"], signals: Sequence[int]):

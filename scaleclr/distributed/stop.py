@@ -141,8 +141,8 @@ class StopSignal:
             return
         self._record(signum)
         previous = self._previous.get(signum)
-        if callable(previous) and previous is not self._handle:
-            previous(signum, frame)  # chain a handler a host program installed before us
+        if callable(previous) and previous not in (self._handle, signal.default_int_handler):
+            previous(signum, frame)  # chain a handler a host program installed before us (not KeyboardInterrupt)
 
     def _record(self, signum: int) -> None:
         self.count += 1
@@ -207,8 +207,9 @@ class StopSignal:
 
 
 class SignalForwarder:
-    """A launcher process's handler: forward each stop signal to the worker processes (``pids()``) and chain
-    the handler that was installed before (e.g. submitit's). Used by ``train.py``'s spawn parent, which starts
+    """A launcher process's handler: forward each signal to the worker processes (``pids()``) and chain the
+    handler that was installed before (e.g. submitit's; not Python's SIGINT handler: a KeyboardInterrupt would
+    end the launcher's wait while its workers run on). Used by ``train.py``'s spawn parent, which starts
     its workers with the signals blocked so that none is lost or fatal before a worker's own handler is in.
 
     Args:
@@ -247,12 +248,11 @@ class SignalForwarder:
     def _handle(self, signum: int, frame) -> None:
         if os.getpid() != self._pid:  # inherited by a fork-started worker before it installed its own
             return
-        logger.info("received %s: forwarding it to the workers (they checkpoint and stop)",
-                    signal.Signals(signum).name)
+        logger.info("received %s: forwarding it to the workers", signal.Signals(signum).name)
         self.forward(signum)
         previous = self._previous.get(signum)
-        if callable(previous):
-            previous(signum, frame)
+        if callable(previous) and previous is not signal.default_int_handler:
+            previous(signum, frame)  # e.g. submitit's; never KeyboardInterrupt: the launcher keeps waiting
 
 
 def control_group():

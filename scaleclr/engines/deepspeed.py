@@ -70,7 +70,8 @@ from torch import nn
 from scaleclr.distributed.collectives import broadcast_buffers, collective_device, ensure_process_group
 from scaleclr.engines.base import Engine, MemoryLayout, ModelCounts, OptimizerFactory
 from scaleclr.engines.precision import batchnorm_fp32
-from scaleclr.io import atomic_torch_save, atomic_write_text, fsync_dir, fsync_files
+from scaleclr.io import (OutputExistsError, atomic_torch_save, atomic_write_text, check_output_path, fsync_dir,
+                         fsync_files)
 from scaleclr.optim.larc import LARC
 
 logger = logging.getLogger(__name__)
@@ -295,6 +296,8 @@ class DeepSpeedEngine(Engine):
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
         import deepspeed
 
+        if self.spec.precision.compile:  # config validation refuses it (config.MODEL.TORCH_COMPILE)
+            raise ValueError("torch.compile is not supported with the DeepSpeed engine; use ddp or fsdp")
         self.ds_config = self.spec.deepspeed_config
         self.stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
         self.bf16 = bool(self.ds_config["bf16"]["enabled"])
@@ -520,12 +523,15 @@ def read_fp32_state_dict(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, 
     return state, meta, tag
 
 
-def export_checkpoint(path: str, out: str) -> str:
+def export_checkpoint(path: str, out: str, overwrite: bool = False) -> str:
     """Offline export of a scaleclr DeepSpeed checkpoint directory (any ZeRO stage, any number of ranks) to a
     consolidated fp32 file (see :func:`consolidated_payload`). Runs in one process, no GPU. (``python -m
-    scaleclr.export CHECKPOINT OUT --format scaleclr|torchvision|vissl`` does the same for every engine.)"""
+    scaleclr.export CHECKPOINT OUT --format scaleclr|torchvision|vissl`` does the same for every engine.)
+    An existing ``out`` is replaced only with ``overwrite``, ``path`` itself never
+    (:class:`scaleclr.io.OutputExistsError`)."""
+    check_output_path(out, [path], overwrite)
     state, meta, tag = read_fp32_state_dict(path)
-    atomic_torch_save(consolidated_payload(state, meta, tag), out)
+    atomic_torch_save(consolidated_payload(state, meta, tag), out, overwrite=overwrite)
     return out
 
 
@@ -536,9 +542,14 @@ def _main(argv: Optional[List[str]] = None) -> int:
     e = sub.add_parser("export", help="consolidated fp32 trunk + heads from a DeepSpeed checkpoint directory")
     e.add_argument("checkpoint", help="<CHECKPOINT.DIR>/<tag>, e.g. runs/x/model_phase1")
     e.add_argument("out", help="output .torch file")
+    e.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never the checkpoint itself)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    print(export_checkpoint(args.checkpoint, args.out))
+    try:
+        print(export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite))
+    except OutputExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -44,7 +44,7 @@ from torch import nn
 from scaleclr.distributed.collectives import broadcast_buffers, ensure_process_group
 from scaleclr.distributed.parallelize import build_mesh, parallelize
 from scaleclr.engines.base import Engine, MemoryLayout, ModelCounts, OptimizerFactory
-from scaleclr.io import atomic_torch_save, replace_dir
+from scaleclr.io import atomic_torch_save, check_output_path, replace_dir
 
 logger = logging.getLogger(__name__)
 
@@ -352,11 +352,15 @@ def load_full_state_dict(path: str) -> Dict[str, torch.Tensor]:
     return {k: (v.float() if v.is_floating_point() else v) for k, v in model.items()}
 
 
-def export_checkpoint(path: str, out_file: str) -> str:
+def export_checkpoint(path: str, out_file: str, overwrite: bool = False) -> str:
     """Write the unsharded model of FSDP checkpoint ``path`` as one ``torch.save`` file in scaleclr's export layout
     (:func:`scaleclr.interchange.formats.scaleclr_payload`: ``{"format": "scaleclr", "model": state, ...}``).
-    ``python -m scaleclr.export CHECKPOINT OUT --format scaleclr|torchvision|vissl`` does this for every engine."""
+    ``python -m scaleclr.export CHECKPOINT OUT --format scaleclr|torchvision|vissl`` does this for every engine.
+    An existing ``out_file`` is replaced only with ``overwrite``, ``path`` itself never
+    (:class:`scaleclr.io.OutputExistsError`)."""
     from scaleclr.interchange.formats import scaleclr_payload
 
-    atomic_torch_save(scaleclr_payload(load_full_state_dict(path), engine="fsdp-export"), out_file)
+    check_output_path(out_file, [path], overwrite)
+    atomic_torch_save(scaleclr_payload(load_full_state_dict(path), engine="fsdp-export"), out_file,
+                      overwrite=overwrite)
     return out_file

@@ -94,29 +94,34 @@ def test_reference_loss_logits_grow_quadratically_streaming_does_not():
     assert r > 1024 * 2048 * 4 and s < r / 4
 
 
-def _fits_only_another_option(root):
+@pytest.fixture(scope="module")
+def cuda_planner():
+    """The quick config planned for CUDA (the memory checks read their mode from their own root)."""
+    return Planner(_root(), "cuda")
+
+
+def _fits_only_another_option(pl):
     """A GPU size between the best row's peak and the configured row's (ddp, checkpointing off)."""
-    result = plan(root, "cuda", None)
-    best = min(r["peak_bytes"] for r in result["rows"])
-    mine = _row(result, "ddp", False)["peak_bytes"]
+    best = min(pl.row(e, ac, None)["peak_bytes"] for e in ROWS for ac in (False, True))
+    mine = pl.row("ddp", False, None)["peak_bytes"]
     assert best < mine
     return (best + mine) // 2
 
 
-def test_memory_check_error_names_what_fits():
+def test_memory_check_error_names_what_fits(cuda_planner):
     root = _root("config.MODEL.MEMORY_CHECK=error")
-    total = _fits_only_another_option(root)
+    total = _fits_only_another_option(cuda_planner)
     with pytest.raises(MemoryCheckError, match=r"predicted out of memory: ddp .* Fits: \w+ with activation"):
-        memory_check(root, torch.device("cuda", 0), total_memory=total)
+        memory_check(root, torch.device("cuda", 0), total_memory=total, planner=cuda_planner)
     with pytest.raises(MemoryCheckError, match="No engine fits even one image"):
-        memory_check(root, torch.device("cuda", 0), total_memory=MIB)
+        memory_check(root, torch.device("cuda", 0), total_memory=MIB, planner=cuda_planner)
 
 
-def test_memory_check_warn_logs_and_off_or_cpu_skips(caplog):
+def test_memory_check_warn_logs_and_off_or_cpu_skips(caplog, cuda_planner):
     root = _root()  # default: warn
     assert root.config.MODEL.MEMORY_CHECK == "warn"
     with caplog.at_level(logging.WARNING, logger="scaleclr.plan"):
-        row = memory_check(root, torch.device("cuda", 0), total_memory=MIB)
+        row = memory_check(root, torch.device("cuda", 0), total_memory=MIB, planner=cuda_planner)
     assert row is not None and not row["fits"] and "predicted out of memory" in caplog.text
     assert memory_check(_root("config.MODEL.MEMORY_CHECK=off"), torch.device("cuda", 0), total_memory=MIB) is None
     assert memory_check(root, torch.device("cpu"), total_memory=MIB) is None

@@ -179,16 +179,18 @@ def predict(root, engine: Optional[str] = None, checkpointing: Optional[bool] = 
     return Planner(root, device_type, world).row(engine, checkpointing, gpu_memory)
 
 
-def memory_check(root, device: torch.device, total_memory: Optional[int] = None) -> Optional[Dict[str, Any]]:
+def memory_check(root, device: torch.device, total_memory: Optional[int] = None,
+                 planner: Optional[Planner] = None) -> Optional[Dict[str, Any]]:
     """``config.MODEL.MEMORY_CHECK`` for this run on ``device`` (CUDA only; ``total_memory`` default: the
     device's). Logs the prediction; when it does not fit, names an engine / checkpointing / batch that does,
-    logs it (``warn``) or raises :class:`MemoryCheckError` (``error``). Returns the row, None when skipped."""
+    logs it (``warn``) or raises :class:`MemoryCheckError` (``error``). Returns the row, None when skipped.
+    ``planner``: a CUDA :class:`Planner` of the same model, crops and batch, to reuse its traces."""
     c = root.config
     mode = str(c.MODEL.MEMORY_CHECK)
     if mode == "off" or device.type != "cuda":
         return None
     total = total_memory or torch.cuda.get_device_properties(device).total_memory
-    pl = Planner(root, "cuda")
+    pl = planner or Planner(root, "cuda")
     engine, ac = configured_row(c), bool(c.MODEL.ACTIVATION_CHECKPOINTING.USE_ACTIVATION_CHECKPOINTING)
     row = pl.row(engine, ac, total)
     logger.info("memory plan: %s, activation checkpointing %s, %d images per GPU: predicted peak %.2f GiB of "

@@ -155,12 +155,38 @@ def predict(case: dict) -> int:
         return plan_predict(root, case["engine"], case["ac"], device_type="cpu")["peak_bytes"]
 
 
+def compare(measured: list, predicted: list, b1: int, b2: int) -> dict:
+    (m1, m2), (p1, p2) = measured, predicted
+    return {"measured": [m1, m2], "predicted": [p1, p2], "per_image_measured": (m2 - m1) / (b2 - b1),
+            "per_image_predicted": (p2 - p1) / (b2 - b1), "per_image_error": (p2 - p1) / (m2 - m1) - 1,
+            "absolute_error": p2 / m2 - 1}
+
+
 def run(case: dict, b1: int, b2: int) -> dict:
-    m1, m2 = measure({**case, "batch": b1}), measure({**case, "batch": b2})
-    p1, p2 = predict({**case, "batch": b1}), predict({**case, "batch": b2})
-    return {**case, "b1": b1, "b2": b2, "measured": [m1, m2], "predicted": [p1, p2],
-            "per_image_measured": (m2 - m1) / (b2 - b1), "per_image_predicted": (p2 - p1) / (b2 - b1),
-            "per_image_error": (p2 - p1) / (m2 - m1) - 1, "absolute_error": p2 / m2 - 1}
+    measured = [measure({**case, "batch": b1}), measure({**case, "batch": b2})]
+    predicted = [predict({**case, "batch": b1}), predict({**case, "batch": b2})]
+    return {**case, "b1": b1, "b2": b2, **compare(measured, predicted, b1, b2)}
+
+
+def repredict(row: dict) -> dict:
+    """``row`` (a measured case) with this checkout's predictions."""
+    case = {k: row[k] for k in ("model", "size", "views", "dtype", "engine", "ac", "procs")}
+    return {**row, **compare(row["measured"], [predict({**case, "batch": b}) for b in (row["b1"], row["b2"])],
+                             row["b1"], row["b2"])}
+
+
+def print_table(rows: list, b2) -> None:
+    """The header (``b2`` given) and a Markdown row per case."""
+    if b2 is not None:
+        print("| model | px | views | dtype | engine | ckpt | procs | per image meas. (MiB) | pred. | error "
+              f"| peak at B={b2} meas. (MiB) | pred. | error |")
+        print("|---|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['model']} | {r['size']} | {r['views']} | {r['dtype']} | {r['engine']} | "
+              f"{'on' if r['ac'] else 'off'} | {r['procs']} | {r['per_image_measured'] / MIB:.2f} | "
+              f"{r['per_image_predicted'] / MIB:.2f} | {100 * r['per_image_error']:+.1f} % | "
+              f"{r['measured'][1] / MIB:,.0f} | {r['predicted'][1] / MIB:,.0f} | {100 * r['absolute_error']:+.1f} % |",
+              flush=True)
 
 
 def main(argv=None) -> int:
@@ -177,12 +203,20 @@ def main(argv=None) -> int:
                    help="these cases instead of the product, e.g. r50:64:multicrop:bf16:zero3:on")
     p.add_argument("--batches", nargs=2, type=int, default=[4, 16], help="B1 B2 images per process")
     p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--repredict", default=None, metavar="JSON",
+                   help="no measurement: the rows of an earlier --json, predicted again by this checkout's planner")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # inherited by the spawned ranks: freed tensors leave RSS
     sys.path.insert(0, str(ROOT))
     os.chdir(ROOT)
+    if args.repredict:
+        rows = [repredict(r) for r in json.loads(Path(args.repredict).read_text())]
+        print_table(rows, rows[0]["b2"] if rows else 0)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+        return 0
     if args.smoke:
         cases = [dict(model="r18", size=args.sizes[0] if args.sizes != [64, 96] else 64, views="two", dtype="fp32",
                       engine="ddp", ac=False, procs=1)]
@@ -199,17 +233,10 @@ def main(argv=None) -> int:
                                                            args.engines, args.ac)]
         b1, b2 = args.batches
     rows = []
-    print("| model | px | views | dtype | engine | ckpt | per image meas. (MiB) | pred. | error "
-          f"| peak at B={b2} meas. (MiB) | pred. | error |")
-    print("|---|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|")
+    print_table(rows, b2)
     for case in cases:
-        r = run(case, b1, b2)
-        rows.append(r)
-        print(f"| {r['model']} | {r['size']} | {r['views']} | {r['dtype']} | {r['engine']} | "
-              f"{'on' if r['ac'] else 'off'} | {r['per_image_measured'] / MIB:.2f} | "
-              f"{r['per_image_predicted'] / MIB:.2f} | {100 * r['per_image_error']:+.1f} % | "
-              f"{r['measured'][1] / MIB:,.0f} | {r['predicted'][1] / MIB:,.0f} | {100 * r['absolute_error']:+.1f} % |",
-              flush=True)
+        rows.append(run(case, b1, b2))
+        print_table(rows[-1:], None)
         if args.json:  # after every case: a long table keeps what finished
             Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

@@ -112,6 +112,13 @@ class Planner:
                                sizes=tuple(p.numel() for p in params), largest_unit=largest,
                                momentum=float(self.c.OPTIMIZER.momentum) > 0)
 
+    def scaleclr_sync_bn(self) -> bool:
+        """The trainer converts to scaleclr's SyncBatchNorm (world > 1; ``native``, or ``pytorch`` on CPU, where
+        torch's runs on GPU tensors only). torch's and apex's CUDA SyncBN are traced as BatchNorm (fused kernels)."""
+        sbn = self.c.MODEL.SYNC_BN_CONFIG
+        return bool(sbn.CONVERT_BN_TO_SYNC_BN) and self.world > 1 and (
+            sbn.SYNC_BN_TYPE == "native" or (sbn.SYNC_BN_TYPE == "pytorch" and self.device.type == "cpu"))
+
     def step_transient(self) -> int:
         """The optimizer step's temporaries (traced once: they depend on the parameters only)."""
         if self._step is None:
@@ -135,7 +142,7 @@ class Planner:
             traces = trace_steps(lambda: builders.build_model(c, init_weights=False), lambda: builders.build_loss(c),
                                  self.views, batches, world=self.world, autocast_dtype=p.autocast_dtype,
                                  channels_last=p.channels_last, activation_checkpointing=key[2],
-                                 as_list=self.as_list)
+                                 as_list=self.as_list, sync_bn=self.scaleclr_sync_bn())
             self._traces[key] = ScaledTrace(traces, batches, self.step_transient())
         return self._traces[key]
 

@@ -132,11 +132,36 @@ def _loss_patches(world: int):
     return stack
 
 
-def _fake_model(build_model, channels_last: bool, activation_checkpointing: bool):
-    """The model under the active fake mode, in the layout the engines give it, in train mode."""
+def _sync_bn_patches(world: int):
+    """scaleclr's SyncBatchNorm over ``world`` ranks without a process group: local statistics stand in for the
+    group's (same shapes: ``(C,)`` and a 0-d count), the backward's ``(2C,)`` all-reduce is skipped."""
+    if world <= 1:
+        return contextlib.nullcontext()
+    from scaleclr.distributed import sync_bn
+
+    def stats(x, group, size):
+        dims = [d for d in range(x.dim()) if d != 1]
+        var, mean = torch.var_mean(x.float() if x.dtype != torch.float32 else x, dim=dims, correction=0)
+        n = x.numel() // x.shape[1] * size
+        return mean, var * n, torch.tensor(float(n))
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(mock.patch.object(sync_bn, "_group_size", lambda group: world))
+    stack.enter_context(mock.patch.object(sync_bn, "_group_batch_stats", stats))
+    stack.enter_context(mock.patch.object(sync_bn.dist, "all_reduce", lambda *a, **k: None))
+    return stack
+
+
+def _fake_model(build_model, channels_last: bool, activation_checkpointing: bool, sync_bn: bool = False):
+    """The model under the active fake mode, in the layout the engines give it, in train mode; ``sync_bn``: its
+    BatchNorms replaced by scaleclr's SyncBatchNorm, as the trainer does for a world > 1 on CPU (whose Python
+    backward keeps more temporaries than BatchNorm's fused kernel)."""
     from scaleclr.distributed.parallelize import apply_activation_checkpointing
 
     model = build_model()
+    if sync_bn:
+        from scaleclr.distributed.sync_bn import convert_sync_batchnorm
+        convert_sync_batchnorm(model, "native")
     if channels_last:  # per tensor (module.to would swap parameters, which fake tensors' weakrefs forbid)
         for p in model.parameters():
             if p.dim() == 4:
@@ -148,7 +173,7 @@ def _fake_model(build_model, channels_last: bool, activation_checkpointing: bool
 
 def trace_steps(build_model, build_loss, views: Sequence[Tuple[int, int]], batches: Sequence[int], *,
                 world: int, autocast_dtype: Optional[torch.dtype], channels_last: bool,
-                activation_checkpointing: bool, as_list: bool = False) -> List[StepTrace]:
+                activation_checkpointing: bool, as_list: bool = False, sync_bn: bool = False) -> List[StepTrace]:
     """Forward, loss and backward of one training step on fake CPU tensors, once per batch in ``batches`` (one
     fake model for all: the cost of a trace is its operator count, not the batch). The optimizer step is
     traced once, by :func:`trace_optimizer_step`.
@@ -163,6 +188,7 @@ def trace_steps(build_model, build_loss, views: Sequence[Tuple[int, int]], batch
         channels_last: model and inputs NHWC.
         activation_checkpointing: checkpoint every residual block (the engines' function).
         as_list: the model gets a list of crops (multicrop collator) instead of one stacked tensor.
+        sync_bn: trace scaleclr's SyncBatchNorm over ``world`` ranks instead of BatchNorm.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
@@ -173,7 +199,7 @@ def trace_steps(build_model, build_loss, views: Sequence[Tuple[int, int]], batch
     out = []
     # real (not fake) index tables the streaming loss caches per shape: real CPU tensors inside the trace
     with FakeTensorMode(allow_non_fake_inputs=True):
-        model = _fake_model(build_model, channels_last, activation_checkpointing)
+        model = _fake_model(build_model, channels_last, activation_checkpointing, sync_bn)
         loss_fn = build_loss()
         params = [p for p in model.parameters() if p.requires_grad]
         dim = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].out_features
@@ -182,7 +208,7 @@ def trace_steps(build_model, build_loss, views: Sequence[Tuple[int, int]], batch
                 build_loss()(torch.randn(sum(n for n, _ in views) * batch, dim))
             tracker = LiveBytes()
             tracker.exclude(list(model.parameters()) + list(model.buffers()))
-            with tracker, _loss_patches(world):
+            with tracker, _loss_patches(world), _sync_bn_patches(world if sync_bn else 1):
                 if as_list:  # multicrop collator: one [B, 3, s, s] tensor per crop
                     x = [torch.empty(batch, 3, side, side).contiguous(memory_format=fmt)
                          for count, side in views for _ in range(count)]

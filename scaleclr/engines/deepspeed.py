@@ -335,8 +335,10 @@ class DeepSpeedEngine(Engine):
         tensors under ``stage3_param_persistence_threshold`` --; an fp32 master partition (4P/N) at every stage >= 1
         even in fp32 training (ZeRO-0: only in bf16/fp16, unpartitioned) and momentum beside it; gradients in the
         low precision on the module (ZeRO-0/1, plus ZeRO-1's fp32 gradient partition), or only the fp32
-        partition (ZeRO-2/3) filled through a ``reduce_bucket_size`` bucket; ZeRO-1 adds an ``allgather`` bucket,
-        ZeRO-3 the gathered parameters in flight (prefetch bucket + the running block, at most
+        partition (ZeRO-2/3) filled through a ``reduce_bucket_size`` bucket (ZeRO-1 too: 0.19 runs stages 1 and 2
+        in one optimizer class, and all-gathers the updated partitions into the module's flat parameters, no
+        ``allgather_bucket_size`` buffer: R18, 2 ranks, measured the same peak at ZeRO-1 and ZeRO-2), ZeRO-3 the
+        gathered parameters in flight (prefetch bucket + the running block, at most
         ``stage3_max_live_parameters``)."""
         ds = spec.deepspeed_config or {}
         z = ds.get("zero_optimization", {})
@@ -349,9 +351,7 @@ class DeepSpeedEngine(Engine):
         if stage == 0:
             return MemoryLayout(low * n, low * n, mom + master, low * bucket, 0, low / 4, 1.0)
         if stage == 1:
-            return MemoryLayout(low * n, low * n + 4 * part, mom + master,
-                                low * (bucket + int(z.get("allgather_bucket_size", 5 * 10 ** 8))), 0, low / 4,
-                                1 / world_size)
+            return MemoryLayout(low * n, low * n + 4 * part, mom + master, low * bucket, 0, low / 4, 1 / world_size)
         if stage == 2:
             return MemoryLayout(low * n, 4 * part, mom + master, low * bucket, 0, 0.0, 1 / world_size)
         live = min(counts.largest_unit + int(z.get("stage3_prefetch_bucket_size", 5 * 10 ** 7)),

@@ -22,11 +22,14 @@ seconds, below, added to the time spent) is recorded as ``{"skipped": "time budg
    the 1-rank NCCL group, torch's kernels on 2 emulated ranks of unequal size, scaleclr's function
    (``benchmarks/sync_bn_check.py``).
 5. ``engine_memory`` (~60 s): peak GPU memory of two R50-w2 training steps per engine (DDP, FSDP, ZeRO-1/2/3) in
-   one process on ``cuda:0``.
+   one process on ``cuda:0``: ``torch.cuda.max_memory_allocated`` over the second step (peak stats reset after
+   the first, so the momentum exists, as in steady training) beside the memory planner's prediction for the same
+   config (``scaleclr.plan.predict``, world 1): ``predicted_mib`` and ``predicted_over_measured``.
 
 ``--cpu-smoke`` runs every section at toy sizes on the CPU (~1 minute; the test suite runs it so the script
 cannot rot): the GPU pass's pytest command on CPU (every test skips), the step rows with the two-stage path forced
-on and with ``torch.compile`` (backend ``aot_eager``), scaleclr's sync function, and all five engines.
+on and with ``torch.compile`` (backend ``aot_eager``), scaleclr's sync function, and all five engines with their
+planner predictions (built on CPU; the comparison needs a GPU: ``"comparison": "skipped: no CUDA"``).
 """
 from __future__ import annotations
 
@@ -229,13 +232,24 @@ def engine_memory_section(smoke: bool, device):
                                "config.HOOKS.TENSORBOARD_SETUP.USE_TENSORBOARD=False",
                                f"config.MACHINE.DEVICE={'gpu' if device.type == 'cuda' else 'cpu'}", *extra])
         try:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
+            from scaleclr.plan import predict
+            pred = predict(root, name, device_type=device.type, world=1)["peak_bytes"] / 2 ** 20
             tr = Trainer(root, device=device)
             batch_ = next(iter(tr.loader))
-            for _ in range(1 if smoke else 2):
+            tr.train_step(batch_, 0.0)  # warm-up: momentum allocated, as in the steady state the planner predicts
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            if not smoke:
                 tr.train_step(batch_, 0.0)
-            out[name] = {"peak_mib": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None}
+            row = {"predicted_mib": pred}
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                row["peak_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
+                row["predicted_over_measured"] = pred / row["peak_mib"]
+            else:
+                row.update(peak_mib=None, comparison="skipped: no CUDA (the prediction was built)")
+            out[name] = row
             del tr
         except Exception as e:
             out[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
@@ -303,7 +317,8 @@ def summary(r) -> str:
         lines.append(f"sync_bn {name}: {chk['grad_fn']}, worst {worst[1]} at {worst[0]:.2f} of its limit")
     for name, m in (r.get("engine_memory") or {}).items():
         if isinstance(m, dict) and m.get("peak_mib") is not None:
-            lines.append(f"engine {name}: peak {m['peak_mib']:.0f} MiB")
+            lines.append(f"engine {name}: peak {m['peak_mib']:.0f} MiB, planner {m['predicted_mib']:.0f} MiB "
+                         f"({m['predicted_over_measured']:.2f}x)")
     return "\n".join(lines)
 
 

@@ -295,10 +295,22 @@ def already_finished(root) -> bool:
     return True
 
 
+def memory_precheck(root, device: torch.device) -> bool:
+    """``config.MODEL.MEMORY_CHECK`` on CUDA, before the model is built (:func:`scaleclr.planner.rows.memory_check`):
+    False when the run is predicted not to fit and the mode is ``error`` (the message names what fits)."""
+    from scaleclr.planner.rows import MemoryCheckError, memory_check
+    try:
+        memory_check(root, device)
+    except MemoryCheckError as e:
+        logger.error("%s", e)
+        return False
+    return True
+
+
 def worker(root, env: DistEnv, backend: str, stop: StopSignal) -> int:
     """One training process: 0 when done, ``EXIT_RESUMABLE`` when it stopped on a signal (checkpoint
-    written), 1 on a non-finite loss, 2 when another run owns CHECKPOINT.DIR or no recorded checkpoint can be
-    read (``config.CHECKPOINT.ON_CORRUPT``)."""
+    written), 1 on a non-finite loss, 2 when another run owns CHECKPOINT.DIR, no recorded checkpoint can be
+    read (``config.CHECKPOINT.ON_CORRUPT``) or ``config.MODEL.MEMORY_CHECK=error`` predicts an out-of-memory."""
     from scaleclr.checkpoint import CheckpointUnreadable
     from scaleclr.trainer import NonFiniteLossError, Trainer
 
@@ -306,6 +318,8 @@ def worker(root, env: DistEnv, backend: str, stop: StopSignal) -> int:
     device, _ = choose_device(root, env)
     bind_device(device)
     set_cuda_math(root.config.MODEL, device)
+    if not memory_precheck(root, device):
+        return 2
     try:
         results = Trainer(root, rank=env.rank, world_size=env.world_size, local_rank=env.local_rank,
                           local_world_size=env.local_world_size, device=device, stop=stop).train()

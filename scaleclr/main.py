@@ -15,8 +15,9 @@ config asks for (apex), data paths, the rendezvous address.
 
 Exit statuses: 0 trained (or already finished), 1 training failed (NaN/Inf loss, a worker crashed),
 2 bad input (a configuration error, CHECKPOINT.DIR owned by another live run, no readable checkpoint to resume
-from), 75 (``EXIT_RESUMABLE``) stopped on one of ``config.TRAINER.STOP_SIGNALS`` after writing the checkpoint of
-the step all ranks agreed on: rerun the same command to resume. A SIGINT that is not a stop signal: 1.
+from, ``config.MODEL.MEMORY_CHECK=error`` predicting an out-of-memory), 75 (``EXIT_RESUMABLE``) stopped on one
+of ``config.TRAINER.STOP_SIGNALS`` after writing the checkpoint of the step all ranks agreed on: rerun the same
+command to resume. A SIGINT that is not a stop signal: 1.
 """
 import argparse
 import logging

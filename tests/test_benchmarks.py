@@ -41,6 +41,9 @@ def test_gpu_check_cpu_smoke(tmp_path):
         assert chk["ok"] and chk["sync_path"] and "SyncBatchNorm" in chk["grad_fn"], (name, chk)
     assert set(res["sync_bn"]["checks"]) == {"scaleclr_float32", "scaleclr_bfloat16"}
     assert set(res["engine_memory"]) == {"ddp", "fsdp", "zero1", "zero2", "zero3"}
+    # the planner's prediction per engine was built (compared with max_memory_allocated on a GPU only)
+    for name, m in res["engine_memory"].items():
+        assert m["predicted_mib"] > 0 and m["comparison"].startswith("skipped"), (name, m)
 
 
 def test_compiled_modules_counts_compiled_blocks():
@@ -104,6 +107,26 @@ def test_junit_summary(tmp_path):
     assert (s["passed"], s["failed"], s["errors"], s["skipped"]) == (1, 1, 1, 1)
     assert s["failing"][0] == {"id": "tests.test_gpu::test_b", "kind": "failure", "message": ["assert 1 == 2"]}
     assert s["skip_reasons"] == {"needs CUDA": 1}
+
+
+def test_plan_accuracy_smoke(tmp_path, monkeypatch):
+    """``benchmarks/plan_accuracy.py --smoke`` (R18, 64 px, DDP, fresh processes): the planner's per-image growth
+    and absolute peak within ``PLAN_TOLERANCE`` of the measured ones. Negative control: a planner whose trace
+    misses BatchNorm's outputs (saved for backward by the next ReLU / convolution) is caught on the same numbers."""
+    import plan_accuracy
+    from numerics import PLAN_TOLERANCE
+
+    out = tmp_path / "plan_accuracy.json"
+    r = subprocess.run([sys.executable, "benchmarks/plan_accuracy.py", "--smoke", "--json", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    row, = json.loads(out.read_text())
+    assert abs(row["per_image_error"]) <= PLAN_TOLERANCE and abs(row["absolute_error"]) <= PLAN_TOLERANCE, row
+    monkeypatch.setattr(torch.nn.functional, "batch_norm", lambda x, *args, **kwargs: x)  # BN outputs not counted
+    case = {k: row[k] for k in ("model", "size", "views", "dtype", "engine", "ac", "procs")}
+    p1, p2 = (plan_accuracy.predict({**case, "batch": b}) for b in (row["b1"], row["b2"]))
+    m1, m2 = row["measured"]
+    assert (p2 - p1) / (m2 - m1) - 1 < -PLAN_TOLERANCE, (p1, p2, row)
 
 
 def test_data_sources_smoke(tmp_path):

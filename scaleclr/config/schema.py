@@ -179,6 +179,8 @@ class ModelConfig:
     TORCH_COMPILE: bool = False  # compile the blocks and heads, static shapes (DDP, FSDP2; DeepSpeed: error)
     TORCH_COMPILE_MODE: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     TORCH_COMPILE_BACKEND: str = "inductor"  # inductor | aot_eager (traces, no code generation: debugging)
+    # scaleclr.plan's prediction before the model is built (CUDA): warn | error (exit 2) | off
+    MEMORY_CHECK: str = "warn"
     # CUDA only (the worker sets them before the model is built; nothing changes on CPU): cuDNN autotuning of
     # convolutions (fixed input sizes) and torch.set_float32_matmul_precision (highest = fp32, high = TF32)
     CUDNN_BENCHMARK: bool = True

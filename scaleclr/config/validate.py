@@ -27,6 +27,7 @@ ALLOWED = {
     "config.METERS.name": ("", "accuracy_list_meter"),
     "config.MODEL.AMP_PARAMS.AMP_TYPE": ("apex", "pytorch"),
     "config.MODEL.AMP_PARAMS.AMP_DTYPE": ("float16", "bfloat16"),
+    "config.MODEL.MEMORY_CHECK": ("warn", "error", "off"),
     "config.MODEL.TORCH_COMPILE_MODE": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "config.MODEL.TORCH_COMPILE_BACKEND": ("inductor", "aot_eager", "eager"),
     "config.MODEL.FLOAT32_MATMUL_PRECISION": ("highest", "high", "medium"),

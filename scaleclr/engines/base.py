@@ -20,7 +20,8 @@ pieces live below them (``scaleclr.io``, ``scaleclr.distributed``, ``scaleclr.en
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -29,6 +30,48 @@ from scaleclr.engines.precision import autocast
 from scaleclr.engines.spec import EngineSpec
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
+
+
+@dataclass(frozen=True)
+class ModelCounts:
+    """Parameter counts the memory layouts read (trainable parameters only).
+
+    Attributes:
+        numel: all parameters.
+        replicated: BatchNorm parameters (FSDP keeps them replicated fp32).
+        sizes: every parameter tensor's numel (DeepSpeed's ZeRO-3 keeps the small ones whole on every rank).
+        largest_unit: parameters of the largest FSDP unit / residual block (gathered whole while it runs).
+        momentum: the optimizer keeps a momentum buffer per parameter.
+    """
+
+    numel: int
+    replicated: int
+    sizes: Tuple[int, ...]
+    largest_unit: int
+    momentum: bool
+
+
+@dataclass(frozen=True)
+class MemoryLayout:
+    """Bytes per rank an engine holds for the model (``Engine.memory_layout``; read by ``scaleclr.plan``).
+
+    Attributes:
+        params: parameters as the engine stores them (full, sharded, low precision).
+        grads: gradients held through the optimizer step.
+        optimizer: momentum and fp32 master copies.
+        buffers: communication buckets allocated once.
+        gathered: unsharded parameters (and their gradients) of the units in flight: ZeRO-3 / FSDP, transient.
+        backward_grads: share of the full-size fp32 gradients (the trace's) live during backward.
+        step_share: share of the full model the optimizer steps on this rank (its temporaries scale with it).
+    """
+
+    params: int
+    grads: int
+    optimizer: int
+    buffers: int
+    gathered: int
+    backward_grads: float
+    step_share: float
 
 
 class Engine(ABC):
@@ -75,6 +118,14 @@ class Engine(ABC):
             from scaleclr.distributed.compile import apply_compile
             apply_compile(model, self.spec.precision.compile_mode, self.spec.precision.compile_backend)
         return model
+
+    @classmethod
+    def memory_layout(cls, spec: EngineSpec, world_size: int, counts: ModelCounts) -> MemoryLayout:
+        """What this engine keeps per rank (DDP's layout; sharded engines override it): fp32 parameters,
+        fp32 gradients, momentum, and DDP's gradient buckets (one fp32 copy of every gradient, world > 1)."""
+        p = 4 * counts.numel
+        return MemoryLayout(params=p, grads=p, optimizer=p if counts.momentum else 0,
+                            buffers=p if world_size > 1 else 0, gathered=0, backward_grads=1.0, step_share=1.0)
 
     def autocast(self):
         """The forward's autocast context (``spec.precision.autocast_dtype``; none in fp32)."""

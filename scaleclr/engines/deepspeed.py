@@ -67,7 +67,7 @@ import torch.distributed as dist
 from torch import nn
 
 from scaleclr.distributed.collectives import broadcast_buffers, collective_device, ensure_process_group
-from scaleclr.engines.base import Engine, OptimizerFactory
+from scaleclr.engines.base import Engine, MemoryLayout, ModelCounts, OptimizerFactory
 from scaleclr.engines.precision import batchnorm_fp32
 from scaleclr.io import atomic_write_text, fsync_dir, fsync_files
 from scaleclr.optim.larc import LARC
@@ -318,6 +318,38 @@ class DeepSpeedEngine(Engine):
         logger.info("DeepSpeed ZeRO-%d (%s), %s, optimizer %s, activation checkpointing %s", self.stage,
                     "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32", type(ds_optimizer).__name__,
                     type(client).__name__, self.spec.activation_checkpointing)
+
+    @classmethod
+    def memory_layout(cls, spec, world_size: int, counts: ModelCounts) -> MemoryLayout:
+        """DeepSpeed 0.19's layout per ZeRO stage (``spec.deepspeed_config``), N = ``world_size``, P parameters:
+        module parameters in the low precision (bf16/fp16: 2 bytes, fp32: 4) -- 1/N of them at ZeRO-3, except
+        tensors under ``stage3_param_persistence_threshold`` --; an fp32 master partition (4P/N) at every stage >= 1
+        even in fp32 training (ZeRO-0: only in bf16/fp16, unpartitioned) and momentum beside it; gradients in the
+        low precision on the module (ZeRO-0/1, plus ZeRO-1's fp32 gradient partition), or only the fp32
+        partition (ZeRO-2/3) filled through a ``reduce_bucket_size`` bucket (ZeRO-1 too: 0.19 runs stages 1 and 2
+        in one optimizer class, and all-gathers the updated partitions into the module's flat parameters, no
+        ``allgather_bucket_size`` buffer: R18, 2 ranks, measured the same peak at ZeRO-1 and ZeRO-2), ZeRO-3 the
+        gathered parameters in flight (prefetch bucket + the running block, at most
+        ``stage3_max_live_parameters``)."""
+        ds = spec.deepspeed_config or {}
+        z = ds.get("zero_optimization", {})
+        stage = int(z.get("stage", 0))
+        low = 2 if spec.precision.param_dtype in (torch.bfloat16, torch.float16) else 4
+        n, part = counts.numel, -(-counts.numel // world_size)
+        bucket = int(z.get("reduce_bucket_size", 5 * 10 ** 8)) if world_size > 1 else 0
+        mom = 4 * (part if stage else n) if counts.momentum else 0
+        master = 4 * part if stage else (4 * n if low == 2 else 0)
+        if stage == 0:
+            return MemoryLayout(low * n, low * n, mom + master, low * bucket, 0, low / 4, 1.0)
+        if stage == 1:
+            return MemoryLayout(low * n, low * n + 4 * part, mom + master, low * bucket, 0, low / 4, 1 / world_size)
+        if stage == 2:
+            return MemoryLayout(low * n, 4 * part, mom + master, low * bucket, 0, 0.0, 1 / world_size)
+        live = min(counts.largest_unit + int(z.get("stage3_prefetch_bucket_size", 5 * 10 ** 7)),
+                   int(z.get("stage3_max_live_parameters", 10 ** 9)), n)
+        small = sum(k for k in counts.sizes if k < int(z.get("stage3_param_persistence_threshold", 10 ** 5)))
+        return MemoryLayout(low * (part + small), 4 * part, mom + master, low * bucket,
+                            low * live + 4 * counts.largest_unit, 0.0, 1 / world_size)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss)

@@ -43,7 +43,7 @@ from torch import nn
 
 from scaleclr.distributed.collectives import broadcast_buffers, ensure_process_group
 from scaleclr.distributed.parallelize import build_mesh, parallelize
-from scaleclr.engines.base import Engine, OptimizerFactory
+from scaleclr.engines.base import Engine, MemoryLayout, ModelCounts, OptimizerFactory
 from scaleclr.io import atomic_torch_save, replace_dir
 
 logger = logging.getLogger(__name__)
@@ -202,6 +202,23 @@ class FSDPEngine(Engine):
         logger.info("FSDP2: mesh %s, unit=%s, reshard_after_forward=%s, %s, activation checkpointing %s",
                     tuple(self.mesh.shape), fs.shard_unit, fs.reshard_after_forward, self.spec.precision.describe(),
                     self.spec.activation_checkpointing)
+
+    @classmethod
+    def memory_layout(cls, spec, world_size: int, counts: ModelCounts) -> MemoryLayout:
+        """Sharded fp32 master parameters, gradients and momentum (1/shard of each), BatchNorm's replicated fp32
+        parameters whole, and one unit gathered at a time (in ``param_dtype``; with its unsharded fp32 gradient
+        in backward, freed by the reduce-scatter). HSDP shards over ``world / HSDP_REPLICATE`` ranks."""
+        shards = world_size // max(1, spec.fsdp.hsdp_replicate if spec.fsdp else 1)
+        sharded = counts.numel - counts.replicated
+        per_rank = 4 * (-(-sharded // shards) + counts.replicated)
+        low = spec.precision.param_dtype
+        unit_bytes = 2 if low in (torch.bfloat16, torch.float16) else 4
+        gathered = counts.largest_unit * (unit_bytes + 4) if shards > 1 else 0
+        if spec.fsdp is not None and not spec.fsdp.reshard_after_forward:
+            gathered = sharded * unit_bytes + counts.largest_unit * 4  # every unit stays gathered until backward
+        share = per_rank / (4 * counts.numel)
+        return MemoryLayout(params=per_rank, grads=per_rank, optimizer=per_rank if counts.momentum else 0,
+                            buffers=0, gathered=gathered, backward_grads=share, step_share=share)
 
     # ------------------------------------------------------------------------------------------ step
     def backward(self, loss: torch.Tensor) -> None:

@@ -1,0 +1,162 @@
+"""The memory planner (``python -m scaleclr.plan``, ``config.MODEL.MEMORY_CHECK``): rows for every engine x
+checkpointing, what sharding and checkpointing change, a monotone batch, the OOM pre-check on a fake device size.
+Accuracy against measured peak RSS: ``test_benchmarks.py::test_plan_accuracy_smoke`` and benchmarks/RESULTS.md."""
+import json
+import logging
+import types
+
+import pytest
+import torch
+
+from scaleclr import launch as train_launch
+from scaleclr.config import load_config
+from scaleclr.plan import ROWS, MemoryCheckError, Planner, main, memory_check, parse_bytes, plan
+from scaleclr.planner import rows as plan_rows
+
+QUICK = ["config=test/integration_test/quick_simclr_synthetic", "config.DISTRIBUTED.NUM_PROC_PER_NODE=2"]
+MIB = 2 ** 20
+
+
+def _root(*extra):
+    root, _ = load_config(QUICK + list(extra), world_size=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def planner():
+    """One planner (its traces cached) for the tests that read rows of the default quick config."""
+    return Planner(_root(), "cpu")
+
+
+@pytest.fixture(scope="module")
+def planned():
+    return plan(_root(), "cpu", 512 * MIB)
+
+
+def _row(result, engine, ac):
+    return next(r for r in result["rows"] if r["engine"] == engine and r["activation_checkpointing"] == ac)
+
+
+def test_cli_json_has_every_engine_and_checkpointing(capsys):
+    assert main(QUICK + ["--device", "cpu", "--gpu-memory", "512MiB", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [(r["engine"], r["activation_checkpointing"]) for r in rows] == [(e, a) for e in ROWS
+                                                                          for a in (False, True)]
+    for r in rows:
+        assert {"engine", "activation_checkpointing", "batch_per_gpu", "peak_bytes", "fits",
+                "max_batch_per_gpu"} <= set(r)
+        assert r["batch_per_gpu"] == 8 and isinstance(r["fits"], bool) and r["max_batch_per_gpu"] >= 1
+        parts = sum(r[f"{k}_bytes"] for k in ("params", "grads", "optimizer", "buffers", "activations", "loss",
+                                               "transient"))
+        assert parts == r["peak_bytes"]
+
+
+def test_cli_needs_gpu_memory_without_a_gpu(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(QUICK) == 2
+    assert "--gpu-memory" in capsys.readouterr().err
+    assert parse_bytes("80GiB") == 80 * 2 ** 30 and parse_bytes("1.5 GB") == 1_500_000_000
+    with pytest.raises(ValueError, match="80 apples"):
+        parse_bytes("80 apples")
+
+
+def test_checkpointing_lowers_activations(planner):
+    pl = planner  # 256 images: activations, not the optimizer step, make the peak
+    for e in ROWS:
+        on, off = (pl.row(e, ac, None, batch=256)["activations_bytes"] for ac in (True, False))
+        assert 0 < on < 0.7 * off
+
+
+def test_sharded_engines_divide_parameters_by_the_world(planned):
+    ddp, fsdp, zero3 = (_row(planned, e, False)["params_bytes"] for e in ("ddp", "fsdp", "zero3"))
+    assert ddp == 4 * planned["parameters"]
+    # world 2: half of the sharded parameters; BatchNorm's (and, under ZeRO-3, small tensors') stay whole
+    assert 1.8 < ddp / fsdp <= 2 and 1.5 < ddp / zero3 <= 2
+    assert _row(planned, "zero1", False)["params_bytes"] == ddp  # ZeRO-1/2 keep the module's parameters
+
+
+def test_cpu_sync_bn_is_traced(planner):
+    """World 2 on CPU: the trainer converts to scaleclr's SyncBatchNorm, whose Python backward keeps temporaries
+    BatchNorm's fused kernel does not; with checkpointing they make the peak (R18 at 64 px, measured: 3.10 MiB
+    per image, traced with SyncBN 3.09, as BatchNorm 2.34). Negative control: the plain-BN planner."""
+    plain = Planner(_root("config.MODEL.SYNC_BN_CONFIG.CONVERT_BN_TO_SYNC_BN=False"), "cpu")
+    assert planner.scaleclr_sync_bn() and not plain.scaleclr_sync_bn()
+    assert not Planner(_root(), "cuda").scaleclr_sync_bn()  # torch's SyncBN on CUDA: traced as BatchNorm
+    sync, bn = (pl.row("ddp", True, None, batch=256)["peak_bytes"] for pl in (planner, plain))
+    assert sync > 1.1 * bn
+
+
+def test_peak_grows_with_the_batch_and_max_batch_is_the_limit(planner):
+    pl = planner
+    peaks = [pl.row("ddp", False, None, batch=b)["peak_bytes"] for b in (4, 16, 64, 256)]
+    assert peaks == sorted(peaks) and peaks[-1] > peaks[0]
+    total = pl.row("ddp", False, None, batch=100)["peak_bytes"]
+    top = pl.row("ddp", False, total)["max_batch_per_gpu"]
+    assert top >= 100
+    assert pl.row("ddp", False, total, batch=top)["fits"] and not pl.row("ddp", False, total, batch=top + 1)["fits"]
+
+
+def test_reference_loss_logits_grow_quadratically_streaming_does_not():
+    """The reference loss's N x W*N logits are counted (negative control: streaming keeps O(N*D))."""
+    ref = Planner(_root("config.LOSS.simclr_info_nce_loss.impl=reference"), "cpu")
+    stream = Planner(_root("config.LOSS.simclr_info_nce_loss.impl=streaming"), "cpu")
+    big = 512  # 1024 rows x 2048 columns of fp32 logits, and their softmax
+    r, s = (p.row("ddp", False, None, batch=big)["loss_bytes"] for p in (ref, stream))
+    assert r > 1024 * 2048 * 4 and s < r / 4
+
+
+@pytest.fixture(scope="module")
+def cuda_planner():
+    """The quick config planned for CUDA (the memory checks read their mode from their own root)."""
+    return Planner(_root(), "cuda")
+
+
+def _fits_only_another_option(pl):
+    """A GPU size between the best row's peak and the configured row's (ddp, checkpointing off)."""
+    best = min(pl.row(e, ac, None)["peak_bytes"] for e in ROWS for ac in (False, True))
+    mine = pl.row("ddp", False, None)["peak_bytes"]
+    assert best < mine
+    return (best + mine) // 2
+
+
+def test_memory_check_error_names_what_fits(cuda_planner):
+    root = _root("config.MODEL.MEMORY_CHECK=error")
+    total = _fits_only_another_option(cuda_planner)
+    with pytest.raises(MemoryCheckError, match=r"predicted out of memory: ddp .* Fits: \w+ with activation"):
+        memory_check(root, torch.device("cuda", 0), total_memory=total, planner=cuda_planner)
+    with pytest.raises(MemoryCheckError, match="No engine fits even one image"):
+        memory_check(root, torch.device("cuda", 0), total_memory=MIB, planner=cuda_planner)
+
+
+def test_memory_check_warn_logs_and_off_or_cpu_skips(caplog, cuda_planner):
+    root = _root()  # default: warn
+    assert root.config.MODEL.MEMORY_CHECK == "warn"
+    with caplog.at_level(logging.WARNING, logger="scaleclr.plan"):
+        row = memory_check(root, torch.device("cuda", 0), total_memory=MIB, planner=cuda_planner)
+    assert row is not None and not row["fits"] and "predicted out of memory" in caplog.text
+    assert memory_check(_root("config.MODEL.MEMORY_CHECK=off"), torch.device("cuda", 0), total_memory=MIB) is None
+    assert memory_check(root, torch.device("cpu"), total_memory=MIB) is None
+
+
+def test_train_worker_stops_with_status_2_on_a_fake_gpu_size(monkeypatch, capsys):
+    """train.py's worker on (fake) CUDA with a GPU too small: exit status 2 before the model is built."""
+    root = _root("config.MODEL.MEMORY_CHECK=error")
+    monkeypatch.setattr(train_launch, "choose_device", lambda root, env: (torch.device("cuda", 0), "nccl"))
+    monkeypatch.setattr(train_launch, "bind_device", lambda device: None)  # no CUDA to bind here
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=MIB))
+    built = []
+    monkeypatch.setattr("scaleclr.trainer.Trainer", lambda *a, **k: built.append(1))
+    env = train_launch.DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, node_rank=0,
+                             master_addr="127.0.0.1", master_port=29500, launcher="none")
+    assert train_launch.worker(root, env, "nccl", None) == 2
+    assert not built and "predicted out of memory" in capsys.readouterr().err  # worker's logging: stderr
+    # negative control: MEMORY_CHECK=warn goes on to build the trainer
+    monkeypatch.setattr("scaleclr.trainer.Trainer", lambda *a, **k: built.append(1) or types.SimpleNamespace(
+        train=lambda: {}))
+    assert train_launch.worker(_root(), env, "nccl", None) == 0 and built
+
+
+def test_memory_check_values_are_validated():
+    from scaleclr.config import ConfigError
+    with pytest.raises(ConfigError, match="MEMORY_CHECK.*warn, error, off"):
+        _root("config.MODEL.MEMORY_CHECK=maybe")

@@ -135,7 +135,7 @@ def measure(case: dict) -> int:
     """Peak RSS above the base less the library code pages touched since, max over ranks, in a fresh group of
     processes."""
     import torch.multiprocessing as mp
-    from scaleclr.distributed.launch import free_port
+    from scaleclr.launch import free_port
 
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()

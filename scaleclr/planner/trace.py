@@ -146,7 +146,7 @@ def _sync_bn_patches(world: int):
         return mean, var * n, torch.tensor(float(n))
 
     stack = contextlib.ExitStack()
-    stack.enter_context(mock.patch.object(sync_bn, "_group_size", lambda group: world))
+    stack.enter_context(mock.patch.object(sync_bn, "world_info", lambda group=None: (0, world)))
     stack.enter_context(mock.patch.object(sync_bn, "_group_batch_stats", stats))
     stack.enter_context(mock.patch.object(sync_bn.dist, "all_reduce", lambda *a, **k: None))
     return stack

@@ -134,12 +134,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         # one launcher process decides; workers agree via rank 0 (TEST_ONLY trains nothing: it always runs)
         if env is None and not root.config.TEST_ONLY and already_finished(root):
             return 0
-        if env is None:  # no worker started yet: refuse a directory another run owns at once (rank 0 locks it)
-            RunLock(root.config.CHECKPOINT.DIR, stale_s=60 * root.config.CHECKPOINT.LOCK_STALE_MINUTES).check()
         try:
-            preflight(root, env)
+            preflight(root, env)  # (CHECKPOINT.DIR usable: checked before its lock is read)
         except ValueError as e:  # data / engine set-up errors name their key already
             raise e if isinstance(e, ConfigError) else ConfigError("", str(e)) from e
+        if env is None:  # no worker started yet: refuse a directory another run owns at once (rank 0 locks it)
+            RunLock(root.config.CHECKPOINT.DIR, stale_s=60 * root.config.CHECKPOINT.LOCK_STALE_MINUTES).check()
         device, backend = choose_device(root, env)
         root.config.MULTI_PROCESSING_METHOD = start_method_for(root, device)
         if is_agent(root, env):

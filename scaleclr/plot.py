@@ -98,8 +98,9 @@ def plot_runs(run_dirs: Sequence[str], out: str) -> str:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".tmp" + os.path.splitext(out)[1]
-    fig.savefig(tmp, dpi=110)
+    suffix = os.path.splitext(out)[1]
+    tmp = out + ".tmp" + suffix
+    fig.savefig(tmp, dpi=110, format=suffix[1:] or "png")  # no suffix: a PNG, as matplotlib would write
     plt.close(fig)
     os.replace(tmp, out)  # a reader never sees half a picture
     return out

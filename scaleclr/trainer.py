@@ -15,7 +15,7 @@ a checkpoint. Rank 0 shows a progress bar and writes ``metrics.jsonl`` and Tenso
 Stopping on a signal (``config.TRAINER.STOP_SIGNALS``, :mod:`scaleclr.distributed.stop`): the handler only
 sets a flag; :meth:`Trainer.stop_reason` asks the ranks at each step boundary (one int all-reduce on a CPU
 group) and the usual stop path writes the checkpoint of that exact step (``model_iteration{step}``
-mid-epoch); ``train()`` then reports ``stopped_by`` and ``main`` exits with ``EXIT_RESUMABLE``.
+mid-epoch); ``train()`` then reports ``stopped_by`` and ``scaleclr.launch.worker`` exits with ``EXIT_RESUMABLE``.
 """
 import logging
 import os
@@ -28,7 +28,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from scaleclr import builders
-from scaleclr.checkpoint import CheckpointManager, CheckpointUnreadable, tag_for
+from scaleclr.checkpoint import CheckpointManager, tag_for
 from scaleclr.config import to_yaml
 from scaleclr.data.device_augment import resolve_device_augmentation
 from scaleclr.distributed.collectives import all_reduce_sum, collective_device, is_distributed
@@ -40,7 +40,7 @@ from scaleclr.engines import build_engine
 from scaleclr.interchange.checkpoints import migrate_checkpoint, write_consolidated
 from scaleclr.io import fsync_dir
 from scaleclr.metrics import METRICS_FILE, MetricLogger
-from scaleclr.runlock import RunDirLocked, RunLock
+from scaleclr.runlock import RunLock
 from scaleclr.monitor import Monitor
 from scaleclr.tasks import TaskContext, build_task
 
@@ -103,6 +103,22 @@ class StepStats:
         self.window_steps += 1
         self.epoch_steps += 1
         self.data_time += data_time
+
+
+def _raise_on_every_rank(error: Optional[BaseException]) -> None:
+    """Rank 0 decided something the others wait for (a broadcast): raise its error, of the same type, on every rank
+    (a rank 0 that raised alone would leave the others in the collective until the timeout)."""
+    if is_distributed():
+        box = [None if error is None else (type(error), str(error))]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None and error is None:
+            kind, message = box[0]
+            try:
+                error = kind(message)
+            except Exception:  # noqa: BLE001 - an exception type that takes other arguments
+                error = RuntimeError(f"rank 0: {kind.__name__}: {message}")
+    if error is not None:
+        raise error
 
 
 class Trainer:
@@ -181,14 +197,9 @@ class Trainer:
         if self.is_main:
             try:
                 lock = RunLock(self.out_dir, stale_s=60 * self.c.CHECKPOINT.LOCK_STALE_MINUTES).acquire()
-            except RunDirLocked as e:
-                error = str(e)
-        if is_distributed():
-            box = [error]
-            dist.broadcast_object_list(box, src=0)
-            error = box[0]
-        if error:
-            raise RunDirLocked(error)
+            except Exception as e:  # noqa: BLE001 - every rank must leave the broadcast, then raise the same
+                error = e
+        _raise_on_every_rank(error)
         return lock
 
     def _train(self) -> Dict[str, Any]:
@@ -452,14 +463,13 @@ class Trainer:
         if self.is_main and c.AUTO_RESUME and not c.OVERWRITE_EXISTING:
             try:
                 entry = self.checkpoints.choose_resume(c.LATEST_CHECKPOINT_RESUME_FILE_NUM, c.ON_CORRUPT, failed)
-            except CheckpointUnreadable as e:
-                error = str(e)
+            except Exception as e:  # noqa: BLE001 - every rank must leave the broadcast, then raise the same
+                error = e
         if is_distributed():
-            box = [(entry, error)]
+            box = [entry]
             dist.broadcast_object_list(box, src=0)
-            entry, error = box[0]
-        if error:
-            raise CheckpointUnreadable(error)
+            entry = box[0]
+        _raise_on_every_rank(error)
         return entry
 
     def _load(self, entry: Dict[str, Any]) -> Optional[Dict[str, Any]]:

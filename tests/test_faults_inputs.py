@@ -266,3 +266,17 @@ def test_train_py_exits_2_before_any_worker(tmp_path):
     assert "config.OPTIMIZER.param_schedulers.lr.start_value: must be >= 0" in p.stderr
     assert not run.exists() and "Traceback" not in p.stderr
     assert time.monotonic() - t0 < 60
+
+
+def test_train_py_checkpoint_dir_under_a_file_exits_2(tmp_path):
+    """Through train.py (the lock is read after preflight): a CHECKPOINT.DIR under a regular file is exit status 2
+    naming the key, not a traceback from reading the run lock (before the fix: NotADirectoryError, exit 1)."""
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), BASE, f"config.CHECKPOINT.DIR={blocker}/run",
+                        "--dry-run"], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]  # --dry-run stops before preflight: the config itself is fine
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), BASE, f"config.CHECKPOINT.DIR={blocker}/run"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 2 and "config.CHECKPOINT.DIR" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]

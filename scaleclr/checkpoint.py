@@ -186,8 +186,9 @@ class CheckpointManager:
             failed: ``{path: reason}`` of checkpoints the engine already failed to load (skipped as unreadable).
 
         Raises:
-            CheckpointUnreadable: ``on_corrupt == "error"`` and one is unreadable; or checkpoints were recorded
-                and none (or fewer than ``nth``) is readable.
+            CheckpointUnreadable: ``on_corrupt == "error"`` and one is unreadable; or checkpoints were recorded,
+                some are unreadable and fewer than ``nth`` are readable (fewer than ``nth`` recorded, all readable:
+                None, as before).
         """
         if not os.path.exists(self.pointer_path()):
             return None

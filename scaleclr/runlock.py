@@ -211,7 +211,8 @@ class RunLock:
             self.refresh()
 
     def refresh(self) -> None:
-        """Touch the lock (its mtime is the owner's heartbeat); warns if another run took it over."""
+        """Touch the lock (its mtime is the owner's heartbeat); warns if it disappeared. (A run that took it over
+        as stale is not noticed here: release() removes the lock only while it is still ours.)"""
         try:
             os.utime(self.path)
         except FileNotFoundError:

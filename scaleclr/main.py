@@ -30,7 +30,7 @@ import torch
 from scaleclr.config import ConfigError, load_config, to_yaml
 from scaleclr.distributed.env import DistEnv, detect_launcher_env
 from scaleclr.distributed.sync_bn import is_apex_available as apex_available
-from scaleclr.launch import (already_finished, choose_device, init_method_for, run_in_process, setup_logging, spawn,
+from scaleclr.launch import (already_finished, choose_device, run_in_process, setup_logging, spawn,
                              start_method_for, threads_per_worker, worker)
 from scaleclr.runlock import RunDirLocked, RunLock
 
@@ -152,8 +152,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             single = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, node_rank=0,
                              master_addr="127.0.0.1", master_port=29500, launcher="none")
             return run_in_process(worker, root, single, backend, None)
-        init_method_for(d, d.NUM_NODES)  # validates RUN_ID before spawning
-        return spawn(worker, root, backend)
+        return spawn(worker, root, backend)  # RUN_ID / INIT_METHOD are checked there before any worker starts
     except ConfigError as e:
         logger.error("configuration error: %s", e)
         return 2

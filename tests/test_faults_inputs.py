@@ -280,3 +280,14 @@ def test_train_py_checkpoint_dir_under_a_file_exits_2(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "train.py"), BASE, f"config.CHECKPOINT.DIR={blocker}/run"],
                        capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 2 and "config.CHECKPOINT.DIR" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+
+
+def test_train_py_multinode_auto_run_id_exits_2(tmp_path):
+    """RUN_ID=auto on 2 nodes: exit status 2 naming the key, before any worker starts (spawn checks the rendezvous
+    first; no run folder is made)."""
+    run = tmp_path / "run"
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), BASE, f"config.CHECKPOINT.DIR={run}",
+                        "config.DISTRIBUTED.NUM_NODES=2"], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert p.returncode == 2 and "config.DISTRIBUTED.RUN_ID" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert not run.exists()

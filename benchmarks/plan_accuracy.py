@@ -11,7 +11,11 @@ resets the kernel's peak counter (``/proc/self/clear_refs``) and runs two more s
   oneDNN's kernels, file-backed pages, constant from the warm-up step on) that is process overhead, not memory
   a GPU allocator would hold; anonymous memory is what the planner predicts;
 * ``per image`` = (peak at batch B2 - peak at batch B1) / (B2 - B1): the interpreter's and libraries' fixed
-  cost cancels.
+  cost cancels. Both batches must be past the point where activations make the peak (an engine's fixed phase,
+  e.g. ZeRO-3's at 40 images of R18, flattens the slope between them): ``--batches`` per model in RESULTS.md;
+* ``tensors' peak``: the largest total of live tensor storages during the same steps (``procmem.tensor_peak``,
+  a dispatch mode: the CPU counterpart of ``torch.cuda.max_memory_allocated``, without the Python objects and
+  allocator slack RSS also holds), above those before the model.
 
 The prediction is ``scaleclr.plan.predict(..., device_type="cpu")`` for the same config (max over ranks of the
 measurement). Usage::
@@ -32,7 +36,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from procmem import reset_peak, status_kb  # noqa: E402
+from procmem import reset_peak, status_kb, tensor_peak  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"r18": (18, 1), "r50": (50, 1), "r50w2": (50, 2)}
@@ -68,6 +72,47 @@ def case_overrides(case: dict, out_dir: str) -> list:
     return o
 
 
+def case_step(case: dict, rank: int, c):
+    """Build ``case``'s model, SyncBN conversion, engine and loss (config node ``c``: :func:`case_overrides`) as
+    the trainer does on this (initialised) rank; return ``step()``, one training step on a fresh random batch."""
+    import torch
+
+    from scaleclr import builders
+    from scaleclr.distributed.sync_bn import convert_sync_batchnorm, create_sync_bn_process_group
+    from scaleclr.engines import build_engine
+    from scaleclr.plan import crop_views
+
+    model = builders.build_model(c)
+    if case["procs"] > 1:
+        group = create_sync_bn_process_group(0, num_proc_per_node=case["procs"])
+        model = convert_sync_batchnorm(model, "pytorch", process_group=group, device=torch.device("cpu"))
+    spec = builders.build_engine_spec(c, case["procs"], torch.device("cpu"))
+    eng = build_engine(spec, torch.device("cpu"), rank, case["procs"])
+    eng.setup(model, builders.make_optimizer_factory(c))
+    del model
+    loss_fn = builders.build_loss(c)
+    gen = torch.Generator().manual_seed(rank)
+    views, as_list = crop_views(c)
+    B = case["batch"]
+
+    def batch():
+        if as_list:
+            return [torch.randn(B, 3, s, s, generator=gen) for n, s in views for _ in range(n)]
+        (n, s), = views
+        return torch.randn(n * B, 3, s, s, generator=gen)
+
+    def step():
+        x = batch()
+        with eng.autocast():
+            emb = eng.model(x)
+        loss = loss_fn(emb.float())
+        eng.backward(loss)
+        eng.step()
+        eng.zero_grad()
+
+    return step
+
+
 def rank_main(rank: int, case: dict, port: int, out_dir: str, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(case["procs"]), CUDA_VISIBLE_DEVICES="")
@@ -79,61 +124,33 @@ def rank_main(rank: int, case: dict, port: int, out_dir: str, queue) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=case["procs"])
     try:
-        from scaleclr import builders
         from scaleclr.config import load_config
-        from scaleclr.distributed.sync_bn import convert_sync_batchnorm, create_sync_bn_process_group
-        from scaleclr.engines import build_engine
         if case["engine"].startswith("zero"):
             import deepspeed  # noqa: F401  (before the baseline, like the other imports)
         root, _ = load_config(case_overrides(case, out_dir), world_size=case["procs"])
-        c = root.config
         gc.collect()
         base, base_file = status_kb("VmRSS") * 1024, status_kb("RssFile") * 1024
-        model = builders.build_model(c)
-        if case["procs"] > 1:
-            group = create_sync_bn_process_group(0, num_proc_per_node=case["procs"])
-            model = convert_sync_batchnorm(model, "pytorch", process_group=group, device=torch.device("cpu"))
-        spec = builders.build_engine_spec(c, case["procs"], torch.device("cpu"))
-        eng = build_engine(spec, torch.device("cpu"), rank, case["procs"])
-        eng.setup(model, builders.make_optimizer_factory(c))
-        del model
-        loss_fn = builders.build_loss(c)
-        gen = torch.Generator().manual_seed(rank)
-        from scaleclr.plan import crop_views
-        views, as_list = crop_views(c)
-        B = case["batch"]
-
-        def batch():
-            if as_list:
-                return [torch.randn(B, 3, s, s, generator=gen) for n, s in views for _ in range(n)]
-            (n, s), = views
-            return torch.randn(n * B, 3, s, s, generator=gen)
-
-        def step():
-            x = batch()
-            with eng.autocast():
-                emb = eng.model(x)
-            loss = loss_fn(emb.float())
-            eng.backward(loss)
-            eng.step()
-            eng.zero_grad()
-
+        with tensor_peak() as before:
+            pass
+        step = case_step(case, rank, root.config)
         step()
         gc.collect()
         reset_peak()
         file_before = status_kb("RssFile") * 1024
-        for _ in range(2):
-            step()
+        with tensor_peak() as tensors:
+            for _ in range(2):
+                step()
         peak, file_after = status_kb("VmHWM") * 1024, status_kb("RssFile") * 1024
         # code pages: counted at their largest (RssFile after the steps >= at the reset), so none hides as anon
-        queue.put({"rank": rank, "base": base, "peak": peak, "code": max(file_before, file_after) - base_file})
+        queue.put({"rank": rank, "base": base, "peak": peak, "code": max(file_before, file_after) - base_file,
+                   "tensors": tensors.peak - before.peak})
     finally:
         dist.destroy_process_group()
 
 
-def measure(case: dict) -> int:
-    """Peak RSS above the base less the library code pages touched since, max over ranks, in a fresh group of
-    processes."""
+def measure(case: dict) -> tuple:
+    """``(peak RSS above the base less the library code pages touched since, peak of live tensor bytes above
+    those before the model)``, each the max over ranks, in a fresh group of processes."""
     import torch.multiprocessing as mp
     from scaleclr.launch import free_port
 
@@ -143,7 +160,7 @@ def measure(case: dict) -> int:
         mp.start_processes(rank_main, args=(case, free_port(), out_dir, queue), nprocs=case["procs"],
                            start_method="spawn")
         rows = [queue.get() for _ in range(case["procs"])]
-    return max(r["peak"] - r["base"] - r["code"] for r in rows)
+    return max(r["peak"] - r["base"] - r["code"] for r in rows), max(r["tensors"] for r in rows)
 
 
 def predict(case: dict) -> int:
@@ -155,37 +172,44 @@ def predict(case: dict) -> int:
         return plan_predict(root, case["engine"], case["ac"], device_type="cpu")["peak_bytes"]
 
 
-def compare(measured: list, predicted: list, b1: int, b2: int) -> dict:
+def compare(measured: list, predicted: list, b1: int, b2: int, tensors=None) -> dict:
+    """Errors of the prediction: per image (RSS growth), absolute at ``b2`` against RSS and (``tensors``: the
+    live tensor peaks at ``b1``, ``b2``) against the tensors' peak."""
     (m1, m2), (p1, p2) = measured, predicted
-    return {"measured": [m1, m2], "predicted": [p1, p2], "per_image_measured": (m2 - m1) / (b2 - b1),
-            "per_image_predicted": (p2 - p1) / (b2 - b1), "per_image_error": (p2 - p1) / (m2 - m1) - 1,
-            "absolute_error": p2 / m2 - 1}
+    out = {"measured": [m1, m2], "predicted": [p1, p2], "per_image_measured": (m2 - m1) / (b2 - b1),
+           "per_image_predicted": (p2 - p1) / (b2 - b1), "per_image_error": (p2 - p1) / (m2 - m1) - 1,
+           "absolute_error": p2 / m2 - 1}
+    if tensors:
+        out.update(tensors_measured=list(tensors), tensors_error=p2 / tensors[1] - 1)
+    return out
 
 
 def run(case: dict, b1: int, b2: int) -> dict:
-    measured = [measure({**case, "batch": b1}), measure({**case, "batch": b2})]
+    (r1, t1), (r2, t2) = measure({**case, "batch": b1}), measure({**case, "batch": b2})
     predicted = [predict({**case, "batch": b1}), predict({**case, "batch": b2})]
-    return {**case, "b1": b1, "b2": b2, **compare(measured, predicted, b1, b2)}
+    return {**case, "b1": b1, "b2": b2, **compare([r1, r2], predicted, b1, b2, [t1, t2])}
 
 
 def repredict(row: dict) -> dict:
     """``row`` (a measured case) with this checkout's predictions."""
     case = {k: row[k] for k in ("model", "size", "views", "dtype", "engine", "ac", "procs")}
     return {**row, **compare(row["measured"], [predict({**case, "batch": b}) for b in (row["b1"], row["b2"])],
-                             row["b1"], row["b2"])}
+                             row["b1"], row["b2"], row.get("tensors_measured"))}
 
 
 def print_table(rows: list, b2) -> None:
     """The header (``b2`` given) and a Markdown row per case."""
     if b2 is not None:
         print("| model | px | views | dtype | engine | ckpt | procs | per image meas. (MiB) | pred. | error "
-              f"| peak at B={b2} meas. (MiB) | pred. | error |")
-        print("|---|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+              f"| peak at B={b2} meas. (MiB) | pred. | error | tensors' peak (MiB) | error |")
+        print("|---|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['model']} | {r['size']} | {r['views']} | {r['dtype']} | {r['engine']} | "
               f"{'on' if r['ac'] else 'off'} | {r['procs']} | {r['per_image_measured'] / MIB:.2f} | "
               f"{r['per_image_predicted'] / MIB:.2f} | {100 * r['per_image_error']:+.1f} % | "
-              f"{r['measured'][1] / MIB:,.0f} | {r['predicted'][1] / MIB:,.0f} | {100 * r['absolute_error']:+.1f} % |",
+              f"{r['measured'][1] / MIB:,.0f} | {r['predicted'][1] / MIB:,.0f} | {100 * r['absolute_error']:+.1f} % | "
+              + (f"{r['tensors_measured'][1] / MIB:,.0f} | {100 * r['tensors_error']:+.1f} % |"
+                 if "tensors_measured" in r else "| |"),
               flush=True)
 
 

@@ -63,6 +63,8 @@ class MemoryLayout:
         gathered: unsharded parameters (and their gradients) of the units in flight: ZeRO-3 / FSDP, transient.
         backward_grads: share of the full-size fp32 gradients (the trace's) live during backward.
         step_share: share of the full model the optimizer steps on this rank (its temporaries scale with it).
+        gathered_forward: ``gathered`` during forward where it differs (ZeRO-3's all-gather buffers beside the
+            parameters copied out of them); None: the same.
     """
 
     params: int
@@ -72,6 +74,7 @@ class MemoryLayout:
     gathered: int
     backward_grads: float
     step_share: float
+    gathered_forward: Optional[int] = None
 
 
 class Engine(ABC):

@@ -321,35 +321,49 @@ class DeepSpeedEngine(Engine):
 
     @classmethod
     def memory_layout(cls, spec, world_size: int, counts: ModelCounts) -> MemoryLayout:
-        """DeepSpeed 0.19's layout per ZeRO stage (``spec.deepspeed_config``), N = ``world_size``, P parameters:
-        module parameters in the low precision (bf16/fp16: 2 bytes, fp32: 4) -- 1/N of them at ZeRO-3, except
-        tensors under ``stage3_param_persistence_threshold`` --; an fp32 master partition (4P/N) at every stage >= 1
-        even in fp32 training (ZeRO-0: only in bf16/fp16, unpartitioned) and momentum beside it; gradients in the
-        low precision on the module (ZeRO-0/1, plus ZeRO-1's fp32 gradient partition), or only the fp32
-        partition (ZeRO-2/3) filled through a ``reduce_bucket_size`` bucket (ZeRO-1 too: 0.19 runs stages 1 and 2
-        in one optimizer class, and all-gathers the updated partitions into the module's flat parameters, no
-        ``allgather_bucket_size`` buffer: R18, 2 ranks, measured the same peak at ZeRO-1 and ZeRO-2), ZeRO-3 the
-        gathered parameters in flight (prefetch bucket + the running block, at most
-        ``stage3_max_live_parameters``)."""
+        """DeepSpeed 0.19's layout per ZeRO stage (``spec.deepspeed_config``), N = ``world_size``, P parameters,
+        checked against the live tensors of real steps (``tests/test_benchmarks.py``, ``procmem.tensor_peak``):
+
+        * parameters on the module in the low precision (bf16/fp16: 2 bytes, fp32: 4); ZeRO-3: 1/N of them,
+          except tensors under ``stage3_param_persistence_threshold``;
+        * an fp32 master partition (4P/N) at every stage >= 1, even in fp32 training (ZeRO-0: only in bf16/fp16,
+          unpartitioned), and momentum beside it;
+        * gradients: ZeRO-0 keeps the module's; ZeRO-1/2 (one optimizer class in 0.19) hold the module's
+          low-precision gradients through backward (ZeRO-1) or reduce them as they come (ZeRO-2), and only the
+          fp32 partition (4P/N) through the step; ZeRO-3 the fp32 partition, always;
+        * a ``reduce_bucket_size`` bucket: ZeRO-1/2 from the first gradient of backward, only with N > 1;
+          ZeRO-3 from initialisation, on any N (no ``allgather_bucket_size`` buffer: the updated partitions are
+          all-gathered into the module's flat parameters);
+        * ZeRO-3's gathered parameters (prefetch bucket + the running block, at most
+          ``stage3_max_live_parameters``), in backward with the running block's full-size fp32 gradients, in
+          forward twice over: each coalesced all-gather lands in one flat buffer from which every parameter is
+          copied out (``AllGatherCoalescedHandle.wait``: ``param.data = torch.cat(partitions)``), and the buffer
+          lives until the last parameter of its group is used (R18, 2 ranks: 84 MiB gathered at the forward
+          peak, twice the fp32 model).
+        """
         ds = spec.deepspeed_config or {}
         z = ds.get("zero_optimization", {})
         stage = int(z.get("stage", 0))
         low = 2 if spec.precision.param_dtype in (torch.bfloat16, torch.float16) else 4
         n, part = counts.numel, -(-counts.numel // world_size)
-        bucket = int(z.get("reduce_bucket_size", 5 * 10 ** 8)) if world_size > 1 else 0
+        bucket = int(z.get("reduce_bucket_size", 5 * 10 ** 8))
+        if stage < 3 and world_size == 1:
+            bucket = 0
+        elif stage == 3 and not z.get("contiguous_gradients", True):
+            bucket = 0
         mom = 4 * (part if stage else n) if counts.momentum else 0
         master = 4 * part if stage else (4 * n if low == 2 else 0)
         if stage == 0:
             return MemoryLayout(low * n, low * n, mom + master, low * bucket, 0, low / 4, 1.0)
         if stage == 1:
-            return MemoryLayout(low * n, low * n + 4 * part, mom + master, low * bucket, 0, low / 4, 1 / world_size)
+            return MemoryLayout(low * n, 4 * part, mom + master, low * bucket, 0, low / 4, 1 / world_size)
         if stage == 2:
             return MemoryLayout(low * n, 4 * part, mom + master, low * bucket, 0, 0.0, 1 / world_size)
         live = min(counts.largest_unit + int(z.get("stage3_prefetch_bucket_size", 5 * 10 ** 7)),
                    int(z.get("stage3_max_live_parameters", 10 ** 9)), n)
         small = sum(k for k in counts.sizes if k < int(z.get("stage3_param_persistence_threshold", 10 ** 5)))
         return MemoryLayout(low * (part + small), 4 * part, mom + master, low * bucket,
-                            low * live + 4 * counts.largest_unit, 0.0, 1 / world_size)
+                            low * live + 4 * counts.largest_unit, 0.0, 1 / world_size, gathered_forward=2 * low * live)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss)

@@ -11,7 +11,8 @@ batch that fits (a bisection), need no further trace.
 Peak of a row (bytes per rank)::
 
     forward/backward: params + optimizer + buffers + gathered + held gradients
-                      + max_t (activations(t) + backward_grads x gradients(t)) + workspace
+                      + max(forward peak + gathered_forward - gathered,
+                            max_t (activations(t) + backward_grads x gradients(t))) + workspace
     optimizer step:   params + optimizer + buffers + gradients + step temporaries x step_share
     peak = max of both, the batch-dependent part x ``overhead`` (``scaleclr.planner.rows``: 1 on CPU and CUDA)
 
@@ -85,9 +86,10 @@ class ScaledTrace:
     def largest(self, b: int) -> int:
         return int(self._at(self._largest, b))
 
-    def peak(self, b: int, grad_fraction: float) -> Tuple[int, int]:
-        """``(largest activations + grad_fraction x gradients, the gradient bytes at that moment)``."""
-        best, at = self._at(self._fwd, b), 0.0
+    def peak(self, b: int, grad_fraction: float, forward_extra: int = 0) -> Tuple[int, int]:
+        """``(largest activations + grad_fraction x gradients, the gradient bytes at that moment)``;
+        ``forward_extra`` is added to the forward's peak (an engine's forward-only buffers)."""
+        best, at = self._at(self._fwd, b) + forward_extra, 0.0
         for c, g in zip(self._act, self._grad):
             v = self._at(c, b) + grad_fraction * g
             if v > best:
@@ -107,7 +109,8 @@ def row_bytes(layout: MemoryLayout, trace: ScaledTrace, b: int, *, workspace: Ca
     """
     held_grads = max(0, layout.grads - int(layout.backward_grads * trace.grad_bytes))
     states = layout.params + layout.optimizer + layout.buffers
-    total, grads_at_peak = trace.peak(b, layout.backward_grads)
+    extra = 0 if layout.gathered_forward is None else layout.gathered_forward - layout.gathered
+    total, grads_at_peak = trace.peak(b, layout.backward_grads, extra)
     dyn = total - grads_at_peak + workspace(b)  # activations and temporaries at the peak
     fwd_bwd = states + held_grads + grads_at_peak + layout.gathered + int(overhead * dyn)
     step = states + layout.grads + int(trace.step_transient * layout.step_share)

@@ -197,20 +197,20 @@ def repredict(row: dict) -> dict:
                              row["b1"], row["b2"], row.get("tensors_measured"))}
 
 
-def print_table(rows: list, b2) -> None:
-    """The header (``b2`` given) and a Markdown row per case."""
-    if b2 is not None:
-        print("| model | px | views | dtype | engine | ckpt | procs | per image meas. (MiB) | pred. | error "
-              f"| peak at B={b2} meas. (MiB) | pred. | error | tensors' peak (MiB) | error |")
-        print("|---|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+def print_table(rows: list, header: bool) -> None:
+    """The header (``header``) and a Markdown row per case."""
+    if header:
+        print("| model | px | views | dtype | engine | ckpt | procs | B1, B2 | per image meas. (MiB) | pred. | error "
+              "| peak at B2 meas. (MiB) | pred. | error | tensors' peak (MiB) | error |")
+        print("|---|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        tensors = (f"{r['tensors_measured'][1] / MIB:,.0f} | {100 * r['tensors_error']:+.1f} %"
+                   if "tensors_measured" in r else "not measured | ")
         print(f"| {r['model']} | {r['size']} | {r['views']} | {r['dtype']} | {r['engine']} | "
-              f"{'on' if r['ac'] else 'off'} | {r['procs']} | {r['per_image_measured'] / MIB:.2f} | "
-              f"{r['per_image_predicted'] / MIB:.2f} | {100 * r['per_image_error']:+.1f} % | "
-              f"{r['measured'][1] / MIB:,.0f} | {r['predicted'][1] / MIB:,.0f} | {100 * r['absolute_error']:+.1f} % | "
-              + (f"{r['tensors_measured'][1] / MIB:,.0f} | {100 * r['tensors_error']:+.1f} % |"
-                 if "tensors_measured" in r else "| |"),
-              flush=True)
+              f"{'on' if r['ac'] else 'off'} | {r['procs']} | {r['b1']}, {r['b2']} | "
+              f"{r['per_image_measured'] / MIB:.2f} | {r['per_image_predicted'] / MIB:.2f} | "
+              f"{100 * r['per_image_error']:+.1f} % | {r['measured'][1] / MIB:,.0f} | {r['predicted'][1] / MIB:,.0f} | "
+              f"{100 * r['absolute_error']:+.1f} % | {tensors} |", flush=True)
 
 
 def main(argv=None) -> int:
@@ -227,8 +227,8 @@ def main(argv=None) -> int:
                    help="these cases instead of the product, e.g. r50:64:multicrop:bf16:zero3:on")
     p.add_argument("--batches", nargs=2, type=int, default=[4, 16], help="B1 B2 images per process")
     p.add_argument("--json", default=None, help="also write the rows here")
-    p.add_argument("--repredict", default=None, metavar="JSON",
-                   help="no measurement: the rows of an earlier --json, predicted again by this checkout's planner")
+    p.add_argument("--repredict", nargs="+", default=None, metavar="JSON",
+                   help="no measurement: the rows of earlier --json files, predicted again by this checkout's planner")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -236,8 +236,8 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT))
     os.chdir(ROOT)
     if args.repredict:
-        rows = [repredict(r) for r in json.loads(Path(args.repredict).read_text())]
-        print_table(rows, rows[0]["b2"] if rows else 0)
+        rows = [repredict(r) for f in args.repredict for r in json.loads(Path(f).read_text())]
+        print_table(rows, True)
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
         return 0
@@ -257,10 +257,10 @@ def main(argv=None) -> int:
                                                            args.engines, args.ac)]
         b1, b2 = args.batches
     rows = []
-    print_table(rows, b2)
+    print_table(rows, True)
     for case in cases:
         rows.append(run(case, b1, b2))
-        print_table(rows[-1:], None)
+        print_table(rows[-1:], False)
         if args.json:  # after every case: a long table keeps what finished
             Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

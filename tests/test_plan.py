@@ -160,3 +160,18 @@ def test_memory_check_values_are_validated():
     from scaleclr.config import ConfigError
     with pytest.raises(ConfigError, match="MEMORY_CHECK.*warn, error, off"):
         _root("config.MODEL.MEMORY_CHECK=maybe")
+
+
+def test_zero3_gathers_at_least_its_largest_tensor():
+    """ZeRO-3 must gather a whole parameter even when it exceeds ``stage3_max_live_parameters`` (2e7 in
+    ds_configs/zero3.json; R50-w4's 3x3 convolutions of layer4 hold 3.8e7): the forward holds it twice (flat
+    all-gather buffer + the parameter copied out of it)."""
+    from scaleclr.engines.base import ModelCounts
+    from scaleclr.engines.deepspeed import DeepSpeedEngine
+
+    spec, _ = plan_rows.engine_config(_root().config, "zero3", 2, torch.device("cpu"))
+    big = 40_000_000
+    counts = ModelCounts(numel=big + 10_000_000, replicated=0, sizes=(big, 10_000_000), largest_unit=big,
+                         momentum=True)
+    layout = DeepSpeedEngine.memory_layout(spec, 2, counts)
+    assert layout.gathered_forward == 2 * 4 * big and layout.gathered >= 4 * big

@@ -335,7 +335,7 @@ class DeepSpeedEngine(Engine):
           ZeRO-3 from initialisation, on any N (no ``allgather_bucket_size`` buffer: the updated partitions are
           all-gathered into the module's flat parameters);
         * ZeRO-3's gathered parameters (prefetch bucket + the running block, at most
-          ``stage3_max_live_parameters``), in backward with the running block's full-size fp32 gradients, in
+          ``stage3_max_live_parameters`` unless one tensor is larger), in backward with the running block's full-size fp32 gradients, in
           forward twice over: each coalesced all-gather lands in one flat buffer from which every parameter is
           copied out (``AllGatherCoalescedHandle.wait``: ``param.data = torch.cat(partitions)``), and the buffer
           lives until the last parameter of its group is used (R18, 2 ranks: 84 MiB gathered at the forward
@@ -359,8 +359,8 @@ class DeepSpeedEngine(Engine):
             return MemoryLayout(low * n, 4 * part, mom + master, low * bucket, 0, low / 4, 1 / world_size)
         if stage == 2:
             return MemoryLayout(low * n, 4 * part, mom + master, low * bucket, 0, 0.0, 1 / world_size)
-        live = min(counts.largest_unit + int(z.get("stage3_prefetch_bucket_size", 5 * 10 ** 7)),
-                   int(z.get("stage3_max_live_parameters", 10 ** 9)), n)
+        live = max(min(counts.largest_unit + int(z.get("stage3_prefetch_bucket_size", 5 * 10 ** 7)),
+                       int(z.get("stage3_max_live_parameters", 10 ** 9)), n), max(counts.sizes, default=0))
         small = sum(k for k in counts.sizes if k < int(z.get("stage3_param_persistence_threshold", 10 ** 5)))
         return MemoryLayout(low * (part + small), 4 * part, mom + master, low * bucket,
                             low * live + 4 * counts.largest_unit, 0.0, 1 / world_size, gathered_forward=2 * low * live)

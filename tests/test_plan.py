@@ -175,3 +175,19 @@ def test_zero3_gathers_at_least_its_largest_tensor():
                          momentum=True)
     layout = DeepSpeedEngine.memory_layout(spec, 2, counts)
     assert layout.gathered_forward == 2 * 4 * big and layout.gathered >= 4 * big
+
+
+def test_zero3_gradient_partition_is_in_the_accumulation_dtype():
+    """DeepSpeed keeps ZeRO-3's gradient partition in ``data_types.grad_accum_dtype``, by default the model's
+    (bf16: 2 bytes per parameter, measured on R50); fp32 when the config asks for it."""
+    from scaleclr.engines.base import ModelCounts
+    from scaleclr.engines.deepspeed import DeepSpeedEngine
+
+    counts = ModelCounts(numel=1000, replicated=0, sizes=(1000,), largest_unit=1000, momentum=True)
+    bf16 = ["config.MODEL.AMP_PARAMS.USE_AMP=True", "config.MODEL.AMP_PARAMS.AMP_TYPE=pytorch",
+            "config.MODEL.AMP_PARAMS.AMP_DTYPE=bfloat16"]
+    spec, _ = plan_rows.engine_config(_root(*bf16).config, "zero3", 2, torch.device("cpu"))
+    assert DeepSpeedEngine.memory_layout(spec, 2, counts).grads == 2 * 500
+    ds = {**spec.deepspeed_config, "data_types": {"grad_accum_dtype": "fp32"}}
+    spec = type(spec)(**{**spec.__dict__, "deepspeed_config": ds})
+    assert DeepSpeedEngine.memory_layout(spec, 2, counts).grads == 4 * 500

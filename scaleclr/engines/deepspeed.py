@@ -330,7 +330,8 @@ class DeepSpeedEngine(Engine):
           unpartitioned), and momentum beside it;
         * gradients: ZeRO-0 keeps the module's; ZeRO-1/2 (one optimizer class in 0.19) hold the module's
           low-precision gradients through backward (ZeRO-1) or reduce them as they come (ZeRO-2), and only the
-          fp32 partition (4P/N) through the step; ZeRO-3 the fp32 partition, always;
+          fp32 partition (4P/N) through the step; ZeRO-3 a partition, always, in ``data_types.grad_accum_dtype``
+          (default: the low precision; R50 bf16, 2 ranks: 2 bytes per parameter of the partition, measured);
         * a ``reduce_bucket_size`` bucket: ZeRO-1/2 from the first gradient of backward, only with N > 1;
           ZeRO-3 from initialisation, on any N (no ``allgather_bucket_size`` buffer: the updated partitions are
           all-gathered into the module's flat parameters);
@@ -351,6 +352,7 @@ class DeepSpeedEngine(Engine):
             bucket = 0
         elif stage == 3 and not z.get("contiguous_gradients", True):
             bucket = 0
+        accum = {"fp32": 4, "float32": 4}.get(str(ds.get("data_types", {}).get("grad_accum_dtype")), low)
         mom = 4 * (part if stage else n) if counts.momentum else 0
         master = 4 * part if stage else (4 * n if low == 2 else 0)
         if stage == 0:
@@ -362,7 +364,7 @@ class DeepSpeedEngine(Engine):
         live = max(min(counts.largest_unit + int(z.get("stage3_prefetch_bucket_size", 5 * 10 ** 7)),
                        int(z.get("stage3_max_live_parameters", 10 ** 9)), n), max(counts.sizes, default=0))
         small = sum(k for k in counts.sizes if k < int(z.get("stage3_param_persistence_threshold", 10 ** 5)))
-        return MemoryLayout(low * (part + small), 4 * part, mom + master, low * bucket,
+        return MemoryLayout(low * (part + small), accum * part, mom + master, low * bucket,
                             low * live + 4 * counts.largest_unit, 0.0, 1 / world_size, gathered_forward=2 * low * live)
 
     def backward(self, loss: torch.Tensor) -> None:

@@ -129,65 +129,6 @@ def test_plan_accuracy_smoke(tmp_path, monkeypatch):
     assert (p2 - p1) / (m2 - m1) - 1 < -PLAN_TOLERANCE, (p1, p2, row)
 
 
-def _tensor_peak_body(rank, world, case):
-    """One real step of ``case`` on this rank; the peak of live tensor bytes of the next step."""
-    import tempfile
-
-    import plan_accuracy
-    from procmem import tensor_peak
-    from scaleclr.config import load_config
-    if case["engine"].startswith("zero"):
-        import deepspeed  # noqa: F401
-    with tempfile.TemporaryDirectory() as d:
-        root, _ = load_config(plan_accuracy.case_overrides(case, d), world_size=world)
-        with tensor_peak() as before:
-            pass
-        step = plan_accuracy.case_step(case, rank, root.config)
-        step()
-        with tensor_peak() as during:
-            step()
-    return during.peak - before.peak
-
-
-#: engine x checkpointing rows checked against the real engines (2 gloo ranks, R18 at 32 px, 8 images per rank:
-#: the model states and communication buffers are most of the peak, so every engine's layout is what is tested)
-TENSOR_CASES = ["ddp:off", "fsdp:on", "zero1:off", "zero2:off", "zero3:off"]
-
-
-@pytest.fixture(scope="module")
-def tensor_peaks():
-    from dist_helpers import run_distributed
-
-    out = {}
-    for spec in TENSOR_CASES:
-        engine, ac = spec.split(":")
-        case = dict(model="r18", size=32, views="two", dtype="fp32", engine=engine, ac=ac == "on", procs=2, batch=8)
-        out[spec] = case, max(run_distributed(_tensor_peak_body, 2, case))
-    return out
-
-
-def test_plan_matches_the_real_engines_tensor_peaks(tensor_peaks):
-    """Each engine's layout + the traced step against the live tensor bytes of the real engine's step (DDP,
-    FSDP2, DeepSpeed ZeRO-1/2/3 on 2 gloo ranks; ``procmem.tensor_peak``, the CPU counterpart of
-    ``torch.cuda.max_memory_allocated``): within ``PLAN_TOLERANCE``. Negative control: layouts without the
-    communication buckets (what ZeRO allocates beside the model) miss the ZeRO rows."""
-    import dataclasses
-
-    import plan_accuracy
-    from numerics import PLAN_TOLERANCE
-    from scaleclr.engines.deepspeed import DeepSpeedEngine
-
-    errors = {s: plan_accuracy.predict(case) / peak - 1 for s, (case, peak) in tensor_peaks.items()}
-    assert all(abs(e) <= PLAN_TOLERANCE for e in errors.values()), errors
-    real = DeepSpeedEngine.memory_layout.__func__
-    no_buckets = classmethod(lambda cls, *a: dataclasses.replace(real(cls, *a), buffers=0))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(DeepSpeedEngine, "memory_layout", no_buckets)
-        missed = {s: plan_accuracy.predict(case) / peak - 1 for s, (case, peak) in tensor_peaks.items()
-                  if s.startswith("zero")}
-    assert all(e < -PLAN_TOLERANCE for e in missed.values()), missed
-
-
 def test_data_sources_smoke(tmp_path):
     """``benchmarks/data_sources.py --smoke`` (in this process: no second torch import): every case runs, the shard
     cases open a shard once per round instead of a file per sample, and the shard-block order stays in fewer files."""

@@ -322,7 +322,7 @@ class DeepSpeedEngine(Engine):
     @classmethod
     def memory_layout(cls, spec, world_size: int, counts: ModelCounts) -> MemoryLayout:
         """DeepSpeed 0.19's layout per ZeRO stage (``spec.deepspeed_config``), N = ``world_size``, P parameters,
-        checked against the live tensors of real steps (``tests/test_benchmarks.py``, ``procmem.tensor_peak``):
+        checked against the live tensors of real steps (``tests/test_plan.py``, ``benchmarks/procmem.py``):
 
         * parameters on the module in the low precision (bf16/fp16: 2 bytes, fp32: 4); ZeRO-3: 1/N of them,
           except tensors under ``stage3_param_persistence_threshold``;
@@ -336,8 +336,8 @@ class DeepSpeedEngine(Engine):
           ZeRO-3 from initialisation, on any N (no ``allgather_bucket_size`` buffer: the updated partitions are
           all-gathered into the module's flat parameters);
         * ZeRO-3's gathered parameters (prefetch bucket + the running block, at most
-          ``stage3_max_live_parameters`` unless one tensor is larger), in backward with the running block's full-size fp32 gradients, in
-          forward twice over: each coalesced all-gather lands in one flat buffer from which every parameter is
+          ``stage3_max_live_parameters`` unless one tensor is larger), in backward with the running block's
+          full-size fp32 gradients, in forward twice over: each coalesced all-gather lands in one flat buffer from which every parameter is
           copied out (``AllGatherCoalescedHandle.wait``: ``param.data = torch.cat(partitions)``), and the buffer
           lives until the last parameter of its group is used (R18, 2 ranks: 84 MiB gathered at the forward
           peak, twice the fp32 model).
@@ -365,7 +365,8 @@ class DeepSpeedEngine(Engine):
                        int(z.get("stage3_max_live_parameters", 10 ** 9)), n), max(counts.sizes, default=0))
         small = sum(k for k in counts.sizes if k < int(z.get("stage3_param_persistence_threshold", 10 ** 5)))
         return MemoryLayout(low * (part + small), accum * part, mom + master, low * bucket,
-                            low * live + 4 * counts.largest_unit, 0.0, 1 / world_size, gathered_forward=2 * low * live)
+                            low * live + 4 * counts.largest_unit, 0.0, 1 / world_size,
+                            gathered_forward=2 * low * live)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss)

@@ -337,10 +337,10 @@ class DeepSpeedEngine(Engine):
           all-gathered into the module's flat parameters);
         * ZeRO-3's gathered parameters (prefetch bucket + the running block, at most
           ``stage3_max_live_parameters`` unless one tensor is larger), in backward with the running block's
-          full-size fp32 gradients, in forward twice over: each coalesced all-gather lands in one flat buffer from which every parameter is
-          copied out (``AllGatherCoalescedHandle.wait``: ``param.data = torch.cat(partitions)``), and the buffer
-          lives until the last parameter of its group is used (R18, 2 ranks: 84 MiB gathered at the forward
-          peak, twice the fp32 model).
+          full-size fp32 gradients, in forward twice over: each coalesced all-gather lands in one flat buffer
+          from which every parameter is copied out (``AllGatherCoalescedHandle.wait``: ``param.data =
+          torch.cat(partitions)``), and the buffer lives until the last parameter of its group is used (R18,
+          2 ranks: 84 MiB gathered at the forward peak, twice the fp32 model).
         """
         ds = spec.deepspeed_config or {}
         z = ds.get("zero_optimization", {})

@@ -329,9 +329,10 @@ class DeepSpeedEngine(Engine):
         * an fp32 master partition (4P/N) at every stage >= 1, even in fp32 training (ZeRO-0: only in bf16/fp16,
           unpartitioned), and momentum beside it;
         * gradients: ZeRO-0 keeps the module's; ZeRO-1/2 (one optimizer class in 0.19) hold the module's
-          low-precision gradients through backward (ZeRO-1) or reduce them as they come (ZeRO-2), and only the
-          fp32 partition (4P/N) through the step; ZeRO-3 a partition, always, in ``data_types.grad_accum_dtype``
-          (default: the low precision; R50 bf16, 2 ranks: 2 bytes per parameter of the partition, measured);
+          low-precision gradients through backward (ZeRO-1) or reduce them as they come (ZeRO-2), and then
+          only their partition, in the model's precision (``copy_grads_in_partition``; R50 bf16, 2 ranks:
+          measured); ZeRO-3 a partition, always, in ``data_types.grad_accum_dtype`` (default: the model's
+          precision; R50 bf16, 2 ranks: 2 bytes per parameter of the partition, measured);
         * a ``reduce_bucket_size`` bucket: ZeRO-1/2 from the first gradient of backward, only with N > 1;
           ZeRO-3 from initialisation, on any N (no ``allgather_bucket_size`` buffer: the updated partitions are
           all-gathered into the module's flat parameters);
@@ -358,9 +359,9 @@ class DeepSpeedEngine(Engine):
         if stage == 0:
             return MemoryLayout(low * n, low * n, mom + master, low * bucket, 0, low / 4, 1.0)
         if stage == 1:
-            return MemoryLayout(low * n, 4 * part, mom + master, low * bucket, 0, low / 4, 1 / world_size)
+            return MemoryLayout(low * n, low * part, mom + master, low * bucket, 0, low / 4, 1 / world_size)
         if stage == 2:
-            return MemoryLayout(low * n, 4 * part, mom + master, low * bucket, 0, 0.0, 1 / world_size)
+            return MemoryLayout(low * n, low * part, mom + master, low * bucket, 0, 0.0, 1 / world_size)
         live = max(min(counts.largest_unit + int(z.get("stage3_prefetch_bucket_size", 5 * 10 ** 7)),
                        int(z.get("stage3_max_live_parameters", 10 ** 9)), n), max(counts.sizes, default=0))
         small = sum(k for k in counts.sizes if k < int(z.get("stage3_param_persistence_threshold", 10 ** 5)))

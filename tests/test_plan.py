@@ -193,9 +193,10 @@ def test_zero3_gradient_partition_is_in_the_accumulation_dtype():
             "config.MODEL.AMP_PARAMS.AMP_DTYPE=bfloat16"]
     spec, _ = plan_rows.engine_config(_root(*bf16).config, "zero3", 2, torch.device("cpu"))
     assert DeepSpeedEngine.memory_layout(spec, 2, counts).grads == 2 * 500
-    ds = {**spec.deepspeed_config, "data_types": {"grad_accum_dtype": "fp32"}}
-    spec = type(spec)(**{**spec.__dict__, "deepspeed_config": ds})
-    assert DeepSpeedEngine.memory_layout(spec, 2, counts).grads == 4 * 500
+    for name in ("fp32", "float32", "float", "torch.float32"):
+        ds = {**spec.deepspeed_config, "data_types": {"grad_accum_dtype": name}}
+        fp32 = type(spec)(**{**spec.__dict__, "deepspeed_config": ds})
+        assert DeepSpeedEngine.memory_layout(fp32, 2, counts).grads == 4 * 500, name
 
 
 def _tensor_peaks_body(rank, world, cases):

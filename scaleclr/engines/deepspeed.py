@@ -353,7 +353,8 @@ class DeepSpeedEngine(Engine):
             bucket = 0
         elif stage == 3 and not z.get("contiguous_gradients", True):
             bucket = 0
-        accum = {"fp32": 4, "float32": 4}.get(str(ds.get("data_types", {}).get("grad_accum_dtype")), low)
+        fp32_names = ("fp32", "float32", "float", "torch.float32")  # DeepSpeed's DtypeEnum spellings of fp32
+        accum = 4 if str(ds.get("data_types", {}).get("grad_accum_dtype")) in fp32_names else low
         mom = 4 * (part if stage else n) if counts.momentum else 0
         master = 4 * part if stage else (4 * n if low == 2 else 0)
         if stage == 0:

@@ -87,7 +87,22 @@ def test_one_task_per_node_spawns_its_workers(tmp_path, reference):
 
 # --------------------------------------------------------------------------------- preemption / time limit
 from train_helpers import (TWO, assert_models_equal, last_logged_step, load, records,  # noqa: E402
-                           resumed_steps)
+                           resumed_steps, run)
+
+# The signal tests train 2 epochs x 12 steps (0.25 s a step on 2 cores), not the 8 steps of the preemption tests'
+# reference: between the step a test sees in metrics.jsonl and the end of the run there must be seconds, not a
+# step or two, for the test's polling (0.5 s) and SLURM's scheduling of the preempting job. With 8 steps the
+# preemption landed after the run had completed (a CI failure: COMPLETED, Restarts=1).
+LONG = [*TWO, "config.DATA.TRAIN.DATA_LIMIT=96"]
+STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_long(tmp_path_factory):
+    """The same run as the signal tests', uninterrupted: the weights they must equal bitwise."""
+    out = tmp_path_factory.mktemp("uninterrupted_long")
+    run(out, *LONG)
+    return out
 
 SLURM_CPU = ["--ntasks-per-node", "2", "--gpus-per-node", "0", "--cpus-per-task", "1"]  # README's CPU line
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
@@ -135,7 +150,7 @@ def submit_template(tmp_path, out):
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     cmd = ["sbatch", "--parsable", *SLURM_CPU, f"--output={tmp_path}/job-%j.out", "slurm/train.sbatch",
            "config=test/integration_test/quick_simclr_synthetic", "config.MACHINE.DEVICE=cpu",
-           f"config.CHECKPOINT.DIR={out}", *[o for o in TWO if "NUM_PROC_PER_NODE" not in o]]
+           f"config.CHECKPOINT.DIR={out}", *[o for o in LONG if "NUM_PROC_PER_NODE" not in o]]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=60, check=True)
     return r.stdout.strip().split(";")[0]
 
@@ -148,12 +163,12 @@ def preempt():
     return r.stdout.strip()
 
 
-def check_resumed_exactly(out, uninterrupted, stop):
+def check_resumed_exactly(out, uninterrupted_long, stop):
     """The restart logged steps s+1.. (none redone), every step is logged once, the weights are equal."""
-    assert resumed_steps(out, stop["time"]) == list(range(stop["step"] + 1, 9))
-    assert [r["step"] for r in records(out) if "loss" in r] == list(range(1, 9))
+    assert resumed_steps(out, stop["time"]) == list(range(stop["step"] + 1, STEPS + 1))
+    assert [r["step"] for r in records(out) if "loss" in r] == list(range(1, STEPS + 1))
     assert_models_equal(load(out, "model_final_checkpoint_phase1.torch")["model"],
-                        load(uninterrupted, "model_final_checkpoint_phase1.torch")["model"])
+                        load(uninterrupted_long, "model_final_checkpoint_phase1.torch")["model"])
 
 
 def stop_of_run(out, run_index):
@@ -163,7 +178,7 @@ def stop_of_run(out, run_index):
 
 @pytest.mark.dist
 @needs_slurm
-def test_sbatch_usr1_warning_checkpoints_requeues_and_resumes_exactly(tmp_path, uninterrupted):
+def test_sbatch_usr1_warning_checkpoints_requeues_and_resumes_exactly(tmp_path, uninterrupted_long):
     """slurm/train.sbatch, 2 tasks: the time-limit warning (SIGUSR1, what --signal=USR1@s sends; injected with
     scancel --signal because SLURM's own timer is coarse) mid-epoch: both tasks checkpoint the agreed step and
     exit 75, the script requeues the job, the restart resumes and the job completes: Restarts=1, weights equal
@@ -180,14 +195,14 @@ def test_sbatch_usr1_warning_checkpoints_requeues_and_resumes_exactly(tmp_path, 
     assert stop["stop_signal"] == "SIGUSR1" and stop["step"] >= k and stop["steps_after_signal"] <= 1, stop
     log = Path(f"{tmp_path}/job-{jid}.out").read_text()
     assert "requeueing job" in log and "run 2 on" in log
-    check_resumed_exactly(out, uninterrupted, stop)
+    check_resumed_exactly(out, uninterrupted_long, stop)
 
 
 @pytest.mark.dist
 @needs_slurm
 @pytest.mark.skipif(slurm_available() and "urgent" not in partitions(), reason="the local cluster has no 'urgent' "
                     "partition to preempt from (slurm/localhost_cluster.sh configures debug < urgent)")
-def test_real_preemption_requeues_and_resumes_exactly(tmp_path, uninterrupted):
+def test_real_preemption_requeues_and_resumes_exactly(tmp_path, uninterrupted_long):
     """Real preemption: slurm/train.sbatch in `debug` (PreemptMode=REQUEUE, GraceTime=20 s) is preempted by a
     one-CPU job in `urgent`. SLURM sends SIGTERM to the tasks; they finish the step in flight, checkpoint it
     and exit 75 within the grace time; the script requeues; the urgent job runs; the victim restarts, resumes
@@ -209,7 +224,7 @@ def test_real_preemption_requeues_and_resumes_exactly(tmp_path, uninterrupted):
           f"({stop['steps_after_signal']} step finished after SIGTERM); SIGTERM -> checkpoint "
           f"{stop['signal_to_checkpoint_s']:.2f} s (save {stop['save_s']:.2f} s; {stop['time'] - sent:.2f} s after "
           f"the urgent submission); steps redone after resume: 0")
-    check_resumed_exactly(out, uninterrupted, stop)
+    check_resumed_exactly(out, uninterrupted_long, stop)
 
 
 @pytest.mark.dist
@@ -217,7 +232,7 @@ def test_real_preemption_requeues_and_resumes_exactly(tmp_path, uninterrupted):
 @pytest.mark.skipif(not submitit_available(), reason="submitit is not installed (pip install -e '.[slurm]')")
 @pytest.mark.skipif(slurm_available() and "urgent" not in partitions(), reason="no 'urgent' partition to preempt "
                     "from")
-def test_submitit_route_survives_time_limit_signal_and_preemption(tmp_path, uninterrupted):
+def test_submitit_route_survives_time_limit_signal_and_preemption(tmp_path, uninterrupted_long):
     """config.SLURM.USE_SLURM=True: train.py submits one task that spawns 2 workers (VISSL's layout). First
     submitit's time-limit signal (USR2, as --signal=USR2@SIGNAL_DELAY_S sends it): submitit calls
     TrainJob.checkpoint(), which waits for the workers' checkpoint, and requeues. Then a real preemption
@@ -227,7 +242,7 @@ def test_submitit_route_survives_time_limit_signal_and_preemption(tmp_path, unin
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join([str(ROOT),
                                                                               os.environ.get("PYTHONPATH", "")]))
     r = subprocess.run([sys.executable, "train.py", "config=test/integration_test/quick_simclr_synthetic",
-                        f"config.CHECKPOINT.DIR={out}", *TWO, "config.SLURM.USE_SLURM=True",
+                        f"config.CHECKPOINT.DIR={out}", *LONG, "config.SLURM.USE_SLURM=True",
                         "config.SLURM.PARTITION=debug", f"config.SLURM.LOG_FOLDER={logs}",
                         "config.SLURM.NUM_CPU_PER_PROC=1", "config.SLURM.MEM_GB=2", "config.SLURM.TIME_HOURS=1"],
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
@@ -247,12 +262,12 @@ def test_submitit_route_survives_time_limit_signal_and_preemption(tmp_path, unin
     assert job(urgent).get("JobState") == "COMPLETED"
     second = stop_of_run(out, 1)
     assert (first["stop_signal"], second["stop_signal"]) == ("SIGUSR2", "SIGTERM")
-    assert first["step"] < second["step"] < 8
+    assert first["step"] < second["step"] < STEPS
     submitit_log = (logs / f"{jid}_0_log.out").read_text()  # submitit's own log lines
     assert submitit_log.count("Calling checkpoint method") == 2 and submitit_log.count("Requeued job") == 2
-    assert [r["step"] for r in records(out) if "loss" in r] == list(range(1, 9))
+    assert [r["step"] for r in records(out) if "loss" in r] == list(range(1, STEPS + 1))
     assert_models_equal(load(out, "model_final_checkpoint_phase1.torch")["model"],
-                        load(uninterrupted, "model_final_checkpoint_phase1.torch")["model"])
+                        load(uninterrupted_long, "model_final_checkpoint_phase1.torch")["model"])
 
 
 # ------------------------------------------------------------------------------------- config, no cluster

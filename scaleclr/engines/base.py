@@ -65,6 +65,8 @@ class MemoryLayout:
         step_share: share of the full model the optimizer steps on this rank (its temporaries scale with it).
         gathered_forward: ``gathered`` during forward where it differs (ZeRO-3's all-gather buffers beside the
             parameters copied out of them); None: the same.
+        gathered_unit: ``gathered`` during backward as a function of the running unit's parameter count, where
+            an engine holds only that unit's (ZeRO-3); None: ``gathered`` throughout.
     """
 
     params: int
@@ -75,6 +77,7 @@ class MemoryLayout:
     backward_grads: float
     step_share: float
     gathered_forward: Optional[int] = None
+    gathered_unit: Optional[Callable[[int], int]] = None
 
 
 class Engine(ABC):

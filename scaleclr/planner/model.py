@@ -10,9 +10,10 @@ batch that fits (a bisection), need no further trace.
 
 Peak of a row (bytes per rank)::
 
-    forward/backward: params + optimizer + buffers + gathered + held gradients
-                      + max(forward peak + gathered_forward - gathered,
-                            max_t (activations(t) + backward_grads x gradients(t))) + workspace
+    forward/backward: params + optimizer + buffers + held gradients
+                      + max(forward peak + gathered_forward,
+                            max_t (activations(t) + backward_grads x gradients(t) + gathered_unit(unit(t))))
+                      + workspace
     optimizer step:   params + optimizer + buffers + gradients + step temporaries x step_share
     peak = max of both, the batch-dependent part x ``overhead`` (``scaleclr.planner.rows``: 1 on CPU and CUDA)
 
@@ -65,8 +66,9 @@ class ScaledTrace:
             raise ValueError(f"the traced steps differ between batches {self.batches} ({sorted(lengths)} "
                              "allocations): the step's operators depend on the batch size")
         f = lambda ys: _quad(self.batches, ys)  # noqa: E731
-        self._act = [f(col) for col in zip(*[[a for a, _ in t.points] for t in self.traces])]
-        self._grad = [g for _, g in self.traces[-1].points]
+        self._act = [f(col) for col in zip(*[[a for a, _, _ in t.points] for t in self.traces])]
+        self._grad = [g for _, g, _ in self.traces[-1].points]
+        self._unit = [u for _, _, u in self.traces[-1].points]
         self._saved = f([t.saved for t in self.traces])
         self._loss = f([t.loss_saved for t in self.traces])
         self._fwd = f([t.forward_peak for t in self.traces])
@@ -86,15 +88,20 @@ class ScaledTrace:
     def largest(self, b: int) -> int:
         return int(self._at(self._largest, b))
 
-    def peak(self, b: int, grad_fraction: float, forward_extra: int = 0) -> Tuple[int, int]:
-        """``(largest activations + grad_fraction x gradients, the gradient bytes at that moment)``;
-        ``forward_extra`` is added to the forward's peak (an engine's forward-only buffers)."""
-        best, at = self._at(self._fwd, b) + forward_extra, 0.0
-        for c, g in zip(self._act, self._grad):
-            v = self._at(c, b) + grad_fraction * g
-            if v > best:
-                best, at = v, grad_fraction * g
-        return int(best), int(at)
+    def peak(self, b: int, layout: MemoryLayout) -> Tuple[int, int, int]:
+        """The largest ``activations + gathered + backward_grads x gradients`` over forward and backward under
+        ``layout``, as ``(activations and temporaries, gradients, gathered)`` at that moment. Gathered: in
+        forward ``gathered_forward`` (default ``gathered``); in backward ``gathered_unit(unit)`` of the running
+        unit where the layout gives it, else ``gathered``."""
+        held = layout.gathered if layout.gathered_forward is None else layout.gathered_forward
+        act = self._at(self._fwd, b)
+        best, top = (act, 0.0, held), act + held
+        for c, g, u in zip(self._act, self._grad, self._unit):
+            act, grads = self._at(c, b), layout.backward_grads * g
+            held = layout.gathered if layout.gathered_unit is None else layout.gathered_unit(u)
+            if act + grads + held > top:
+                best, top = (act, grads, held), act + grads + held
+        return tuple(int(x) for x in best)
 
 
 def row_bytes(layout: MemoryLayout, trace: ScaledTrace, b: int, *, workspace: Callable[[int], int],
@@ -109,10 +116,9 @@ def row_bytes(layout: MemoryLayout, trace: ScaledTrace, b: int, *, workspace: Ca
     """
     held_grads = max(0, layout.grads - int(layout.backward_grads * trace.grad_bytes))
     states = layout.params + layout.optimizer + layout.buffers
-    extra = 0 if layout.gathered_forward is None else layout.gathered_forward - layout.gathered
-    total, grads_at_peak = trace.peak(b, layout.backward_grads, extra)
-    dyn = total - grads_at_peak + workspace(b)  # activations and temporaries at the peak
-    fwd_bwd = states + held_grads + grads_at_peak + layout.gathered + int(overhead * dyn)
+    dyn, grads_at_peak, gathered = trace.peak(b, layout)
+    dyn += workspace(b)  # activations and temporaries at the peak
+    fwd_bwd = states + held_grads + grads_at_peak + gathered + int(overhead * dyn)
     step = states + layout.grads + int(trace.step_transient * layout.step_share)
     saved, loss = trace.saved(b), trace.loss_saved(b)
     if fwd_bwd >= step:

@@ -8,9 +8,11 @@ timeline of allocations and frees, from which :class:`StepTrace` reads
 
 * ``saved``: bytes live at the end of the forward + loss (activations saved for backward, the embedding, the
   input batch; the loss's own share in ``loss_saved``);
-* the backward's timeline as points ``(activation bytes, gradient bytes)`` taken after every allocation, so an
-  engine that keeps only a fraction of the full-size gradients during backward can be evaluated without a
-  second trace (``peak(grad_fraction)``);
+* the backward's timeline as points ``(activation bytes, gradient bytes, unit)`` taken after every allocation,
+  so an engine that keeps only a fraction of the full-size gradients during backward can be evaluated without a
+  second trace (``peak(grad_fraction)``), and one that gathers the parameters of the running unit only
+  (ZeRO-3) knows its size at every point: ``unit`` = parameters of the unit of the latest gradient (a residual
+  block or a head, as ``shard_units(model, "block")`` cuts them; the stem's modules one by one);
 * (:func:`trace_optimizer_step`, once per config) the largest temporaries of the optimizer step over the live
   state (SGD's foreach temporaries, LARC's norms).
 
@@ -26,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 from unittest import mock
 
 import torch
@@ -92,7 +94,8 @@ class StepTrace:
         saved: live at the end of forward + loss (saved activations, embedding, input views).
         loss_saved: the loss's part of ``saved`` (logits or streaming buffers, normalised embeddings).
         forward_peak: largest live total during forward + loss.
-        points: backward timeline, ``(activation bytes, full-size fp32 gradient bytes)`` after every allocation.
+        points: backward timeline, ``(activation bytes, full-size fp32 gradient bytes, parameters of the running
+            unit)`` after every allocation.
         grad_bytes: all parameters' gradients (fp32, unsharded).
         largest: the largest single allocation of forward and backward.
     """
@@ -100,13 +103,13 @@ class StepTrace:
     saved: int
     loss_saved: int
     forward_peak: int
-    points: List[Tuple[int, int]] = field(default_factory=list)
+    points: List[Tuple[int, int, int]] = field(default_factory=list)
     grad_bytes: int = 0
     largest: int = 0
 
     def peak(self, grad_fraction: float = 1.0) -> int:
         """Largest ``activations + grad_fraction x gradients`` over forward and backward."""
-        bwd = max((a + grad_fraction * g for a, g in self.points), default=0)
+        bwd = max((a + grad_fraction * g for a, g, _ in self.points), default=0)
         return int(max(self.forward_peak, bwd))
 
 
@@ -202,6 +205,7 @@ def trace_steps(build_model, build_loss, views: Sequence[Tuple[int, int]], batch
         model = _fake_model(build_model, channels_last, activation_checkpointing, sync_bn)
         loss_fn = build_loss()
         params = [p for p in model.parameters() if p.requires_grad]
+        unit = _units(model)
         dim = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].out_features
         for batch in batches:
             with unset_fake_temporarily(), _loss_patches(world):  # fills the streaming loss's index cache
@@ -224,11 +228,11 @@ def trace_steps(build_model, build_loss, views: Sequence[Tuple[int, int]], batch
                 loss.backward()
                 del loss, emb, x
                 bwd_events = tracker.events[start:]
-                grad_ids = {tracker.sid(p.grad) for p in params if p.grad is not None}
+                grad_units = {tracker.sid(p.grad): unit[id(p)] for p in params if p.grad is not None}
                 for p in params:
                     p.grad = None
             out.append(StepTrace(saved=saved, loss_saved=loss_saved, forward_peak=forward_peak,
-                                 points=_replay(saved, bwd_events, grad_ids),
+                                 points=_replay(saved, bwd_events, grad_units),
                                  grad_bytes=sum(p.numel() * 4 for p in params),
                                  largest=max(n for _, n in tracker.events)))
     return out
@@ -255,13 +259,32 @@ def trace_optimizer_step(build_model, make_optimizer) -> int:
         return tracker.peak
 
 
-def _replay(start: int, events: Sequence[Tuple[int, int]], grad_ids) -> List[Tuple[int, int]]:
-    act, grad, points = start, 0, []
+def _units(model: torch.nn.Module) -> Dict[int, int]:
+    """``id(parameter) -> parameters of its unit``: the residual block or head holding it, else those of its own
+    module (the stem's convolution and BatchNorm)."""
+    from scaleclr.distributed.parallelize import shard_units
+
+    unit = {}
+    for m in model.modules():  # the stem's modules first; the units below overwrite their own parameters
+        own = list(m.parameters(recurse=False))
+        unit.update({id(p): sum(q.numel() for q in own) for p in own})
+    for u in shard_units(model, "block"):
+        own = list(u.parameters())
+        unit.update({id(p): sum(q.numel() for q in own) for p in own})
+    return unit
+
+
+def _replay(start: int, events: Sequence[Tuple[int, int]], grad_units: Dict[int, int]
+            ) -> List[Tuple[int, int, int]]:
+    """The backward's points ``(activations, gradients, unit)`` from the tracker's events; ``grad_units``: the
+    gradients' storage ids -> their unit's parameters (the unit runs from its first gradient to the next unit's)."""
+    act, grad, unit, points = start, 0, 0, []
     for sid, n in events:
-        if sid in grad_ids:
+        if sid in grad_units:
             grad += n
+            unit = grad_units[sid] if n > 0 else unit
         else:
             act += n
         if n > 0:
-            points.append((act, grad))
+            points.append((act, grad, unit))
     return points

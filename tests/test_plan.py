@@ -269,12 +269,13 @@ def test_plan_matches_ddp_and_zero2_tensor_peaks():
 R50W2_ZERO3_MEASURED = {64: 2042163200, 112: 2553511936, 160: 3064782848}
 
 
-def test_zero3_gathers_the_running_unit_in_backward():
-    """ZeRO-3 holds the gathered parameters (and the reduce-scatter copies) of the unit running in backward, not
-    of the largest unit throughout: R50-w2's layer-4 blocks (2.4e7 parameters) are gathered where few activations
-    are live, layer 1's (3e5) where most are. The prediction matches the recorded measurement, absolute and per
-    image; negative control: the largest unit's gathered bytes held through the whole backward over-predict the
-    per-image growth by more than 10 % (+16.6 %: the peak moves to layer 1, where ZeRO-3 holds little)."""
+def test_zero3_backward_holds_the_running_unit_and_the_bucket_being_reduced():
+    """In backward ZeRO-3 holds the running unit's gathered parameters, and where a gradient overflows its
+    ``reduce_bucket_size`` bucket two copies of the bucket being reduce-scattered, not the most of both
+    throughout: R50-w2's layer-4 blocks (2.4e7 parameters) are gathered and reduced where few activations are
+    live, layer 1's (3e5) recomputed where most are. The prediction matches the recorded measurement, absolute
+    and per image; negative control: the most held at any point, held through the whole backward, puts the peak
+    at layer 1 and over-predicts the growth per image by more than 10 %."""
     import tempfile
 
     import plan_accuracy
@@ -294,8 +295,7 @@ def test_zero3_gathers_the_running_unit_in_backward():
 
     assert all(abs(e) <= PLAN_TOLERANCE for e in errors()), errors()
     real = DeepSpeedEngine.memory_layout.__func__
-    largest_throughout = classmethod(lambda cls, *a: dataclasses.replace(
-        real(cls, *a), gathered=real(cls, *a).gathered_unit(a[2].largest_unit), gathered_unit=None))
+    largest_throughout = classmethod(lambda cls, *a: dataclasses.replace(real(cls, *a), gathered_backward=None))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(DeepSpeedEngine, "memory_layout", largest_throughout)
         assert errors()[-1] > PLAN_TOLERANCE, errors()

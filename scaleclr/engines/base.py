@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -65,8 +65,10 @@ class MemoryLayout:
         step_share: share of the full model the optimizer steps on this rank (its temporaries scale with it).
         gathered_forward: ``gathered`` during forward where it differs (ZeRO-3's all-gather buffers beside the
             parameters copied out of them); None: the same.
-        gathered_unit: ``gathered`` during backward as a function of the running unit's parameter count, where
-            an engine holds only that unit's (ZeRO-3); None: ``gathered`` throughout.
+        gathered_backward: ``gathered`` at each point of the backward, where it varies (ZeRO-3: the running
+            unit's parameters, and its gradient bucket when it is reduce-scattered): ``(units, arrived) -> bytes``
+            per point, from the running unit's parameter count and the parameters whose gradients have arrived
+            so far (:class:`scaleclr.planner.trace.StepTrace`'s points); None: ``gathered`` throughout.
     """
 
     params: int
@@ -77,7 +79,7 @@ class MemoryLayout:
     backward_grads: float
     step_share: float
     gathered_forward: Optional[int] = None
-    gathered_unit: Optional[Callable[[int], int]] = None
+    gathered_backward: Optional[Callable[[Sequence[int], Sequence[int]], List[int]]] = None
 
 
 class Engine(ABC):

@@ -341,11 +341,12 @@ class DeepSpeedEngine(Engine):
           lands in one flat buffer from which every parameter is copied out (``AllGatherCoalescedHandle.wait``:
           ``param.data = torch.cat(partitions)``), and the buffer lives until the last parameter of its group is
           used (R18, 2 ranks: 84 MiB gathered at the forward peak, twice the fp32 model). In backward, per
-          running unit (``gathered_unit``): its parameters, the prefetch bucket, and two copies of the gradient
-          bucket being reduce-scattered (``torch.cat`` of the bucket, then its ``split``), at most
-          ``reduce_bucket_size`` each (R50-w2, 2 ranks, layer 4: 92 + 36 + 2 x 68 MiB). Held only while that
-          unit runs: with checkpointing the peak is where large units meet few live activations, not at layer 1
-          (the largest unit's bytes held throughout over-predict R50-w2's growth per image by 17 %).
+          point (``gathered_backward``): the running unit's parameters, the prefetch bucket, and where a
+          gradient overflows the ``reduce_bucket_size`` bucket (``reduce_independent_p_g_buckets_and_remove_
+          grads``), two copies of the bucket being reduce-scattered (``torch.cat``, then ``split``; R50-w2,
+          2 ranks, layer 4: 92 + 36 + 2 x 68 MiB; R50, layer 3: 3 + 26 + 2 x 75 MiB). With checkpointing the
+          peak is such a reduce where few activations are live, not layer 1's recomputation (the largest
+          unit's bytes held throughout over-predict R50-w2's growth per image by 17 %).
         """
         ds = spec.deepspeed_config or {}
         z = ds.get("zero_optimization", {})
@@ -371,14 +372,21 @@ class DeepSpeedEngine(Engine):
         live = max(min(counts.largest_unit + prefetch, int(z.get("stage3_max_live_parameters", 10 ** 9)), n),
                    max(counts.sizes, default=0))
         small = sum(k for k in counts.sizes if k < int(z.get("stage3_param_persistence_threshold", 10 ** 5)))
-        reduced = int(z.get("reduce_bucket_size", 5 * 10 ** 8))
+        size = int(z.get("reduce_bucket_size", 5 * 10 ** 8))
 
-        def backward(unit: int) -> int:  # the running unit + the prefetched + a bucket being reduce-scattered
-            return low * (unit + prefetch) + 2 * low * min(reduced, unit)
+        def backward(units: Sequence[int], arrived: Sequence[int]) -> List[int]:
+            held, bucket, last = [], 0, 0
+            for unit, total in zip(units, arrived):
+                new, last, reduced = total - last, total, 0
+                if new and bucket + new > size and bucket:  # reduce_independent_p_g_buckets_and_remove_grads
+                    reduced, bucket = bucket, 0
+                bucket += new
+                held.append(low * (unit + prefetch + 2 * reduced))
+            return held
 
         return MemoryLayout(low * (part + small), accum * part, mom + master, low * bucket,
-                            backward(counts.largest_unit), 0.0, 1 / world_size,
-                            gathered_forward=2 * low * live, gathered_unit=backward)
+                            low * (counts.largest_unit + prefetch + 2 * min(size, n)), 0.0, 1 / world_size,
+                            gathered_forward=2 * low * live, gathered_backward=backward)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss)

@@ -12,7 +12,7 @@ Peak of a row (bytes per rank)::
 
     forward/backward: params + optimizer + buffers + held gradients
                       + max(forward peak + gathered_forward,
-                            max_t (activations(t) + backward_grads x gradients(t) + gathered_unit(unit(t))))
+                            max_t (activations(t) + backward_grads x gradients(t) + gathered_backward(t)))
                       + workspace
     optimizer step:   params + optimizer + buffers + gradients + step temporaries x step_share
     peak = max of both, the batch-dependent part x ``overhead`` (``scaleclr.planner.rows``: 1 on CPU and CUDA)
@@ -69,6 +69,7 @@ class ScaledTrace:
         self._act = [f(col) for col in zip(*[[a for a, _, _ in t.points] for t in self.traces])]
         self._grad = [g for _, g, _ in self.traces[-1].points]
         self._unit = [u for _, _, u in self.traces[-1].points]
+        self._arrived = [g // 4 for g in self._grad]  # parameters whose (fp32) gradients exist
         self._saved = f([t.saved for t in self.traces])
         self._loss = f([t.loss_saved for t in self.traces])
         self._fwd = f([t.forward_peak for t in self.traces])
@@ -91,14 +92,15 @@ class ScaledTrace:
     def peak(self, b: int, layout: MemoryLayout) -> Tuple[int, int, int]:
         """The largest ``activations + gathered + backward_grads x gradients`` over forward and backward under
         ``layout``, as ``(activations and temporaries, gradients, gathered)`` at that moment. Gathered: in
-        forward ``gathered_forward`` (default ``gathered``); in backward ``gathered_unit(unit)`` of the running
-        unit where the layout gives it, else ``gathered``."""
+        forward ``gathered_forward`` (default ``gathered``); in backward ``gathered_backward`` per point where
+        the layout gives it, else ``gathered``."""
         held = layout.gathered if layout.gathered_forward is None else layout.gathered_forward
         act = self._at(self._fwd, b)
         best, top = (act, 0.0, held), act + held
-        for c, g, u in zip(self._act, self._grad, self._unit):
+        by_point = ([layout.gathered] * len(self._grad) if layout.gathered_backward is None
+                    else layout.gathered_backward(self._unit, self._arrived))
+        for c, g, held in zip(self._act, self._grad, by_point):
             act, grads = self._at(c, b), layout.backward_grads * g
-            held = layout.gathered if layout.gathered_unit is None else layout.gathered_unit(u)
             if act + grads + held > top:
                 best, top = (act, grads, held), act + grads + held
         return tuple(int(x) for x in best)

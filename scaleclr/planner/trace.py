@@ -10,9 +10,10 @@ timeline of allocations and frees, from which :class:`StepTrace` reads
   input batch; the loss's own share in ``loss_saved``);
 * the backward's timeline as points ``(activation bytes, gradient bytes, unit)`` taken after every allocation,
   so an engine that keeps only a fraction of the full-size gradients during backward can be evaluated without a
-  second trace (``peak(grad_fraction)``), and one that gathers the parameters of the running unit only
-  (ZeRO-3) knows its size at every point: ``unit`` = parameters of the unit of the latest gradient (a residual
-  block or a head, as ``shard_units(model, "block")`` cuts them; the stem's modules one by one);
+  second trace (``peak(grad_fraction)``), and one whose backward holds what the running unit needs (ZeRO-3:
+  its gathered parameters, its gradient bucket) knows, at every point, that unit and the gradients arrived so
+  far: ``unit`` = parameters of the unit of the latest gradient (a residual block or a head, as
+  ``shard_units(model, "block")`` cuts them; the stem's modules one by one);
 * (:func:`trace_optimizer_step`, once per config) the largest temporaries of the optimizer step over the live
   state (SGD's foreach temporaries, LARC's norms).
 

@@ -265,13 +265,11 @@ def _units(model: torch.nn.Module) -> Dict[int, int]:
     module (the stem's convolution and BatchNorm)."""
     from scaleclr.distributed.parallelize import shard_units
 
+    groups = [list(m.parameters(recurse=False)) for m in model.modules()]  # the units below overwrite theirs
+    groups += [list(u.parameters()) for u in shard_units(model, "block")]
     unit = {}
-    for m in model.modules():  # the stem's modules first; the units below overwrite their own parameters
-        own = list(m.parameters(recurse=False))
-        unit.update({id(p): sum(q.numel() for q in own) for p in own})
-    for u in shard_units(model, "block"):
-        own = list(u.parameters())
-        unit.update({id(p): sum(q.numel() for q in own) for p in own})
+    for own in groups:
+        unit.update(dict.fromkeys(map(id, own), sum(p.numel() for p in own)))
     return unit
 
 
